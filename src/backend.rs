@@ -1,0 +1,313 @@
+//! What the vhost-user protocol needs from us: features, config space,
+//! memory, and which worker thread handles which event.
+//!
+//! [`NetBackend`] owns the queue pairs (each behind its own lock, taken only
+//! by that pair's worker thread and, briefly, by configuration requests) and
+//! the counters. It outlives frontend connections: [`NetBackend::connect`]
+//! and [`NetBackend::disconnect`] bracket each one.
+
+use std::fs::File;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::VhostUserBackend;
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_HOST_ECN,
+    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_UFO, VIRTIO_NET_F_MAC,
+    VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_S_LINK_UP,
+};
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use vm_memory::GuestMemoryAtomic;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+
+use crate::config::DeviceConfig;
+use crate::guest::GuestMem;
+use crate::queue_pair::{Event, Listeners, QueuePair};
+use crate::rx::RxParams;
+use crate::stats::Stats;
+use crate::tap::{self, Tap};
+use crate::vring::NetVring;
+use crate::VNET_HDR_LEN;
+
+/// Virtio features offered to the driver.
+pub fn offered_features(pairs: usize) -> u64 {
+    let mut bits = vec![
+        VIRTIO_F_VERSION_1,
+        VIRTIO_RING_F_EVENT_IDX,
+        VIRTIO_RING_F_INDIRECT_DESC,
+        VIRTIO_NET_F_MRG_RXBUF,
+        VIRTIO_NET_F_CSUM,
+        VIRTIO_NET_F_GUEST_CSUM,
+        VIRTIO_NET_F_HOST_TSO4,
+        VIRTIO_NET_F_HOST_TSO6,
+        VIRTIO_NET_F_HOST_ECN,
+        VIRTIO_NET_F_HOST_UFO,
+        VIRTIO_NET_F_GUEST_TSO4,
+        VIRTIO_NET_F_GUEST_TSO6,
+        VIRTIO_NET_F_GUEST_ECN,
+        VIRTIO_NET_F_GUEST_UFO,
+        VIRTIO_NET_F_MAC,
+        VIRTIO_NET_F_MTU,
+        VIRTIO_NET_F_STATUS,
+    ];
+    if pairs > 1 {
+        bits.push(VIRTIO_NET_F_MQ);
+    }
+    bits.iter().fold(0u64, |acc, &b| acc | (1u64 << b))
+        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+}
+
+/// vhost-user protocol features offered to the frontend. Only what
+/// vhost-user-backend serves: see `../shared/docs/crate-notes.md`.
+pub fn offered_protocol_features() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        | VhostUserProtocolFeatures::RESET_DEVICE
+}
+
+/// The largest header + frame the tap may hand us once the guest acked
+/// `features`: 64 KiB GSO frames with receive offloads, else one MTU frame.
+pub fn max_rx_frame(features: u64, mtu: u16) -> usize {
+    let gso = [VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO];
+    let has_gso = gso.iter().any(|&b| features & (1u64 << b) != 0)
+        && features & (1u64 << VIRTIO_NET_F_GUEST_CSUM) != 0;
+    // Ethernet header plus one VLAN tag in front of the payload.
+    let l2 = 18;
+    VNET_HDR_LEN + if has_gso { 65535 + l2 } else { usize::from(mtu) + l2 }
+}
+
+/// The virtio-net device: its queue pairs, tap and counters.
+pub struct NetBackend {
+    config: DeviceConfig,
+    pairs: Vec<Mutex<QueuePair>>,
+    /// A second handle on the tap for device-wide ioctls, so configuration
+    /// requests never wait for a worker.
+    tap_ctl: File,
+    stats: Arc<Stats>,
+    acked_features: AtomicU64,
+}
+
+impl NetBackend {
+    /// A device serving `tap`'s queues with `config`.
+    pub fn new(config: DeviceConfig, tap: Tap) -> io::Result<Self> {
+        let num_queues = 2 * config.queue_pairs;
+        let stats = Arc::new(Stats::new(num_queues));
+        let queues = tap.into_queues();
+        let tap_ctl = queues
+            .first()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "tap has no queues"))?
+            .try_clone()?;
+        let pairs = queues
+            .into_iter()
+            .enumerate()
+            .map(|(i, q)| QueuePair::new(i, num_queues, q, stats.clone()).map(Mutex::new))
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(NetBackend {
+            config,
+            pairs,
+            tap_ctl,
+            stats,
+            acked_features: AtomicU64::new(0),
+        })
+    }
+
+    /// The counters of every queue.
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.stats
+    }
+
+    /// Features the driver acked on the current connection (0 before).
+    pub fn acked_features(&self) -> u64 {
+        self.acked_features.load(Ordering::Relaxed)
+    }
+
+    fn pair(&self, index: usize) -> MutexGuard<'_, QueuePair> {
+        // A worker that panicked left its pair in an unknown state; the
+        // counters and fds are still fine to use, so recover the guard.
+        self.pairs[index]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Binds every pair to a new connection's memory and worker epolls.
+    pub fn connect(
+        &self,
+        mem: &GuestMemoryAtomic<GuestMem>,
+        listeners: Vec<Arc<dyn Listeners>>,
+    ) -> io::Result<()> {
+        self.acked_features.store(0, Ordering::Relaxed);
+        for (i, l) in listeners.into_iter().enumerate().take(self.pairs.len()) {
+            self.pair(i).connect(mem.clone(), l)?;
+        }
+        Ok(())
+    }
+
+    /// Forgets the connection (its workers are stopping).
+    pub fn disconnect(&self) {
+        for i in 0..self.pairs.len() {
+            self.pair(i).disconnect();
+        }
+        self.acked_features.store(0, Ordering::Relaxed);
+    }
+
+    /// The frontend (re)configured vring `queue`: clear its error state.
+    pub fn vring_reset(&self, queue: usize) {
+        if let Some(pair) = self.pairs.get(queue / 2) {
+            pair.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .ring_reset(queue % 2);
+        }
+    }
+
+    /// The virtio-net config space: MAC, link status, queue pairs, MTU.
+    fn config_space(&self) -> [u8; 12] {
+        let mut c = [0u8; 12];
+        c[..6].copy_from_slice(&self.config.mac);
+        let status = u16::try_from(VIRTIO_NET_S_LINK_UP).expect("status bit fits u16");
+        c[6..8].copy_from_slice(&status.to_le_bytes());
+        let pairs = u16::try_from(self.config.queue_pairs).expect("validated by config");
+        c[8..10].copy_from_slice(&pairs.to_le_bytes());
+        c[10..12].copy_from_slice(&self.config.mtu.to_le_bytes());
+        c
+    }
+}
+
+impl VhostUserBackend for NetBackend {
+    type Bitmap = ();
+    type Vring = NetVring;
+
+    fn num_queues(&self) -> usize {
+        2 * self.config.queue_pairs
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.config.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        offered_features(self.config.queue_pairs)
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.acked_features.store(features, Ordering::Relaxed);
+        let flags = tap::offload_flags(features);
+        if let Err(e) = tap::set_offloads(&self.tap_ctl, flags) {
+            log::error!("cannot apply the guest's receive offloads to the tap: {e}");
+        }
+        let params = RxParams {
+            mergeable: features & (1u64 << VIRTIO_NET_F_MRG_RXBUF) != 0,
+            max_frame: max_rx_frame(features, self.config.mtu),
+        };
+        for i in 0..self.pairs.len() {
+            self.pair(i).set_rx_params(params);
+        }
+        log::info!(
+            "features acked: {features:#x} (tap offloads {flags:#x}, mergeable RX {}, event index {})",
+            params.mergeable,
+            features & (1u64 << VIRTIO_RING_F_EVENT_IDX) != 0
+        );
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        offered_protocol_features()
+    }
+
+    fn set_event_idx(&self, _enabled: bool) {
+        // Each ring's Queue knows; the data path asks it.
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let space = self.config_space();
+        let (offset, size) = (offset as usize, size as usize);
+        // The reply must be exactly `size` bytes; fields we do not offer read as 0.
+        (offset..offset.saturating_add(size))
+            .map(|i| space.get(i).copied().unwrap_or(0))
+            .collect()
+    }
+
+    fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMem>) -> io::Result<()> {
+        // The pairs hold the same GuestMemoryAtomic, which the framework has
+        // already updated; each batch takes a fresh snapshot of it.
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        // One bitmask per worker thread: pair i has rings 2i and 2i+1.
+        (0..self.config.queue_pairs).map(|i| 0b11u64 << (2 * i)).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                log::error!("cannot create a worker exit event: {e}");
+                None
+            }
+        }
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[NetVring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        let Some(event) = Event::from_id(device_event, self.num_queues()) else {
+            log::warn!("pair {thread_id}: unknown event id {device_event} ({evset:?})");
+            return Ok(());
+        };
+        if thread_id < self.pairs.len() {
+            self.pair(thread_id).handle(event, vrings);
+        }
+        // Never an error: an error here kills the worker thread for good.
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offered_features_never_include_what_the_crates_cannot_serve() {
+        let f = offered_features(2);
+        let packed = 1u64 << 34; // VIRTIO_F_RING_PACKED
+        let iommu = 1u64 << 33; // VIRTIO_F_ACCESS_PLATFORM
+        assert_eq!(f & (packed | iommu), 0);
+        assert_ne!(f & (1u64 << VIRTIO_RING_F_EVENT_IDX), 0);
+        assert_ne!(f & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(), 0);
+        let p = offered_protocol_features();
+        for bad in [
+            VhostUserProtocolFeatures::STATUS,
+            VhostUserProtocolFeatures::RARP,
+            VhostUserProtocolFeatures::MTU,
+            VhostUserProtocolFeatures::INBAND_NOTIFICATIONS,
+            VhostUserProtocolFeatures::CROSS_ENDIAN,
+            VhostUserProtocolFeatures::INFLIGHT_SHMFD,
+        ] {
+            assert!(!p.contains(bad), "{bad:?} offered");
+        }
+    }
+
+    #[test]
+    fn mq_is_offered_only_with_more_than_one_pair() {
+        assert_eq!(offered_features(1) & (1u64 << VIRTIO_NET_F_MQ), 0);
+        assert_ne!(offered_features(2) & (1u64 << VIRTIO_NET_F_MQ), 0);
+    }
+
+    #[test]
+    fn max_rx_frame_is_64k_with_guest_tso_and_mtu_sized_without() {
+        let tso = (1u64 << VIRTIO_NET_F_GUEST_CSUM) | (1u64 << VIRTIO_NET_F_GUEST_TSO4);
+        assert_eq!(max_rx_frame(tso, 1500), 12 + 65535 + 18);
+        assert_eq!(max_rx_frame(0, 1500), 12 + 1500 + 18);
+    }
+}

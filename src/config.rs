@@ -1,0 +1,230 @@
+//! What the user may ask for, and whether it is valid.
+//!
+//! [`Args`] is the command line as clap parses it; [`Config`] is the
+//! validated result the daemon runs with. Every error names the flag and
+//! what it accepts.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// Most queue pairs accepted (one worker thread each).
+pub const MAX_QUEUE_PAIRS: usize = 64;
+/// Largest ring size a split virtqueue may have.
+pub const MAX_QUEUE_SIZE: u16 = 32768;
+
+/// vhost-user virtio-net backend on a Linux tap.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "vhost-user-net", version, about, long_about = None)]
+pub struct Args {
+    /// Unix socket to listen on for the vhost-user frontend (QEMU, ...).
+    #[arg(long, value_name = "PATH")]
+    pub socket_path: PathBuf,
+
+    /// Tap interface to serve; created (link up) if it does not exist,
+    /// attached to if it does (it must be multi_queue and vnet_hdr).
+    #[arg(long, value_name = "NAME")]
+    pub tap: String,
+
+    /// Number of RX/TX queue pairs (one worker thread each).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub queue_pairs: usize,
+
+    /// Largest virtqueue size the frontend may set (a power of two).
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    pub queue_size: u32,
+
+    /// MAC address shown to the guest [default: derived from the tap name].
+    #[arg(long, value_name = "MAC")]
+    pub mac: Option<String>,
+
+    /// MTU shown to the guest and set on the tap.
+    #[arg(long, value_name = "N")]
+    pub mtu: Option<u32>,
+
+    /// Unix socket serving the counters as Prometheus text
+    /// [default: SOCKET_PATH.stats].
+    #[arg(long, value_name = "PATH")]
+    pub stats_socket: Option<PathBuf>,
+}
+
+/// The device as the guest sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceConfig {
+    pub mac: [u8; 6],
+    pub mtu: u16,
+    pub queue_pairs: usize,
+    pub queue_size: u16,
+}
+
+/// A validated configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub socket_path: PathBuf,
+    pub tap: String,
+    /// `Some` when `--mtu` was given: the tap's MTU is set to it.
+    pub tap_mtu: Option<u16>,
+    pub stats_socket: PathBuf,
+    pub device: DeviceConfig,
+}
+
+/// A command-line value that cannot be used.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("--queue-pairs {0}: must be between 1 and {MAX_QUEUE_PAIRS}")]
+    QueuePairs(usize),
+    #[error("--queue-size {0}: must be a power of two between 2 and {MAX_QUEUE_SIZE}")]
+    QueueSize(u32),
+    #[error("--mac {0}: expected six hex bytes like 52:54:00:12:34:56, unicast (first byte even)")]
+    Mac(String),
+    #[error("--mtu {0}: must be between 68 and 65535")]
+    Mtu(u32),
+    #[error("--tap {0:?}: must be 1 to 15 characters, without '/', whitespace or NUL")]
+    TapName(String),
+}
+
+impl TryFrom<Args> for Config {
+    type Error = ConfigError;
+
+    fn try_from(args: Args) -> Result<Self, ConfigError> {
+        if args.queue_pairs == 0 || args.queue_pairs > MAX_QUEUE_PAIRS {
+            return Err(ConfigError::QueuePairs(args.queue_pairs));
+        }
+        let queue_size = u16::try_from(args.queue_size)
+            .ok()
+            .filter(|s| s.is_power_of_two() && (2..=MAX_QUEUE_SIZE).contains(s))
+            .ok_or(ConfigError::QueueSize(args.queue_size))?;
+        if !valid_tap_name(&args.tap) {
+            return Err(ConfigError::TapName(args.tap));
+        }
+        let mac = match &args.mac {
+            Some(text) => parse_mac(text).ok_or_else(|| ConfigError::Mac(text.clone()))?,
+            None => default_mac(&args.tap),
+        };
+        let tap_mtu = args
+            .mtu
+            .map(|m| {
+                u16::try_from(m)
+                    .ok()
+                    .filter(|m| *m >= 68)
+                    .ok_or(ConfigError::Mtu(m))
+            })
+            .transpose()?;
+        let stats_socket = args.stats_socket.unwrap_or_else(|| {
+            let mut s = args.socket_path.clone().into_os_string();
+            s.push(".stats");
+            PathBuf::from(s)
+        });
+        Ok(Config {
+            socket_path: args.socket_path,
+            tap: args.tap,
+            tap_mtu,
+            stats_socket,
+            device: DeviceConfig {
+                mac,
+                mtu: tap_mtu.unwrap_or(1500),
+                queue_pairs: args.queue_pairs,
+                queue_size,
+            },
+        })
+    }
+}
+
+fn valid_tap_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() < crate::sys::IFNAMSIZ
+        && !name.contains(|c: char| c == '/' || c.is_whitespace() || c == '\0')
+        && name != "."
+        && name != ".."
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`; refuses multicast addresses.
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        let part = parts.next()?;
+        if part.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    if parts.next().is_some() || mac[0] & 1 != 0 {
+        return None;
+    }
+    Some(mac)
+}
+
+/// A stable, locally administered MAC derived from the tap name, so a
+/// restarted daemon shows the guest the same address.
+pub fn default_mac(tap: &str) -> [u8; 6] {
+    // FNV-1a: tiny, stable across releases (unlike std's hasher).
+    let hash = tap.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let h = hash.to_le_bytes();
+    [0x52, 0x54, 0x00, h[0], h[1], h[2]]
+}
+
+/// Formats a MAC as `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Args {
+        let mut v = vec!["vhost-user-net", "--socket-path", "/run/x.sock", "--tap", "vm0"];
+        v.extend_from_slice(extra);
+        Args::try_parse_from(v).unwrap()
+    }
+
+    #[test]
+    fn defaults_give_one_pair_1024_entries_mtu_1500() {
+        let c = Config::try_from(args(&[])).unwrap();
+        assert_eq!(c.device.queue_pairs, 1);
+        assert_eq!(c.device.queue_size, 1024);
+        assert_eq!(c.device.mtu, 1500);
+        assert_eq!(c.tap_mtu, None);
+        assert_eq!(c.stats_socket, PathBuf::from("/run/x.sock.stats"));
+        assert_eq!(c.device.mac, default_mac("vm0"));
+    }
+
+    #[test]
+    fn bad_values_name_the_flag() {
+        let cases: [(&[&str], &str); 6] = [
+            (&["--queue-pairs", "0"], "--queue-pairs 0"),
+            (&["--queue-size", "1000"], "--queue-size 1000"),
+            (&["--queue-size", "65536"], "--queue-size 65536"),
+            (&["--mac", "01:00:00:00:00:01"], "--mac 01:00:00:00:00:01"),
+            (&["--mac", "52:54:00:zz:00:01"], "--mac"),
+            (&["--mtu", "67"], "--mtu 67"),
+        ];
+        for (extra, flag) in cases {
+            let err = Config::try_from(args(extra)).unwrap_err().to_string();
+            assert!(err.starts_with(flag), "{err:?} should start with {flag:?}");
+        }
+    }
+
+    #[test]
+    fn tap_name_longer_than_15_bytes_is_refused() {
+        let mut a = args(&[]);
+        a.tap = "a-very-long-tap-name".into();
+        assert!(matches!(Config::try_from(a), Err(ConfigError::TapName(_))));
+    }
+
+    #[test]
+    fn mac_round_trips_and_default_is_local_unicast() {
+        let mac = parse_mac("52:54:00:ab:cd:ef").unwrap();
+        assert_eq!(format_mac(&mac), "52:54:00:ab:cd:ef");
+        let d = default_mac("tap0");
+        assert_eq!(d[0] & 1, 0);
+        assert_eq!(d, default_mac("tap0"));
+        assert_ne!(d, default_mac("tap1"));
+    }
+}

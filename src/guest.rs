@@ -1,0 +1,280 @@
+//! Guest buffers as iovecs: the only place where raw pointers into guest
+//! memory are made and handed to the kernel.
+//!
+//! A descriptor chain is validated here (direction, bounds, total length,
+//! a descriptor table that ends properly) and turned into `iovec`s that one
+//! `readv`/`writev` uses. This module knows guest memory and descriptor
+//! chains; it knows nothing about rings, notifications or what a frame is.
+//!
+//! Soundness rests on one type: [`GuestIoVecs`] borrows the guest memory
+//! (`'m`) for as long as it holds pointers into it, and empties itself when
+//! dropped, so no pointer outlives the mapping it came from.
+
+use std::fs::File;
+use std::io;
+use std::marker::PhantomData;
+use std::os::fd::AsRawFd;
+
+use virtio_queue::DescriptorChain;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+/// The guest memory type the daemon maps (no dirty-page log yet).
+pub type GuestMem = GuestMemoryMmap<()>;
+
+/// The kernel's limit on iovecs per `readv`/`writev`.
+pub const IOV_MAX: usize = 1024;
+
+/// Which way the device moves data through a chain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// The device reads the buffers (TX): all descriptors must be readable.
+    DeviceReads,
+    /// The device writes the buffers (RX): all descriptors must be writable.
+    DeviceWrites,
+}
+
+/// Why a guest's descriptor chain was refused. All of these are guest
+/// faults: the chain is completed with length 0 and counted.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ChainError {
+    #[error("descriptor {index} of the chain has the wrong direction")]
+    WrongDirection { index: usize },
+    #[error("descriptor at {addr:#x} (+{len} bytes) is outside guest memory")]
+    OutsideGuestMemory { addr: u64, len: u32 },
+    #[error("chain is longer than {max} bytes")]
+    TooLong { max: usize },
+    #[error("chain is shorter than {min} bytes")]
+    TooShort { min: usize },
+    #[error("chain needs more than {IOV_MAX} memory segments")]
+    TooManySegments,
+    #[error("descriptor table is broken (bad index, loop, or bad indirect table)")]
+    BrokenTable,
+}
+
+/// Reusable storage for iovecs, owned by a worker so the data path does not
+/// allocate per frame. It never holds pointers between uses: see
+/// [`IoVecBuf::bind`].
+#[derive(Default)]
+pub struct IoVecBuf {
+    iovecs: Vec<libc::iovec>,
+    /// Guest address and length of each iovec, for bounds-checked writes.
+    spans: Vec<(GuestAddress, usize)>,
+}
+
+// SAFETY: the raw pointers in `iovecs` are only ever set inside a
+// `GuestIoVecs`, which clears them before its borrow ends, so between uses the
+// buffer holds no pointers and moving it across threads shares nothing.
+unsafe impl Send for IoVecBuf {}
+
+impl IoVecBuf {
+    /// Creates a buffer with room for `segments` iovecs.
+    pub fn with_capacity(segments: usize) -> Self {
+        IoVecBuf {
+            iovecs: Vec::with_capacity(segments),
+            spans: Vec::with_capacity(segments),
+        }
+    }
+
+    /// Starts filling the buffer with pointers into `mem`. The returned value
+    /// cannot outlive `mem`, and clears the buffer when dropped.
+    pub fn bind<'a, 'm>(&'a mut self, mem: &'m GuestMem) -> GuestIoVecs<'a, 'm> {
+        self.clear();
+        GuestIoVecs {
+            buf: self,
+            mem,
+            _mem: PhantomData,
+        }
+    }
+
+    fn clear(&mut self) {
+        self.iovecs.clear();
+        self.spans.clear();
+    }
+}
+
+/// Iovecs pointing into guest memory `'m`, built only from validated chains.
+pub struct GuestIoVecs<'a, 'm> {
+    buf: &'a mut IoVecBuf,
+    mem: &'m GuestMem,
+    _mem: PhantomData<&'m GuestMem>,
+}
+
+impl Drop for GuestIoVecs<'_, '_> {
+    fn drop(&mut self) {
+        self.buf.clear();
+    }
+}
+
+impl GuestIoVecs<'_, '_> {
+    /// Number of iovecs held.
+    pub fn segments(&self) -> usize {
+        self.buf.iovecs.len()
+    }
+
+    /// Total bytes the iovecs cover.
+    pub fn capacity(&self) -> usize {
+        self.buf.spans.iter().map(|s| s.1).sum()
+    }
+
+    /// Appends the buffers of `chain` (all of direction `access`), refusing
+    /// the chain if it is broken, points outside guest memory or is longer
+    /// than `max_len` bytes. Returns the chain's length in bytes. On error the
+    /// iovecs are left exactly as they were before the call.
+    pub fn push_chain<M>(
+        &mut self,
+        chain: DescriptorChain<M>,
+        access: Access,
+        max_len: usize,
+    ) -> Result<usize, ChainError>
+    where
+        M: std::ops::Deref,
+        M::Target: vm_memory::GuestMemory,
+    {
+        let mark = self.buf.iovecs.len();
+        let result = self.push_chain_inner(chain, access, max_len);
+        if result.is_err() {
+            self.buf.iovecs.truncate(mark);
+            self.buf.spans.truncate(mark);
+        }
+        result
+    }
+
+    fn push_chain_inner<M>(
+        &mut self,
+        chain: DescriptorChain<M>,
+        access: Access,
+        max_len: usize,
+    ) -> Result<usize, ChainError>
+    where
+        M: std::ops::Deref,
+        M::Target: vm_memory::GuestMemory,
+    {
+        let mut total: usize = 0;
+        let mut count = 0;
+        let mut ends_properly = false;
+        for (index, desc) in chain.enumerate() {
+            count = index + 1;
+            ends_properly = !desc.has_next();
+            if desc.is_write_only() != (access == Access::DeviceWrites) {
+                return Err(ChainError::WrongDirection { index });
+            }
+            let len = desc.len() as usize;
+            total = total.saturating_add(len);
+            if total > max_len {
+                return Err(ChainError::TooLong { max: max_len });
+            }
+            self.push_range(desc.addr(), len).map_err(|e| match e {
+                RangeError::Outside => ChainError::OutsideGuestMemory {
+                    addr: desc.addr().0,
+                    len: desc.len(),
+                },
+                RangeError::TooManySegments => ChainError::TooManySegments,
+            })?;
+        }
+        // The chain iterator stops silently on a bad next index, a loop or a
+        // bad indirect table: a chain whose last descriptor still says "next"
+        // was cut short by one of those.
+        if count == 0 || !ends_properly {
+            return Err(ChainError::BrokenTable);
+        }
+        Ok(total)
+    }
+
+    fn push_range(&mut self, addr: GuestAddress, len: usize) -> Result<(), RangeError> {
+        if len == 0 {
+            return Ok(());
+        }
+        let mut next = addr;
+        for slice in GuestMemoryBackend::get_slices(self.mem, addr, len) {
+            let slice = slice.map_err(|_| RangeError::Outside)?;
+            if self.buf.iovecs.len() == IOV_MAX {
+                return Err(RangeError::TooManySegments);
+            }
+            // Guest memory is plain mmap (no Xen foreign mappings), so the
+            // guard is a no-op wrapper and the pointer stays valid for as long
+            // as `self.mem` (the mapping) is alive, which `'m` guarantees.
+            let ptr = slice.ptr_guard_mut().as_ptr();
+            self.buf.iovecs.push(libc::iovec {
+                iov_base: ptr.cast(),
+                iov_len: slice.len(),
+            });
+            self.buf.spans.push((next, slice.len()));
+            next = GuestAddress(next.0 + slice.len() as u64);
+        }
+        Ok(())
+    }
+
+    /// Drops the first `segments` iovecs (buffers already used), keeping the rest.
+    pub fn drop_front(&mut self, segments: usize) {
+        let n = segments.min(self.buf.iovecs.len());
+        self.buf.iovecs.drain(..n);
+        self.buf.spans.drain(..n);
+    }
+
+    /// One `writev` of all iovecs to `file` (the device reads guest memory).
+    pub fn write_to(&self, file: &File) -> io::Result<usize> {
+        let count = libc::c_int::try_from(self.buf.iovecs.len()).expect("at most IOV_MAX iovecs");
+        // SAFETY: every iovec was made by `push_range` from a bounds-checked
+        // slice of `self.mem`, which `'m` keeps mapped for the whole call; the
+        // kernel only reads through them. A guest racing on the same memory
+        // can change the bytes, not the validity of the pointers.
+        let n = unsafe { libc::writev(file.as_raw_fd(), self.buf.iovecs.as_ptr(), count) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(usize::try_from(n).expect("writev returned a non-negative count"))
+    }
+
+    /// One `readv` from `file` into all iovecs (the device writes guest memory).
+    pub fn read_from(&self, file: &File) -> io::Result<usize> {
+        let count = libc::c_int::try_from(self.buf.iovecs.len()).expect("at most IOV_MAX iovecs");
+        // SAFETY: as in `write_to`: the iovecs cover only validated, mapped
+        // guest memory kept alive by `'m`. The kernel writes at most their
+        // total length; guest memory is shared with the guest by design, so
+        // no Rust reference to it exists that this write could invalidate.
+        let n = unsafe { libc::readv(file.as_raw_fd(), self.buf.iovecs.as_ptr(), count) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(usize::try_from(n).expect("readv returned a non-negative count"))
+    }
+
+    /// Writes `bytes` at byte `offset` of the area the iovecs describe,
+    /// through vm-memory's checked accessors (used for `num_buffers`).
+    pub fn write_at(&self, offset: usize, bytes: &[u8]) -> Result<(), ChainError> {
+        let mut skip = offset;
+        let mut rest = bytes;
+        for &(addr, len) in &self.buf.spans {
+            if rest.is_empty() {
+                break;
+            }
+            if skip >= len {
+                skip -= len;
+                continue;
+            }
+            let n = rest.len().min(len - skip);
+            let at = GuestAddress(addr.0 + skip as u64);
+            self.mem
+                .write_slice(&rest[..n], at)
+                .map_err(|_| ChainError::OutsideGuestMemory {
+                    addr: at.0,
+                    len: u32::try_from(n).unwrap_or(u32::MAX),
+                })?;
+            rest = &rest[n..];
+            skip = 0;
+        }
+        if rest.is_empty() {
+            Ok(())
+        } else {
+            Err(ChainError::TooLong { max: offset })
+        }
+    }
+}
+
+enum RangeError {
+    Outside,
+    TooManySegments,
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,401 @@
+//! One queue pair's worker: which event drives which step.
+//!
+//! A pair owns its tap queue fd (plus a `dup` of it for "tap writable"), a
+//! resume eventfd, its iovec buffers and its per-connection state. Its
+//! worker thread (one per pair, run by vhost-user-backend) calls
+//! [`QueuePair::handle`] for each event; no other thread touches the data
+//! path of this pair. Events and their epoll ids are [`Event`].
+//!
+//! Listening on the tap follows the guest: while the RX ring has buffers we
+//! wait for the tap to be readable; when it runs dry we stop listening (a
+//! level-triggered tap would otherwise spin) and wait for the guest's refill
+//! kick. TX waits for "tap writable" only after a write returned EAGAIN.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+
+use vhost_user_backend::VringT;
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::guest::{GuestMem, IoVecBuf, IOV_MAX};
+use crate::notify::Decision;
+use crate::ring::{Batch, End, RingError};
+use crate::rx::{self, RxChain, RxParams, Window};
+use crate::stats::{QueueStats, Stats};
+use crate::tx;
+use crate::vring::NetVring;
+
+/// Frames one direction may move before the other gets a turn.
+pub const BUDGET_FRAMES: u64 = 64;
+
+/// Events of one worker. Vring kicks use the framework's ids (the ring's
+/// index within the pair); our own ids start after the framework's reserved
+/// range `0..=num_queues`, so they are derived from the queue count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// The guest kicked the RX ring (it added buffers), or the ring was enabled.
+    RxKick,
+    /// The guest kicked the TX ring (it added frames), or the ring was enabled.
+    TxKick,
+    /// The tap has frames to read.
+    TapReadable,
+    /// The tap has room again after a write returned EAGAIN.
+    TapWritable,
+    /// A direction spent its budget with work left: continue.
+    Resume,
+}
+
+impl Event {
+    /// The epoll id of this event, for a device with `num_queues` queues.
+    pub fn id(self, num_queues: usize) -> u64 {
+        let base = num_queues as u64;
+        match self {
+            Event::RxKick => 0,
+            Event::TxKick => 1,
+            Event::TapReadable => base + 1,
+            Event::TapWritable => base + 2,
+            Event::Resume => base + 3,
+        }
+    }
+
+    /// The event with epoll id `id`, if it is one of ours.
+    pub fn from_id(id: u16, num_queues: usize) -> Option<Event> {
+        [
+            Event::RxKick,
+            Event::TxKick,
+            Event::TapReadable,
+            Event::TapWritable,
+            Event::Resume,
+        ]
+        .into_iter()
+        .find(|e| e.id(num_queues) == u64::from(id))
+    }
+}
+
+/// Where a worker registers its extra fds (the framework's epoll handler).
+pub trait Listeners: Send + Sync {
+    fn register(&self, fd: RawFd, events: EventSet, id: u64) -> io::Result<()>;
+    fn unregister(&self, fd: RawFd, events: EventSet, id: u64) -> io::Result<()>;
+}
+
+impl<T> Listeners for vhost_user_backend::VringEpollHandler<T>
+where
+    T: vhost_user_backend::VhostUserBackend,
+    T::Bitmap: Send + Sync,
+    T::Vring: Send + Sync,
+{
+    fn register(&self, fd: RawFd, events: EventSet, id: u64) -> io::Result<()> {
+        self.register_listener(fd, events, id)
+    }
+
+    fn unregister(&self, fd: RawFd, events: EventSet, id: u64) -> io::Result<()> {
+        self.unregister_listener(fd, events, id)
+    }
+}
+
+/// State that lives for one frontend connection.
+struct Connection {
+    mem: GuestMemoryAtomic<GuestMem>,
+    listeners: Arc<dyn Listeners>,
+    /// Indexed by [`Watch`]: whether the fd is in the epoll set.
+    watching: [bool; 2],
+    broken: [bool; 2],
+    pending: [bool; 2],
+}
+
+/// One queue pair: RX is ring 0 of the pair, TX ring 1.
+pub struct QueuePair {
+    index: usize,
+    num_queues: usize,
+    tap: File,
+    tap_out: File,
+    resume: EventFd,
+    stats: Arc<Stats>,
+    rx_params: RxParams,
+    conn: Option<Connection>,
+    tx_iov: IoVecBuf,
+    rx_iov: IoVecBuf,
+    rx_window: Vec<RxChain>,
+}
+
+const RX: usize = 0;
+const TX: usize = 1;
+
+impl QueuePair {
+    /// A pair serving tap queue `tap` as queue pair `index` of `num_queues`.
+    pub fn new(index: usize, num_queues: usize, tap: File, stats: Arc<Stats>) -> io::Result<Self> {
+        Ok(QueuePair {
+            index,
+            num_queues,
+            tap_out: tap.try_clone()?,
+            tap,
+            resume: EventFd::new(EFD_NONBLOCK)?,
+            stats,
+            rx_params: RxParams {
+                mergeable: false,
+                max_frame: 0,
+            },
+            conn: None,
+            tx_iov: IoVecBuf::with_capacity(IOV_MAX),
+            rx_iov: IoVecBuf::with_capacity(IOV_MAX),
+            rx_window: Vec::with_capacity(usize::from(u16::MAX)),
+        })
+    }
+
+    /// The tap queue fd (for device-wide tap ioctls).
+    pub fn tap(&self) -> &File {
+        &self.tap
+    }
+
+    /// Sets what RX may expect from the tap (at SET_FEATURES).
+    pub fn set_rx_params(&mut self, params: RxParams) {
+        self.rx_params = params;
+    }
+
+    /// Starts serving a new connection: guest memory and the worker's epoll.
+    pub fn connect(
+        &mut self,
+        mem: GuestMemoryAtomic<GuestMem>,
+        listeners: Arc<dyn Listeners>,
+    ) -> io::Result<()> {
+        let id = Event::Resume.id(self.num_queues);
+        listeners.register(self.resume.as_raw_fd(), EventSet::IN, id)?;
+        self.conn = Some(Connection {
+            mem,
+            listeners,
+            watching: [false; 2],
+            broken: [false; 2],
+            pending: [false; 2],
+        });
+        Ok(())
+    }
+
+    /// Stops serving the connection (the frontend went away). Its epoll is
+    /// being torn down with it, so nothing needs unregistering.
+    pub fn disconnect(&mut self) {
+        self.conn = None;
+    }
+
+    /// The frontend set ring `ring` (0 RX, 1 TX) up again: forget that it
+    /// was broken.
+    pub fn ring_reset(&mut self, ring: usize) {
+        if let Some(conn) = self.conn.as_mut() {
+            if let Some(b) = conn.broken.get_mut(ring) {
+                *b = false;
+            }
+        }
+    }
+
+    /// Handles one event; `vrings` are this pair's `[rx, tx]`.
+    pub fn handle(&mut self, event: Event, vrings: &[NetVring]) {
+        if self.conn.is_none() || vrings.len() != 2 {
+            return;
+        }
+        for (ring, vring) in vrings.iter().enumerate() {
+            let kicks = vring.take_kicks();
+            if kicks > 0 {
+                QueueStats::add(&self.queue_stats(ring).kicks, kicks);
+            }
+        }
+        let (run_rx, run_tx) = match event {
+            Event::RxKick | Event::TapReadable => (true, false),
+            Event::TxKick => (false, true),
+            Event::TapWritable => {
+                self.set_tap_out(false);
+                (false, true)
+            }
+            Event::Resume => {
+                let _ = self.resume.read();
+                let conn = self.conn.as_mut().expect("checked above");
+                let pending = std::mem::take(&mut conn.pending);
+                (pending[RX], pending[TX])
+            }
+        };
+        if run_tx {
+            self.run_tx(&vrings[TX]);
+        }
+        if run_rx {
+            self.run_rx(&vrings[RX]);
+        }
+    }
+
+    fn queue_stats(&self, ring: usize) -> &QueueStats {
+        &self.stats.queues[2 * self.index + ring]
+    }
+
+    fn run_tx(&mut self, vring: &NetVring) {
+        let conn = self.conn.as_ref().expect("caller checked");
+        if conn.broken[TX] {
+            return;
+        }
+        let mem = conn.mem.memory();
+        let stats = &self.stats.queues[2 * self.index + TX];
+        let mut state = vring.get_mut();
+        if !state.is_enabled() || !state.get_queue().ready() {
+            return;
+        }
+        let queue_index = 2 * self.index + TX;
+        let (tap, iov) = (&self.tap, &mut self.tx_iov);
+        let result = (|| {
+            let mut batch = Batch::begin(state.get_queue_mut(), &mem, stats, queue_index)?;
+            let end = batch.drain(BUDGET_FRAMES, |b| tx::step(b, iov, tap))?;
+            Ok((end, batch.finish()?))
+        })();
+        let end = self.conclude(result, &state, TX);
+        drop(state);
+        match end {
+            Some(End::TapBlocked) => self.set_tap_out(true),
+            Some(End::BudgetSpent) => self.resume_later(TX),
+            Some(End::RingEmpty) | None => {}
+        }
+    }
+
+    fn run_rx(&mut self, vring: &NetVring) {
+        let conn = self.conn.as_ref().expect("caller checked");
+        let mem = conn.mem.memory();
+        let mut state = vring.get_mut();
+        if conn.broken[RX] || !state.is_enabled() || !state.get_queue().ready() {
+            drop(state);
+            self.set_tap_in(false);
+            return;
+        }
+        let queue_index = 2 * self.index + RX;
+        let stats = &self.stats.queues[queue_index];
+        let (tap, params) = (&self.tap, self.rx_params);
+        let mut iovecs = self.rx_iov.bind(&mem);
+        let mut window = Window {
+            chains: &mut self.rx_window,
+            iovecs: &mut iovecs,
+        };
+        let result = (|| {
+            let mut batch = Batch::begin(state.get_queue_mut(), &mem, stats, queue_index)?;
+            let end = batch.drain(BUDGET_FRAMES, |b| rx::step(b, &mut window, tap, params));
+            window.give_back(&mut batch);
+            let end = end?;
+            Ok((end, batch.finish()?))
+        })();
+        drop(iovecs);
+        let end = self.conclude(result, &state, RX);
+        drop(state);
+        match end {
+            Some(End::TapBlocked) => self.set_tap_in(true),
+            Some(End::RingEmpty) | None => self.set_tap_in(false),
+            Some(End::BudgetSpent) => self.resume_later(RX),
+        }
+    }
+
+    /// Signals the guest if the batch's decision says so; on a ring error,
+    /// stops the ring (a guest fault: the daemon and other rings go on).
+    fn conclude(
+        &mut self,
+        result: Result<(End, Decision), RingError>,
+        state: &vhost_user_backend::VringState<GuestMemoryAtomic<GuestMem>>,
+        ring: usize,
+    ) -> Option<End> {
+        let queue_index = 2 * self.index + ring;
+        match result {
+            Ok((end, decision)) => {
+                if decision == Decision::Signal {
+                    if let Err(e) = state.signal_used_queue() {
+                        log::warn!("queue {queue_index}: cannot signal the guest: {e}");
+                    }
+                }
+                Some(end)
+            }
+            Err(e) => {
+                if matches!(e, RingError::BadAvailIndex(_)) {
+                    QueueStats::add(&self.stats.queues[queue_index].bad_avail_index, 1);
+                }
+                log::error!("queue {queue_index} stopped until the frontend resets it: {e}");
+                if let Some(conn) = self.conn.as_mut() {
+                    conn.broken[ring] = true;
+                }
+                None
+            }
+        }
+    }
+
+    fn resume_later(&mut self, ring: usize) {
+        if let Some(conn) = self.conn.as_mut() {
+            conn.pending[ring] = true;
+        }
+        if let Err(e) = self.resume.write(1) {
+            log::error!("pair {}: cannot schedule more work: {e}", self.index);
+        }
+    }
+
+    fn set_tap_in(&mut self, armed: bool) {
+        self.watch(Watch::TapIn, armed);
+    }
+
+    fn set_tap_out(&mut self, armed: bool) {
+        self.watch(Watch::TapOut, armed);
+    }
+
+    /// Registers or unregisters a tap fd in the connection's epoll when its
+    /// watched state changes.
+    fn watch(&mut self, what: Watch, armed: bool) {
+        let (fd, events, event) = match what {
+            Watch::TapIn => (self.tap.as_raw_fd(), EventSet::IN, Event::TapReadable),
+            Watch::TapOut => (self.tap_out.as_raw_fd(), EventSet::OUT, Event::TapWritable),
+        };
+        let id = event.id(self.num_queues);
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        let watching = &mut conn.watching[what as usize];
+        if *watching == armed {
+            return;
+        }
+        let result = if armed {
+            conn.listeners.register(fd, events, id)
+        } else {
+            conn.listeners.unregister(fd, events, id)
+        };
+        match result {
+            Ok(()) => *watching = armed,
+            Err(e) => log::error!("pair {}: cannot change {what:?} watch: {e}", self.index),
+        }
+    }
+}
+
+/// The tap fds a worker may watch.
+#[derive(Clone, Copy, Debug)]
+enum Watch {
+    TapIn = 0,
+    TapOut = 1,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_ids_avoid_the_framework_reserved_range() {
+        for queues in [2, 4, 16] {
+            for e in [Event::TapReadable, Event::TapWritable, Event::Resume] {
+                assert!(e.id(queues) > queues as u64, "{e:?} with {queues} queues");
+            }
+            for e in [
+                Event::RxKick,
+                Event::TxKick,
+                Event::TapReadable,
+                Event::TapWritable,
+                Event::Resume,
+            ] {
+                let id = u16::try_from(e.id(queues)).unwrap();
+                assert_eq!(Event::from_id(id, queues), Some(e));
+            }
+        }
+    }
+
+    #[test]
+    fn reserved_exit_id_is_not_one_of_our_events() {
+        assert_eq!(Event::from_id(4, 4), None);
+    }
+}

@@ -1,0 +1,243 @@
+//! A relay between the frontend and vhost-user-backend that fixes QEMU's
+//! message order.
+//!
+//! QEMU (7.2 and 10.0) sends `SET_VRING_ENABLE` for every ring *before*
+//! `SET_FEATURES`, and not again afterwards. vhost-user-backend rejects
+//! `SET_VRING_ENABLE` until `VHOST_USER_F_PROTOCOL_FEATURES` is acked
+//! (`InactiveFeature`) and drops the connection. The relay forwards every
+//! message unchanged except those early enables: it holds them (the last
+//! value per ring wins), answers the frontend's NEED_REPLY itself, and
+//! replays them right after forwarding `SET_FEATURES`, without NEED_REPLY, so
+//! the rings end up enabled exactly as the frontend asked.
+//!
+//! It also tells the backend when the frontend re-initialises a ring
+//! ([`Hooks::vring_reset`]), so a ring stopped by a guest fault can restart.
+//! Replies (backend to frontend) pass through untouched.
+
+use std::collections::BTreeMap;
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+
+use crate::sys;
+
+/// vhost-user message header: request, flags, payload size (all u32 LE).
+const HEADER_LEN: usize = 12;
+/// Largest payload accepted (the protocol's messages are far smaller).
+const MAX_PAYLOAD: usize = 4096;
+
+const VERSION: u32 = 0x1;
+const FLAG_REPLY: u32 = 0x4;
+const FLAG_NEED_REPLY: u32 = 0x8;
+
+const SET_FEATURES: u32 = 2;
+const RESET_OWNER: u32 = 4;
+const SET_VRING_NUM: u32 = 8;
+const SET_VRING_ADDR: u32 = 9;
+const SET_VRING_BASE: u32 = 10;
+const SET_PROTOCOL_FEATURES: u32 = 16;
+const SET_VRING_ENABLE: u32 = 18;
+const RESET_DEVICE: u32 = 34;
+
+const PROTOCOL_FEATURES_BIT: u64 = 1 << 30;
+const PROTOCOL_F_REPLY_ACK: u64 = 1 << 3;
+
+/// What the relay tells the backend about.
+pub trait Hooks: Send + Sync {
+    /// The frontend set ring `queue` up again (size, address or base).
+    fn vring_reset(&self, queue: usize);
+}
+
+/// One vhost-user message as read from the socket.
+struct Message {
+    header: [u8; HEADER_LEN],
+    payload: Vec<u8>,
+    files: Vec<std::fs::File>,
+}
+
+impl Message {
+    fn field(&self, i: usize) -> u32 {
+        u32::from_le_bytes(self.header[4 * i..4 * i + 4].try_into().expect("4 bytes"))
+    }
+
+    fn request(&self) -> u32 {
+        self.field(0)
+    }
+
+    fn flags(&self) -> u32 {
+        self.field(1)
+    }
+
+    fn payload_u32(&self, i: usize) -> Option<u32> {
+        let b = self.payload.get(4 * i..4 * i + 4)?;
+        Some(u32::from_le_bytes(b.try_into().ok()?))
+    }
+
+    fn payload_u64(&self) -> Option<u64> {
+        let b = self.payload.get(..8)?;
+        Some(u64::from_le_bytes(b.try_into().ok()?))
+    }
+
+    fn set_flags(&mut self, flags: u32) {
+        self.header[4..8].copy_from_slice(&flags.to_le_bytes());
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(HEADER_LEN + self.payload.len());
+        v.extend_from_slice(&self.header);
+        v.extend_from_slice(&self.payload);
+        v
+    }
+
+    /// Reads one message; `Ok(None)` on a clean end of stream.
+    fn read(sock: &mut UnixStream) -> io::Result<Option<Message>> {
+        let mut header = [0u8; HEADER_LEN];
+        let (n, files) = sys::recv_with_files(sock, &mut header)?;
+        if n == 0 {
+            return Ok(None);
+        }
+        sock.read_exact(&mut header[n..])?;
+        let size = u32::from_le_bytes(header[8..12].try_into().expect("4 bytes")) as usize;
+        if size > MAX_PAYLOAD {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("vhost-user message payload of {size} bytes"),
+            ));
+        }
+        let mut payload = vec![0u8; size];
+        sock.read_exact(&mut payload)?;
+        Ok(Some(Message {
+            header,
+            payload,
+            files,
+        }))
+    }
+
+    fn write(&self, sock: &UnixStream) -> io::Result<()> {
+        let bytes = self.bytes();
+        let sent = sys::send_with_files(sock, &bytes, &self.files)?;
+        let rest = &bytes[sent..];
+        (&*sock).write_all(rest)?;
+        Ok(())
+    }
+}
+
+/// Protocol state the relay tracks to know when enables may pass.
+#[derive(Default)]
+struct State {
+    reply_ack: bool,
+    features_acked: bool,
+    /// Early enables by ring index, the last value per ring.
+    held: BTreeMap<u32, Message>,
+}
+
+/// Starts relaying between `frontend` and `backend` (the socket
+/// vhost-user-backend serves). Returns the two relay threads; they end when
+/// either side closes.
+pub fn spawn(
+    frontend: UnixStream,
+    backend: UnixStream,
+    hooks: Arc<dyn Hooks>,
+) -> io::Result<[JoinHandle<()>; 2]> {
+    let front_writer = Arc::new(Mutex::new(frontend.try_clone()?));
+    let back_reader = backend.try_clone()?;
+    let front_for_replies = front_writer.clone();
+    let down = thread::Builder::new()
+        .name("relay-requests".into())
+        .spawn(move || {
+            let mut front = frontend;
+            if let Err(e) = forward_requests(&mut front, &backend, &front_writer, &*hooks) {
+                log::debug!("relay: request stream ended: {e}");
+            }
+            let _ = backend.shutdown(Shutdown::Both);
+            let _ = front.shutdown(Shutdown::Both);
+        })?;
+    let up = thread::Builder::new()
+        .name("relay-replies".into())
+        .spawn(move || {
+            let mut back = back_reader;
+            if let Err(e) = forward_replies(&mut back, &front_for_replies) {
+                log::debug!("relay: reply stream ended: {e}");
+            }
+            let front = front_for_replies
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let _ = front.shutdown(Shutdown::Both);
+            let _ = back.shutdown(Shutdown::Both);
+        })?;
+    Ok([down, up])
+}
+
+fn forward_replies(back: &mut UnixStream, front: &Mutex<UnixStream>) -> io::Result<()> {
+    while let Some(msg) = Message::read(back)? {
+        let front = front.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        msg.write(&front)?;
+    }
+    Ok(())
+}
+
+fn forward_requests(
+    front: &mut UnixStream,
+    back: &UnixStream,
+    front_writer: &Mutex<UnixStream>,
+    hooks: &dyn Hooks,
+) -> io::Result<()> {
+    let mut state = State::default();
+    while let Some(mut msg) = Message::read(front)? {
+        match msg.request() {
+            SET_PROTOCOL_FEATURES => {
+                state.reply_ack = msg.payload_u64().unwrap_or(0) & PROTOCOL_F_REPLY_ACK != 0;
+            }
+            RESET_OWNER | RESET_DEVICE => state.features_acked = false,
+            SET_VRING_NUM | SET_VRING_ADDR | SET_VRING_BASE => {
+                if let Some(q) = msg.payload_u32(0) {
+                    hooks.vring_reset(q as usize);
+                }
+            }
+            SET_VRING_ENABLE if !state.features_acked => {
+                if msg.flags() & FLAG_NEED_REPLY != 0 && state.reply_ack {
+                    ack(front_writer, SET_VRING_ENABLE)?;
+                }
+                msg.set_flags(msg.flags() & !FLAG_NEED_REPLY);
+                let ring = msg.payload_u32(0).unwrap_or(u32::MAX);
+                log::debug!("relay: holding early SET_VRING_ENABLE for ring {ring}");
+                state.held.insert(ring, msg);
+                continue;
+            }
+            _ => {}
+        }
+        let request = msg.request();
+        let acked = msg.payload_u64().unwrap_or(0);
+        msg.write(back)?;
+        if request == SET_FEATURES {
+            state.features_acked = true;
+            let held = std::mem::take(&mut state.held);
+            if acked & PROTOCOL_FEATURES_BIT != 0 {
+                for (ring, enable) in held {
+                    log::debug!("relay: replaying SET_VRING_ENABLE for ring {ring}");
+                    enable.write(back)?;
+                }
+            }
+            // Without PROTOCOL_FEATURES the backend enables every ring at
+            // SET_FEATURES, as the spec says, and the held enables are moot.
+        }
+    }
+    Ok(())
+}
+
+/// Sends a successful REPLY_ACK for `request` to the frontend.
+fn ack(front: &Mutex<UnixStream>, request: u32) -> io::Result<()> {
+    let mut header = [0u8; HEADER_LEN];
+    header[..4].copy_from_slice(&request.to_le_bytes());
+    header[4..8].copy_from_slice(&(VERSION | FLAG_REPLY).to_le_bytes());
+    header[8..12].copy_from_slice(&8u32.to_le_bytes());
+    let reply = Message {
+        header,
+        payload: 0u64.to_le_bytes().to_vec(),
+        files: Vec::new(),
+    };
+    let front = front.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    reply.write(&front)
+}

@@ -1,0 +1,235 @@
+//! One batch on one virtqueue: the drain loop shared by RX and TX.
+//!
+//! A [`Batch`] pops chains, writes used entries without publishing them,
+//! re-arms guest kicks (with the event-index re-check) when the ring looks
+//! empty, and at the end publishes the used index once and makes the one
+//! notification decision ([`crate::notify`]). RX and TX supply only the
+//! per-frame step; neither has its own loop.
+//!
+//! We write the used ring ourselves instead of using virtio-queue's
+//! `add_used`, which publishes `used.idx` after every entry: a Linux guest
+//! reading a mergeable RX frame could then see its first buffer before the
+//! rest and drop the frame ("buffers missing"). Publishing once per batch is
+//! also cheaper for the guest's cache.
+
+use std::num::Wrapping;
+use std::sync::atomic::Ordering;
+
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::guest::GuestMem;
+use crate::notify::{self, Decision};
+use crate::stats::QueueStats;
+
+/// Offset of `ring[0]` in the used ring (after `flags` and `idx`).
+const USED_RING_HEADER: u64 = 4;
+/// Size of one used element (`id`, `len`).
+const USED_ELEM_SIZE: u64 = 8;
+
+/// Errors that stop a queue until the frontend sets it up again. All are
+/// guest faults: the daemon and the other queues go on.
+#[derive(Debug, thiserror::Error)]
+pub enum RingError {
+    #[error("guest published an impossible avail index")]
+    BadAvailIndex(#[source] virtio_queue::Error),
+    #[error("cannot access the guest's ring")]
+    RingAccess(#[source] virtio_queue::Error),
+    #[error("cannot write the used ring at {0:#x}")]
+    UsedRing(u64),
+}
+
+/// What the per-frame step reports back to the drain loop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// One frame (or bad chain) handled; go on.
+    Progress,
+    /// The guest's ring has no (or not enough) buffers.
+    RingEmpty,
+    /// The tap side cannot go on (TX: tap full; RX: tap empty).
+    TapBlocked,
+}
+
+/// Why a batch ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum End {
+    /// The ring is empty and guest kicks are re-armed.
+    RingEmpty,
+    /// The tap side is blocked; wait for the tap.
+    TapBlocked,
+    /// The budget is spent and work remains: come back soon.
+    BudgetSpent,
+}
+
+/// A batch in progress on one queue.
+pub struct Batch<'q> {
+    queue: &'q mut Queue,
+    mem: &'q GuestMem,
+    stats: &'q QueueStats,
+    old_used: Wrapping<u16>,
+    next_used: Wrapping<u16>,
+    frames: u64,
+    warned: bool,
+    queue_index: usize,
+}
+
+impl<'q> Batch<'q> {
+    /// Starts a batch. The used index is read back from guest memory (only
+    /// the device writes it), so a queue restarted at any base stays in step.
+    pub fn begin(
+        queue: &'q mut Queue,
+        mem: &'q GuestMem,
+        stats: &'q QueueStats,
+        queue_index: usize,
+    ) -> Result<Self, RingError> {
+        let used = queue
+            .used_idx(mem, Ordering::Acquire)
+            .map_err(RingError::RingAccess)?;
+        // Without EVENT_IDX this sets VRING_USED_F_NO_NOTIFY: a polling
+        // driver makes no kick syscalls while we drain. With it, a no-op.
+        queue
+            .disable_notification(mem)
+            .map_err(RingError::RingAccess)?;
+        Ok(Batch {
+            queue,
+            mem,
+            stats,
+            old_used: used,
+            next_used: used,
+            frames: 0,
+            warned: false,
+            queue_index,
+        })
+    }
+
+    /// The guest memory this batch works on.
+    pub fn mem(&self) -> &'q GuestMem {
+        self.mem
+    }
+
+    /// The queue's size (number of descriptors).
+    pub fn size(&self) -> u16 {
+        self.queue.size()
+    }
+
+    /// Counters of this queue.
+    pub fn stats(&self) -> &'q QueueStats {
+        self.stats
+    }
+
+    /// Pops the next available chain. `Ok(None)`: nothing available.
+    pub fn pop(&mut self) -> Result<Option<DescriptorChain<&'q GuestMem>>, RingError> {
+        let mem = self.mem;
+        let mut iter = self.queue.iter(mem).map_err(|e| match e {
+            virtio_queue::Error::InvalidAvailRingIndex => RingError::BadAvailIndex(e),
+            other => RingError::RingAccess(other),
+        })?;
+        Ok(iter.next())
+    }
+
+    /// Gives back the last `n` popped chains (unused RX buffers, or a TX
+    /// frame the tap had no room for).
+    pub fn give_back(&mut self, n: usize) {
+        for _ in 0..n {
+            self.queue.go_to_previous_position();
+        }
+    }
+
+    /// Writes a used entry for chain `head` with `len` bytes written to it.
+    /// Not visible to the guest until [`Batch::finish`].
+    pub fn complete(&mut self, head: u16, len: u32) -> Result<(), RingError> {
+        let slot = u64::from(self.next_used.0 % self.queue.size());
+        let at = self.queue.used_ring() + USED_RING_HEADER + slot * USED_ELEM_SIZE;
+        let elem = (u64::from(len) << 32) | u64::from(head);
+        self.mem
+            .write_obj(u64::to_le(elem), GuestAddress(at))
+            .map_err(|_| RingError::UsedRing(at))?;
+        self.next_used += Wrapping(1);
+        QueueStats::add(&self.stats.completions, 1);
+        Ok(())
+    }
+
+    /// Completes a chain the guest got wrong with length 0, counts it, and
+    /// warns once per batch.
+    pub fn complete_bad(&mut self, head: u16, why: &dyn std::error::Error) -> Result<(), RingError> {
+        QueueStats::add(&self.stats.bad_chains, 1);
+        if !self.warned {
+            self.warned = true;
+            log::warn!(
+                "queue {}: descriptor chain {head} returned unused: {why}",
+                self.queue_index
+            );
+        }
+        self.complete(head, 0)
+    }
+
+    /// Counts one frame moved, of `bytes` bytes (header excluded).
+    pub fn count_frame(&mut self, bytes: usize) {
+        self.frames += 1;
+        QueueStats::add(&self.stats.frames, 1);
+        QueueStats::add(&self.stats.bytes, bytes as u64);
+    }
+
+    /// Runs `step` until the ring is empty (and kicks are re-armed with no
+    /// work raced in), the tap blocks, or `budget` frames were handled.
+    pub fn drain(
+        &mut self,
+        budget: u64,
+        mut step: impl FnMut(&mut Self) -> Result<Step, RingError>,
+    ) -> Result<End, RingError> {
+        let mut handled = 0;
+        loop {
+            if handled >= budget {
+                return Ok(End::BudgetSpent);
+            }
+            match step(self)? {
+                Step::Progress => handled += 1,
+                Step::TapBlocked => return Ok(End::TapBlocked),
+                Step::RingEmpty => {
+                    // Publish `avail_event` (or clear NO_NOTIFY) and look
+                    // again: a buffer added just before would get no kick.
+                    if !self.rearm()? {
+                        return Ok(End::RingEmpty);
+                    }
+                    self.queue
+                        .disable_notification(self.mem)
+                        .map_err(RingError::RingAccess)?;
+                }
+            }
+        }
+    }
+
+    /// Re-enables guest kicks; `true` if work arrived meanwhile.
+    fn rearm(&mut self) -> Result<bool, RingError> {
+        self.queue
+            .enable_notification(self.mem)
+            .map_err(RingError::RingAccess)
+    }
+
+    /// Publishes the batch's used entries and decides about the interrupt.
+    pub fn finish(self) -> Result<Decision, RingError> {
+        if self.next_used == self.old_used {
+            return Ok(Decision::Suppress);
+        }
+        let idx_at = self.queue.used_ring() + 2;
+        self.mem
+            .store(u16::to_le(self.next_used.0), GuestAddress(idx_at), Ordering::Release)
+            .map_err(|_| RingError::UsedRing(idx_at))?;
+        self.queue.set_next_used(self.next_used.0);
+        self.stats.record_batch(self.frames);
+        let decision = notify::decide(
+            self.mem,
+            GuestAddress(self.queue.avail_ring()),
+            self.queue.size(),
+            self.queue.event_idx_enabled(),
+            self.old_used.0,
+            self.next_used.0,
+        );
+        let counter = match decision {
+            Decision::Signal => &self.stats.interrupts_sent,
+            Decision::Suppress => &self.stats.interrupts_suppressed,
+        };
+        QueueStats::add(counter, 1);
+        Ok(decision)
+    }
+}

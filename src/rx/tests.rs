@@ -1,0 +1,197 @@
+use std::io::Write;
+
+use virtio_queue::QueueT;
+use vm_memory::{Bytes, GuestAddress};
+
+use super::*;
+use crate::driver::{Buf, Used};
+use crate::guest::IoVecBuf;
+use crate::ring::{Batch, End};
+use crate::stats::QueueStats;
+use crate::testutil::{add_rx_buffers, buf_addr, memory, ring, tap_pair};
+
+const SMALL: RxParams = RxParams {
+    mergeable: false,
+    max_frame: 12 + 1518,
+};
+const MRG_64K: RxParams = RxParams {
+    mergeable: true,
+    max_frame: 12 + 65553,
+};
+
+/// Runs one RX batch with an unlimited budget, as the worker does.
+fn run_batch(
+    mem: &crate::guest::GuestMem,
+    queue: &mut virtio_queue::Queue,
+    stats: &QueueStats,
+    tap: &File,
+    params: RxParams,
+) -> End {
+    let mut buf = IoVecBuf::default();
+    let mut iovecs = buf.bind(mem);
+    let mut chains = Vec::new();
+    let mut window = Window {
+        chains: &mut chains,
+        iovecs: &mut iovecs,
+    };
+    let mut batch = Batch::begin(queue, mem, stats, 0).unwrap();
+    let end = batch.drain(u64::MAX, |b| step(b, &mut window, tap, params)).unwrap();
+    window.give_back(&mut batch);
+    batch.finish().unwrap();
+    end
+}
+
+/// A frame as the tap hands it over: 12-byte header (num_buffers 0) + payload.
+fn tap_frame(payload_len: usize, fill: u8) -> Vec<u8> {
+    let mut f = vec![0u8; 12];
+    f.extend(std::iter::repeat_n(fill, payload_len));
+    f
+}
+
+fn num_buffers(mem: &crate::guest::GuestMem, at: GuestAddress) -> u16 {
+    let v: u16 = mem.read_obj(GuestAddress(at.0 + 10)).unwrap();
+    u16::from_le(v)
+}
+
+#[test]
+fn frame_lands_in_one_buffer_with_num_buffers_one() {
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 16, true);
+    let (tap, mut peer) = tap_pair();
+    let heads = add_rx_buffers(&mem, &mut r, 4, 1530);
+    peer.write_all(&tap_frame(100, 0x5a)).unwrap();
+    let stats = QueueStats::default();
+
+    let end = run_batch(&mem, &mut q, &stats, &tap, SMALL);
+
+    assert_eq!(end, End::TapBlocked, "stopped because the tap is empty");
+    assert_eq!(r.pop_used(&mem), Some(Used { head: heads[0], len: 112 }));
+    assert_eq!(num_buffers(&mem, buf_addr(0, 1530)), 1);
+    let byte: u8 = mem.read_obj(GuestAddress(buf_addr(0, 1530).0 + 12)).unwrap();
+    assert_eq!(byte, 0x5a);
+    assert_eq!(q.next_avail(), 1, "unused buffers were given back");
+    assert_eq!(QueueStats::get(&stats.frames), 1);
+    assert_eq!(QueueStats::get(&stats.bytes), 100);
+    assert_eq!(QueueStats::get(&stats.tap_eagain), 1);
+}
+
+#[test]
+fn gso_frame_of_64k_spans_mergeable_buffers_each_with_its_own_length() {
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 64, true);
+    let (tap, mut peer) = tap_pair();
+    let heads = add_rx_buffers(&mem, &mut r, 40, 4096);
+    let total: usize = 12 + 65000;
+    peer.write_all(&tap_frame(65000, 0x77)).unwrap();
+    let stats = QueueStats::default();
+
+    run_batch(&mem, &mut q, &stats, &tap, MRG_64K);
+
+    let used: Vec<Used> = std::iter::from_fn(|| r.pop_used(&mem)).collect();
+    let expect = total.div_ceil(4096);
+    assert_eq!(used.len(), expect);
+    for (u, h) in used.iter().zip(&heads) {
+        assert_eq!(u.head, *h);
+    }
+    assert!(used[..expect - 1].iter().all(|u| u.len == 4096));
+    assert_eq!(used[expect - 1].len as usize, total - 4096 * (expect - 1));
+    assert_eq!(usize::from(num_buffers(&mem, buf_addr(0, 4096))), expect);
+    assert_eq!(usize::from(q.next_avail()), expect, "only the chains used were consumed");
+}
+
+#[test]
+fn small_frame_uses_one_mergeable_buffer_and_gives_the_rest_back() {
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 64, true);
+    let (tap, mut peer) = tap_pair();
+    add_rx_buffers(&mem, &mut r, 40, 4096);
+    peer.write_all(&tap_frame(60, 1)).unwrap();
+    peer.write_all(&tap_frame(60, 2)).unwrap();
+    let stats = QueueStats::default();
+
+    run_batch(&mem, &mut q, &stats, &tap, MRG_64K);
+
+    let used: Vec<Used> = std::iter::from_fn(|| r.pop_used(&mem)).collect();
+    assert_eq!(used.len(), 2);
+    assert!(used.iter().all(|u| u.len == 72));
+    assert_eq!(num_buffers(&mem, buf_addr(1, 4096)), 1);
+    assert_eq!(q.next_avail(), 2);
+}
+
+#[test]
+fn empty_rx_ring_does_not_read_the_tap() {
+    let mem = memory();
+    let (_r, mut q) = ring(&mem, 16, true);
+    let (tap, mut peer) = tap_pair();
+    peer.write_all(&tap_frame(60, 1)).unwrap();
+    let stats = QueueStats::default();
+
+    let end = run_batch(&mem, &mut q, &stats, &tap, SMALL);
+
+    assert_eq!(end, End::RingEmpty);
+    let mut buf = [0u8; 100];
+    assert_eq!(std::io::Read::read(&mut &tap, &mut buf).unwrap(), 72, "frame still queued");
+    assert_eq!(QueueStats::get(&stats.rx_dropped_frames), 0);
+}
+
+#[test]
+fn too_few_mergeable_buffers_for_a_64k_frame_wait_for_more() {
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 64, true);
+    let (tap, mut peer) = tap_pair();
+    add_rx_buffers(&mem, &mut r, 3, 4096);
+    peer.write_all(&tap_frame(60, 1)).unwrap();
+    let stats = QueueStats::default();
+
+    let end = run_batch(&mem, &mut q, &stats, &tap, MRG_64K);
+
+    assert_eq!(end, End::RingEmpty);
+    assert_eq!(q.next_avail(), 0, "held buffers were given back");
+    assert_eq!(r.pop_used(&mem), None);
+    // The guest is asked to kick when it adds its next buffer.
+    assert!(r.needs_kick(&mem, true, 3, 4));
+}
+
+#[test]
+fn rx_chain_with_readable_descriptor_is_returned_with_len_zero_and_the_next_buffer_is_used() {
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 16, true);
+    let (tap, mut peer) = tap_pair();
+    let bad = r
+        .add_chain(
+            &mem,
+            &[Buf {
+                addr: buf_addr(8, 2048),
+                len: 1530,
+                device_writes: false,
+            }],
+        )
+        .unwrap();
+    r.push_avail(&mem, bad);
+    r.publish(&mem);
+    let good = add_rx_buffers(&mem, &mut r, 1, 1530)[0];
+    peer.write_all(&tap_frame(60, 9)).unwrap();
+    let stats = QueueStats::default();
+
+    run_batch(&mem, &mut q, &stats, &tap, SMALL);
+
+    assert_eq!(r.pop_used(&mem), Some(Used { head: bad, len: 0 }));
+    assert_eq!(r.pop_used(&mem), Some(Used { head: good, len: 72 }));
+    assert_eq!(QueueStats::get(&stats.bad_chains), 1);
+}
+
+#[test]
+fn frame_larger_than_a_small_buffer_is_dropped_and_counted() {
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 16, true);
+    let (tap, mut peer) = tap_pair();
+    add_rx_buffers(&mem, &mut r, 1, 200);
+    peer.write_all(&tap_frame(1000, 1)).unwrap();
+    peer.write_all(&tap_frame(50, 2)).unwrap();
+    let stats = QueueStats::default();
+
+    run_batch(&mem, &mut q, &stats, &tap, SMALL);
+
+    assert_eq!(QueueStats::get(&stats.rx_dropped_frames), 1);
+    assert_eq!(r.pop_used(&mem).map(|u| u.len), Some(62), "next frame got the buffer");
+}

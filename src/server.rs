@@ -1,0 +1,219 @@
+//! The daemon's life: open the tap, listen, serve one frontend connection
+//! after another, stop cleanly on SIGINT/SIGTERM.
+//!
+//! Each connection gets a fresh `VhostUserDaemon` (the crate serves exactly
+//! one connection per daemon) built on the same [`NetBackend`], which keeps
+//! the tap and the counters, so a frontend that goes away and comes back (or
+//! a new one) finds the device as it was. Between the frontend and the
+//! daemon sits [`crate::relay`], on a private socket pair.
+
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+use vhost::vhost_user::{Error as ProtocolError, Listener};
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+use crate::backend::NetBackend;
+use crate::config::{format_mac, Config};
+use crate::queue_pair::Listeners;
+use crate::relay;
+use crate::tap::{Tap, TapError};
+
+/// Why the daemon could not start or had to stop. All are host faults.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot open the tap")]
+    Tap(#[from] TapError),
+    #[error("cannot set up the device")]
+    Device(#[source] io::Error),
+    #[error("{0} exists and is not a socket; refusing to replace it (choose another path)")]
+    NotASocket(PathBuf),
+    #[error("{0} is in use by another process (a live socket answers there)")]
+    SocketInUse(PathBuf),
+    #[error("cannot listen on {path}")]
+    Listen {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot accept a frontend connection")]
+    Accept(#[source] io::Error),
+    #[error("cannot wait for signals")]
+    Signals(#[source] io::Error),
+}
+
+/// Runs the daemon until SIGINT or SIGTERM. Prints the counters on exit and
+/// removes the sockets it created.
+pub fn run(config: Config) -> Result<(), Error> {
+    let tap = Tap::open(&config.tap, config.device.queue_pairs, config.tap_mtu)?;
+    let backend = Arc::new(NetBackend::new(config.device.clone(), tap).map_err(Error::Device)?);
+    let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(Error::Signals)?;
+    let listener = bind(&config.socket_path)?;
+    let stats_listener = bind(&config.stats_socket)?;
+    log::info!(
+        "listening on {} (stats on {}), tap {}, {} queue pair(s), MAC {}",
+        config.socket_path.display(),
+        config.stats_socket.display(),
+        config.tap,
+        config.device.queue_pairs,
+        format_mac(&config.device.mac)
+    );
+
+    spawn_stats_server(stats_listener, backend.clone()).map_err(Error::Device)?;
+    let current: Arc<Mutex<Option<UnixStream>>> = Arc::default();
+    let (done_tx, done_rx) = mpsc::channel::<Result<(), Error>>();
+    {
+        let (backend, current, done_tx) = (backend.clone(), current.clone(), done_tx.clone());
+        thread::Builder::new()
+            .name("accept".into())
+            .spawn(move || {
+                let _ = done_tx.send(accept_loop(&listener, &backend, &current));
+            })
+            .map_err(Error::Device)?;
+    }
+    thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                log::info!("signal {sig}: shutting down");
+                let _ = done_tx.send(Ok(()));
+            }
+        })
+        .map_err(Error::Device)?;
+
+    let result = done_rx.recv().unwrap_or(Ok(()));
+    if let Some(conn) = current.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        let _ = conn.shutdown(std::net::Shutdown::Both);
+    }
+    let _ = fs::remove_file(&config.socket_path);
+    let _ = fs::remove_file(&config.stats_socket);
+    let summary = backend.stats().summary();
+    let _ = io::stderr().write_all(summary.as_bytes());
+    result
+}
+
+/// Binds a unix socket at `path`. A stale socket file (nobody answers) is
+/// replaced; anything else that exists there is refused, never deleted.
+pub fn bind(path: &Path) -> Result<UnixListener, Error> {
+    match fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => {
+            return Err(Error::NotASocket(path.to_owned()));
+        }
+        Ok(_) => {
+            if UnixStream::connect(path).is_ok() {
+                return Err(Error::SocketInUse(path.to_owned()));
+            }
+            let _ = fs::remove_file(path);
+        }
+        Err(_) => {}
+    }
+    UnixListener::bind(path).map_err(|source| Error::Listen {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn accept_loop(
+    listener: &UnixListener,
+    backend: &Arc<NetBackend>,
+    current: &Mutex<Option<UnixStream>>,
+) -> Result<(), Error> {
+    loop {
+        let (frontend, _) = match listener.accept() {
+            Ok(c) => c,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(Error::Accept(e)),
+        };
+        log::info!("frontend connected");
+        if let Ok(clone) = frontend.try_clone() {
+            *current.lock().unwrap_or_else(|e| e.into_inner()) = Some(clone);
+        }
+        match serve_connection(backend, frontend) {
+            Ok(()) => log::info!("frontend disconnected; waiting for the next one"),
+            Err(e) => log::warn!("connection ended with an error: {e}; waiting for the next one"),
+        }
+        current.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+}
+
+/// Serves one frontend connection until it ends.
+pub fn serve_connection(backend: &Arc<NetBackend>, frontend: UnixStream) -> Result<(), String> {
+    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let mut daemon = VhostUserDaemon::new("vhost-user-net".into(), backend.clone(), mem.clone())
+        .map_err(|e| format!("cannot create the vhost-user daemon: {e}"))?;
+    let listeners = daemon
+        .get_epoll_handlers()
+        .into_iter()
+        .map(|h| h as Arc<dyn Listeners>)
+        .collect();
+    backend
+        .connect(&mem, listeners)
+        .map_err(|e| format!("cannot register worker events: {e}"))?;
+
+    // The daemon accepts only from a Listener: give it a private one, in a
+    // fresh 0700 directory, and connect the relay to it.
+    let dir = tempfile::Builder::new()
+        .prefix("vhost-user-net.")
+        .tempdir()
+        .map_err(|e| format!("cannot create a private socket directory: {e}"))?;
+    let inner_path = dir.path().join("backend.sock");
+    let mut inner =
+        Listener::new(&inner_path, true).map_err(|e| format!("cannot listen privately: {e}"))?;
+    let backend_side =
+        UnixStream::connect(&inner_path).map_err(|e| format!("cannot connect privately: {e}"))?;
+    daemon
+        .start(&mut inner)
+        .map_err(|e| format!("cannot start serving: {e}"))?;
+    drop(inner);
+    drop(dir);
+
+    let relays = relay::spawn(frontend, backend_side, backend.clone())
+        .map_err(|e| format!("cannot start the relay: {e}"))?;
+    let result = daemon.wait();
+    for handler in daemon.get_epoll_handlers() {
+        handler.send_exit_event();
+    }
+    backend.disconnect();
+    for r in relays {
+        let _ = r.join();
+    }
+    drop(daemon);
+    match result {
+        Ok(()) => Ok(()),
+        Err(vhost_user_backend::Error::HandleRequest(
+            ProtocolError::Disconnected | ProtocolError::PartialMessage,
+        )) => Ok(()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+impl relay::Hooks for NetBackend {
+    fn vring_reset(&self, queue: usize) {
+        NetBackend::vring_reset(self, queue);
+    }
+}
+
+fn spawn_stats_server(listener: UnixListener, backend: Arc<NetBackend>) -> io::Result<()> {
+    thread::Builder::new()
+        .name("stats".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                match conn {
+                    Ok(mut c) => {
+                        let _ = c.write_all(backend.stats().prometheus().as_bytes());
+                    }
+                    Err(e) => log::warn!("stats socket: {e}"),
+                }
+            }
+        })?;
+    Ok(())
+}

@@ -1,0 +1,275 @@
+//! What is counted, per virtqueue, with the unit in every name.
+//!
+//! Counters are relaxed atomics written only by the queue's worker thread and
+//! read by anyone (the stats socket, the exit report). They are cumulative for
+//! the life of the daemon, across frontend reconnects. `docs/metrics.md`
+//! documents each one; [`QueueStats::FIELDS`] is the single list that the
+//! text formats and that document are checked against.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Upper bounds (inclusive) of the batch-size histogram buckets, in frames.
+/// The last bucket counts every batch larger than the previous bound.
+pub const BATCH_BUCKETS: [u64; 8] = [1, 2, 4, 8, 16, 32, 64, u64::MAX];
+
+/// Counters of one virtqueue.
+#[derive(Default, Debug)]
+pub struct QueueStats {
+    /// Frames moved (TX: written to the tap; RX: delivered to the guest).
+    pub frames: AtomicU64,
+    /// Frame bytes moved, excluding the 12-byte virtio-net header.
+    pub bytes: AtomicU64,
+    /// Guest kicks: sum of the kick eventfd's counter over every read (one
+    /// read can stand for several kicks).
+    pub kicks: AtomicU64,
+    /// Batches that completed at least one chain.
+    pub batches: AtomicU64,
+    /// Used-ring entries written (frames plus chains returned with length 0).
+    pub completions: AtomicU64,
+    /// Interrupts sent to the guest (call eventfd written).
+    pub interrupts_sent: AtomicU64,
+    /// Batches after which the guest's event index (or NO_INTERRUPT flag)
+    /// said no interrupt was wanted.
+    pub interrupts_suppressed: AtomicU64,
+    /// Interrupts held back by a coalescing policy (always 0 with the
+    /// `immediate` policy).
+    pub interrupts_deferred: AtomicU64,
+    /// Batch sizes, one counter per bucket of [`BATCH_BUCKETS`].
+    pub batch_frames_hist: [AtomicU64; BATCH_BUCKETS.len()],
+    /// RX frames read from the tap that the guest's buffers could not hold.
+    pub rx_dropped_frames: AtomicU64,
+    /// Descriptor chains refused (wrong direction, outside guest memory,
+    /// too long or short, broken table) and returned with length 0.
+    pub bad_chains: AtomicU64,
+    /// Times the guest published an impossible avail index; the queue stops.
+    pub bad_avail_index: AtomicU64,
+    /// Tap reads or writes that failed with an error other than EAGAIN
+    /// (TX: the frame is dropped).
+    pub tap_errors: AtomicU64,
+    /// Tap reads (RX: tap empty) or writes (TX: tap full) that returned EAGAIN.
+    pub tap_eagain: AtomicU64,
+}
+
+/// How a counter is exposed: a plain counter or the histogram.
+pub enum Kind {
+    Counter(fn(&QueueStats) -> &AtomicU64),
+    Histogram,
+}
+
+/// One exported field: name (with unit), help text, accessor.
+pub struct Field {
+    pub name: &'static str,
+    pub help: &'static str,
+    pub kind: Kind,
+}
+
+macro_rules! counter {
+    ($name:literal, $field:ident, $help:literal) => {
+        Field {
+            name: $name,
+            help: $help,
+            kind: Kind::Counter(|s| &s.$field),
+        }
+    };
+}
+
+impl QueueStats {
+    /// Every exported field, in output order.
+    pub const FIELDS: &'static [Field] = &[
+        counter!("frames_total", frames, "Frames moved through the queue."),
+        counter!("bytes_total", bytes, "Frame bytes moved, without the virtio-net header."),
+        counter!("kicks_total", kicks, "Guest kicks received (sum of eventfd counts)."),
+        counter!("batches_total", batches, "Batches that completed at least one chain."),
+        counter!("completions_total", completions, "Used-ring entries written."),
+        counter!("interrupts_sent_total", interrupts_sent, "Interrupts sent to the guest."),
+        counter!(
+            "interrupts_suppressed_total",
+            interrupts_suppressed,
+            "Batches for which the guest asked for no interrupt."
+        ),
+        counter!(
+            "interrupts_deferred_total",
+            interrupts_deferred,
+            "Interrupts held back by the coalescing policy."
+        ),
+        counter!(
+            "rx_dropped_frames_total",
+            rx_dropped_frames,
+            "RX frames that did not fit the guest's buffers."
+        ),
+        counter!("bad_chains_total", bad_chains, "Malformed chains returned with length 0."),
+        counter!(
+            "bad_avail_index_total",
+            bad_avail_index,
+            "Impossible avail indexes seen (the queue was stopped)."
+        ),
+        counter!("tap_errors_total", tap_errors, "Tap reads/writes failed (not EAGAIN)."),
+        counter!("tap_eagain_total", tap_eagain, "Tap reads/writes that returned EAGAIN."),
+        Field {
+            name: "batch_frames",
+            help: "Frames completed per batch.",
+            kind: Kind::Histogram,
+        },
+    ];
+
+    /// Adds `n` to a counter.
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Records one batch of `frames` completions.
+    pub fn record_batch(&self, frames: u64) {
+        if frames == 0 {
+            return;
+        }
+        Self::add(&self.batches, 1);
+        let bucket = BATCH_BUCKETS
+            .iter()
+            .position(|&bound| frames <= bound)
+            .expect("the last bucket is unbounded");
+        Self::add(&self.batch_frames_hist[bucket], 1);
+    }
+
+    /// Reads a counter.
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+/// Counters of every queue of the device: queue `2i` is pair `i`'s RX,
+/// queue `2i + 1` its TX (the virtio-net numbering).
+#[derive(Debug)]
+pub struct Stats {
+    pub queues: Vec<QueueStats>,
+}
+
+/// Name of a queue's direction from its index.
+pub fn direction(queue: usize) -> &'static str {
+    if queue % 2 == 0 {
+        "rx"
+    } else {
+        "tx"
+    }
+}
+
+impl Stats {
+    pub fn new(num_queues: usize) -> Self {
+        Stats {
+            queues: (0..num_queues).map(|_| QueueStats::default()).collect(),
+        }
+    }
+
+    /// The counters in Prometheus text format (`# HELP`/`# TYPE` lines,
+    /// one sample per queue, labels `queue` and `dir`).
+    pub fn prometheus(&self) -> String {
+        let mut out = String::new();
+        for field in QueueStats::FIELDS {
+            let name = format!("vhost_user_net_{}", field.name);
+            let kind = match field.kind {
+                Kind::Counter(_) => "counter",
+                Kind::Histogram => "histogram",
+            };
+            let _ = writeln!(out, "# HELP {name} {}", field.help);
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            for (q, stats) in self.queues.iter().enumerate() {
+                let labels = format!("queue=\"{q}\",dir=\"{}\"", direction(q));
+                match field.kind {
+                    Kind::Counter(get) => {
+                        let _ = writeln!(out, "{name}{{{labels}}} {}", QueueStats::get(get(stats)));
+                    }
+                    Kind::Histogram => write_histogram(&mut out, &name, &labels, stats),
+                }
+            }
+        }
+        out
+    }
+
+    /// A short human summary per queue, with the derived ratios
+    /// (frames per interrupt, kicks per frame).
+    pub fn summary(&self) -> String {
+        let mut out = String::new();
+        for (q, s) in self.queues.iter().enumerate() {
+            let frames = QueueStats::get(&s.frames);
+            let irqs = QueueStats::get(&s.interrupts_sent);
+            let kicks = QueueStats::get(&s.kicks);
+            let _ = writeln!(
+                out,
+                "queue {q} ({}): frames={frames} bytes={} kicks={kicks} interrupts={irqs} \
+                 suppressed={} frames/interrupt={} kicks/frame={} bad_chains={} \
+                 rx_dropped={} tap_errors={} tap_eagain={}",
+                direction(q),
+                QueueStats::get(&s.bytes),
+                QueueStats::get(&s.interrupts_suppressed),
+                ratio(frames, irqs),
+                ratio(kicks, frames),
+                QueueStats::get(&s.bad_chains),
+                QueueStats::get(&s.rx_dropped_frames),
+                QueueStats::get(&s.tap_errors),
+                QueueStats::get(&s.tap_eagain),
+            );
+        }
+        out
+    }
+}
+
+fn ratio(num: u64, den: u64) -> String {
+    if den == 0 {
+        "-".to_owned()
+    } else {
+        #[allow(clippy::cast_precision_loss)]
+        let r = num as f64 / den as f64;
+        format!("{r:.2}")
+    }
+}
+
+fn write_histogram(out: &mut String, name: &str, labels: &str, stats: &QueueStats) {
+    let mut cumulative = 0;
+    for (bound, count) in BATCH_BUCKETS.iter().zip(&stats.batch_frames_hist) {
+        cumulative += QueueStats::get(count);
+        let le = if *bound == u64::MAX {
+            "+Inf".to_owned()
+        } else {
+            bound.to_string()
+        };
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}");
+    }
+    let _ = writeln!(out, "{name}_sum{{{labels}}} {}", QueueStats::get(&stats.completions));
+    let _ = writeln!(out, "{name}_count{{{labels}}} {cumulative}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_of_one_and_of_hundred_land_in_first_and_last_bucket() {
+        let s = QueueStats::default();
+        s.record_batch(1);
+        s.record_batch(100);
+        s.record_batch(0);
+        assert_eq!(QueueStats::get(&s.batches), 2);
+        assert_eq!(QueueStats::get(&s.batch_frames_hist[0]), 1);
+        assert_eq!(QueueStats::get(&s.batch_frames_hist[7]), 1);
+    }
+
+    #[test]
+    fn prometheus_text_has_help_type_and_one_sample_per_queue() {
+        let stats = Stats::new(2);
+        QueueStats::add(&stats.queues[1].frames, 5);
+        let text = stats.prometheus();
+        assert!(text.contains("# HELP vhost_user_net_frames_total "));
+        assert!(text.contains("# TYPE vhost_user_net_frames_total counter"));
+        assert!(text.contains("vhost_user_net_frames_total{queue=\"1\",dir=\"tx\"} 5"));
+        assert!(text.contains("vhost_user_net_frames_total{queue=\"0\",dir=\"rx\"} 0"));
+        assert!(text.contains("vhost_user_net_batch_frames_bucket{queue=\"0\",dir=\"rx\",le=\"+Inf\"} 0"));
+    }
+
+    #[test]
+    fn every_field_is_documented_in_metrics_md() {
+        let doc = include_str!("../docs/metrics.md");
+        for field in QueueStats::FIELDS {
+            assert!(doc.contains(field.name), "docs/metrics.md lacks {}", field.name);
+        }
+    }
+}

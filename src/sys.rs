@@ -1,0 +1,214 @@
+//! Kernel calls that need `unsafe`: tap ioctls, interface flags, eventfd
+//! counter reads, and receiving file descriptors over a unix socket.
+//!
+//! This is one of the two modules allowed to contain `unsafe` (the other is
+//! [`crate::guest`], which owns every raw pointer into guest memory). Nothing
+//! here knows about virtio; callers pass plain fds, names and numbers.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::net::UnixStream;
+
+use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref};
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+/// Interface names are at most `IFNAMSIZ - 1` bytes long.
+pub const IFNAMSIZ: usize = libc::IFNAMSIZ;
+
+/// The kernel's `struct ifreq`: a name and a 24-byte union, of which we use
+/// the `short` flags and the `int` MTU/feature members.
+#[repr(C)]
+#[derive(Default)]
+struct IfReq {
+    name: [u8; IFNAMSIZ],
+    data: [u8; 24],
+}
+
+impl IfReq {
+    fn with_name(name: &str) -> io::Result<Self> {
+        let bytes = name.as_bytes();
+        if bytes.is_empty() || bytes.len() >= IFNAMSIZ || bytes.contains(&0) {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        let mut req = IfReq::default();
+        req.name[..bytes.len()].copy_from_slice(bytes);
+        Ok(req)
+    }
+
+    fn short(&self) -> i16 {
+        i16::from_ne_bytes([self.data[0], self.data[1]])
+    }
+
+    fn set_short(&mut self, v: i16) {
+        self.data[..2].copy_from_slice(&v.to_ne_bytes());
+    }
+
+    fn set_int(&mut self, v: i32) {
+        self.data[..4].copy_from_slice(&v.to_ne_bytes());
+    }
+}
+
+fn check(ret: libc::c_int) -> io::Result<()> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Opens `/dev/net/tun` non-blocking and binds it to tap `name` with `flags`
+/// (`IFF_TAP | IFF_NO_PI | ...`), creating the interface if it does not exist.
+pub fn tun_set_iff(name: &str, flags: i16) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open("/dev/net/tun")?;
+    let mut req = IfReq::with_name(name)?;
+    req.set_short(flags);
+    // SAFETY: `file` is an open tun fd; TUNSETIFF reads and writes one
+    // `struct ifreq`, and `req` is a live, correctly sized `IfReq`.
+    check(unsafe { ioctl_with_mut_ref(&file, libc::TUNSETIFF, &mut req) })?;
+    Ok(file)
+}
+
+/// Tells the tap how long the virtio-net header in front of each frame is.
+pub fn tun_set_vnet_hdr_size(tap: &File, size: i32) -> io::Result<()> {
+    // SAFETY: TUNSETVNETHDRSZ reads one `int` through the pointer, which
+    // points at `size` for the duration of the call.
+    check(unsafe { ioctl_with_ref(tap, libc::TUNSETVNETHDRSZ, &size) })
+}
+
+/// Sets which offloads (`TUN_F_*`) the kernel may use in frames it hands us.
+pub fn tun_set_offload(tap: &File, flags: u32) -> io::Result<()> {
+    // SAFETY: TUNSETOFFLOAD takes its argument by value (an unsigned long);
+    // no memory is passed to the kernel.
+    check(unsafe {
+        vmm_sys_util::ioctl::ioctl_with_val(tap, libc::TUNSETOFFLOAD, libc::c_ulong::from(flags))
+    })
+}
+
+/// Attaches (`true`) or detaches (`false`) one queue of a multiqueue tap, so
+/// the kernel stops steering frames to a queue nobody serves.
+pub fn tun_set_queue(tap: &File, attach: bool) -> io::Result<()> {
+    let mut req = IfReq::default();
+    let flag = if attach {
+        libc::IFF_ATTACH_QUEUE
+    } else {
+        libc::IFF_DETACH_QUEUE
+    };
+    req.set_short(i16::try_from(flag).expect("IFF_*_QUEUE fits in a short"));
+    // SAFETY: TUNSETQUEUE reads one `struct ifreq`; `req` is live and sized.
+    check(unsafe { ioctl_with_ref(tap, libc::TUNSETQUEUE, &req) })
+}
+
+/// A datagram socket, the handle the kernel wants for interface ioctls.
+fn inet_socket() -> io::Result<File> {
+    // SAFETY: plain socket(2) call; the returned fd is checked and then owned
+    // by the `File`, which closes it.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// Sets `IFF_UP` on interface `name` (leaves the other flags as they are).
+pub fn set_link_up(name: &str) -> io::Result<()> {
+    let sock = inet_socket()?;
+    let mut req = IfReq::with_name(name)?;
+    // SAFETY: SIOCGIFFLAGS fills in one `struct ifreq`; `req` is live and sized.
+    check(unsafe { ioctl_with_mut_ref(&sock, libc::SIOCGIFFLAGS, &mut req) })?;
+    let up = i16::try_from(libc::IFF_UP).expect("IFF_UP fits in a short");
+    req.set_short(req.short() | up);
+    // SAFETY: SIOCSIFFLAGS reads one `struct ifreq`; `req` is live and sized.
+    check(unsafe { ioctl_with_ref(&sock, libc::SIOCSIFFLAGS, &req) })
+}
+
+/// Sets the MTU of interface `name`.
+pub fn set_mtu(name: &str, mtu: u16) -> io::Result<()> {
+    let sock = inet_socket()?;
+    let mut req = IfReq::with_name(name)?;
+    req.set_int(i32::from(mtu));
+    // SAFETY: SIOCSIFMTU reads one `struct ifreq`; `req` is live and sized.
+    check(unsafe { ioctl_with_ref(&sock, libc::SIOCSIFMTU, &req) })
+}
+
+/// Reads and resets an eventfd's counter: the number of notifications
+/// written to it since the last read (0 when there were none).
+pub fn eventfd_take(fd: RawFd) -> io::Result<u64> {
+    let mut value: u64 = 0;
+    // SAFETY: reads exactly 8 bytes into `value`, which is 8 bytes long and
+    // lives across the call. A bad fd makes read(2) fail, nothing more.
+    let n = unsafe { libc::read(fd, (&raw mut value).cast(), std::mem::size_of::<u64>()) };
+    if n < 0 {
+        let err = io::Error::last_os_error();
+        if err.kind() == io::ErrorKind::WouldBlock {
+            return Ok(0);
+        }
+        return Err(err);
+    }
+    Ok(value)
+}
+
+/// Upper bound on descriptors one vhost-user message carries
+/// (`VHOST_MEMORY_MAX_NREGIONS` in the protocol).
+pub const MAX_ATTACHED_FDS: usize = 32;
+
+/// Receives up to `buf.len()` bytes from a stream socket together with any
+/// file descriptors attached to them (`SCM_RIGHTS`).
+pub fn recv_with_files(sock: &UnixStream, buf: &mut [u8]) -> io::Result<(usize, Vec<File>)> {
+    let mut fds = [-1 as RawFd; MAX_ATTACHED_FDS];
+    let mut iov = [libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    }];
+    // SAFETY: the iovec describes `buf`, which is exclusively borrowed for
+    // the call, so the kernel may write any bytes into it.
+    let (n, nfds) = unsafe { sock.recv_with_fds(&mut iov, &mut fds) }
+        .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+    let files = fds[..nfds]
+        .iter()
+        // SAFETY: the kernel installed these descriptors in our table for this
+        // message; nobody else has them, so each `File` becomes their owner.
+        .map(|&fd| unsafe { File::from_raw_fd(fd) })
+        .collect();
+    Ok((n, files))
+}
+
+/// Sends `data` with `files` attached as `SCM_RIGHTS`.
+pub fn send_with_files(sock: &UnixStream, data: &[u8], files: &[File]) -> io::Result<usize> {
+    let fds: Vec<RawFd> = files.iter().map(AsRawFd::as_raw_fd).collect();
+    sock.send_with_fds(&[data], &fds)
+        .map_err(|e| io::Error::from_raw_os_error(e.errno()))
+}
+
+/// Duplicates `fd` (close-on-exec), for a second epoll registration of the
+/// same open file with different interest (tap writable vs readable).
+pub fn dup(file: &File) -> io::Result<File> {
+    file.try_clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interface_name_too_long_is_rejected() {
+        assert!(IfReq::with_name("0123456789abcdef").is_err());
+        assert!(IfReq::with_name("").is_err());
+        assert!(IfReq::with_name("tap0").is_ok());
+    }
+
+    #[test]
+    fn eventfd_take_returns_sum_of_writes_then_zero() {
+        let efd = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        efd.write(3).unwrap();
+        efd.write(4).unwrap();
+        assert_eq!(eventfd_take(efd.as_raw_fd()).unwrap(), 7);
+        assert_eq!(eventfd_take(efd.as_raw_fd()).unwrap(), 0);
+    }
+}

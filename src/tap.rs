@@ -1,0 +1,181 @@
+//! The Linux tap interface: create or attach, one fd per queue pair,
+//! `IFF_VNET_HDR` with a 12-byte header, offloads from the guest's features.
+//!
+//! Knows the kernel's tap API (through [`crate::sys`]) and the mapping from
+//! virtio-net offload feature bits to `TUN_F_*` flags; nothing about rings.
+
+use std::fs::File;
+use std::io;
+use std::path::Path;
+
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO,
+};
+
+use crate::sys;
+use crate::VNET_HDR_LEN;
+
+/// Errors opening or configuring the tap. All are host faults.
+#[derive(Debug, thiserror::Error)]
+pub enum TapError {
+    #[error("cannot open queue {queue} of tap {name} ({hint})")]
+    Open {
+        name: String,
+        queue: usize,
+        hint: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot configure tap {name}: {what}")]
+    Configure {
+        name: String,
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// An open multiqueue tap: one non-blocking fd per queue pair.
+#[derive(Debug)]
+pub struct Tap {
+    name: String,
+    queues: Vec<File>,
+    created: bool,
+}
+
+/// `TUN_F_*` offload flags the kernel may use for frames it gives us, from
+/// the guest's acked `VIRTIO_NET_F_GUEST_*` features.
+pub fn offload_flags(features: u64) -> u32 {
+    let map = [
+        (VIRTIO_NET_F_GUEST_CSUM, libc::TUN_F_CSUM),
+        (VIRTIO_NET_F_GUEST_TSO4, libc::TUN_F_TSO4),
+        (VIRTIO_NET_F_GUEST_TSO6, libc::TUN_F_TSO6),
+        (VIRTIO_NET_F_GUEST_ECN, libc::TUN_F_TSO_ECN),
+        (VIRTIO_NET_F_GUEST_UFO, libc::TUN_F_UFO),
+    ];
+    let mut flags = 0;
+    for (bit, flag) in map {
+        if features & (1 << bit) != 0 {
+            flags |= flag;
+        }
+    }
+    // Segmentation offloads are meaningless (and refused) without checksum.
+    if flags & libc::TUN_F_CSUM == 0 {
+        flags = 0;
+    }
+    flags
+}
+
+impl Tap {
+    /// Attaches `pairs` queues to tap `name`, creating it (and setting its
+    /// link up) if it does not exist. With `mtu`, sets the interface MTU.
+    pub fn open(name: &str, pairs: usize, mtu: Option<u16>) -> Result<Tap, TapError> {
+        let existed = Path::new("/sys/class/net").join(name).exists();
+        let flags = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR | libc::IFF_MULTI_QUEUE;
+        let flags = i16::try_from(flags).expect("IFF_* flags fit in a short");
+        let mut queues = Vec::with_capacity(pairs);
+        for queue in 0..pairs {
+            let file = sys::tun_set_iff(name, flags).map_err(|source| TapError::Open {
+                name: name.to_owned(),
+                queue,
+                hint: open_hint(&source, existed),
+                source,
+            })?;
+            let hdr = i32::try_from(VNET_HDR_LEN).expect("12 fits");
+            sys::tun_set_vnet_hdr_size(&file, hdr).map_err(|source| TapError::Configure {
+                name: name.to_owned(),
+                what: "set the virtio-net header size",
+                source,
+            })?;
+            queues.push(file);
+        }
+        let tap = Tap {
+            name: name.to_owned(),
+            queues,
+            created: !existed,
+        };
+        if let Some(mtu) = mtu {
+            sys::set_mtu(name, mtu).map_err(|source| tap.configure_error("set the MTU", source))?;
+        }
+        if tap.created {
+            sys::set_link_up(name).map_err(|source| tap.configure_error("set the link up", source))?;
+        }
+        tap.set_offload_flags(0)?;
+        log::info!(
+            "tap {name}: {} with {pairs} queue(s)",
+            if tap.created { "created" } else { "attached" }
+        );
+        Ok(tap)
+    }
+
+    fn configure_error(&self, what: &'static str, source: io::Error) -> TapError {
+        TapError::Configure {
+            name: self.name.clone(),
+            what,
+            source,
+        }
+    }
+
+    /// The interface name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether this process created the interface (it goes away with us).
+    pub fn created(&self) -> bool {
+        self.created
+    }
+
+    /// Takes the per-queue fds (one per queue pair, in order).
+    pub fn into_queues(self) -> Vec<File> {
+        self.queues
+    }
+
+    /// Applies `TUN_F_*` offload flags (device-wide, through queue 0).
+    pub fn set_offload_flags(&self, flags: u32) -> Result<(), TapError> {
+        set_offloads(&self.queues[0], flags)
+            .map_err(|source| self.configure_error("set offloads", source))
+    }
+}
+
+/// Applies `flags` to the tap behind `queue`. If the kernel refuses UFO
+/// (older kernels), retries without it.
+pub fn set_offloads(queue: &File, flags: u32) -> io::Result<()> {
+    match sys::tun_set_offload(queue, flags) {
+        Err(e) if flags & libc::TUN_F_UFO != 0 && e.raw_os_error() == Some(libc::EINVAL) => {
+            log::warn!("kernel refuses UFO on the tap; guest UFO frames will be segmented");
+            sys::tun_set_offload(queue, flags & !libc::TUN_F_UFO)
+        }
+        other => other,
+    }
+}
+
+fn open_hint(e: &io::Error, existed: bool) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::EPERM) | Some(libc::EACCES) => "needs CAP_NET_ADMIN, or a tap owned by this user",
+        Some(libc::EINVAL) if existed => {
+            "the existing tap lacks multi_queue or vnet_hdr: recreate it with \
+             `ip tuntap add dev NAME mode tap multi_queue vnet_hdr`"
+        }
+        Some(libc::EBUSY) => "another process holds the tap without multi_queue",
+        Some(libc::ENOENT) | Some(libc::ENODEV) => "/dev/net/tun is missing: load the tun module",
+        _ => "see the cause below",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_offloads_map_to_tun_flags() {
+        let f = (1 << VIRTIO_NET_F_GUEST_CSUM) | (1 << VIRTIO_NET_F_GUEST_TSO4);
+        assert_eq!(offload_flags(f), libc::TUN_F_CSUM | libc::TUN_F_TSO4);
+    }
+
+    #[test]
+    fn segmentation_without_checksum_offload_gives_no_flags() {
+        assert_eq!(offload_flags(1 << VIRTIO_NET_F_GUEST_TSO4), 0);
+    }
+}

@@ -1,0 +1,265 @@
+use std::io::{Read, Write};
+
+use super::*;
+use virtio_queue::QueueT;
+use crate::driver::{Buf, AVAIL_F_NO_INTERRUPT, USED_F_NO_NOTIFY};
+use crate::guest::IoVecBuf;
+use crate::notify::Decision;
+use crate::ring::{Batch, End};
+use crate::stats::QueueStats;
+use crate::testutil::{add_tx_frame, buf_addr, memory, ring, tap_pair};
+
+/// Runs one TX batch with an unlimited budget.
+fn run_batch(
+    mem: &crate::guest::GuestMem,
+    queue: &mut virtio_queue::Queue,
+    stats: &QueueStats,
+    tap: &File,
+) -> (End, Decision) {
+    let mut iov = IoVecBuf::default();
+    let mut batch = Batch::begin(queue, mem, stats, 1).unwrap();
+    let end = batch.drain(u64::MAX, |b| step(b, &mut iov, tap)).unwrap();
+    (end, batch.finish().unwrap())
+}
+
+#[test]
+fn frames_reach_the_tap_with_the_guest_header_unchanged() {
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 16, true);
+    let (tap, mut peer) = tap_pair();
+    add_tx_frame(&mem, &mut r, 0, &[0xab; 60]);
+    add_tx_frame(&mem, &mut r, 1, &[0xcd; 1500]);
+    r.publish(&mem);
+    let stats = QueueStats::default();
+
+    let (end, _) = run_batch(&mem, &mut q, &stats, &tap);
+
+    assert_eq!(end, End::RingEmpty);
+    let mut frame = [0u8; 2048];
+    let n = peer.read(&mut frame).unwrap();
+    assert_eq!(n, 12 + 60);
+    assert_eq!(frame[0], 0x01, "virtio-net header flags pass through");
+    assert!(frame[12..n].iter().all(|&b| b == 0xab));
+    assert_eq!(peer.read(&mut frame).unwrap(), 12 + 1500);
+    assert_eq!(r.pop_used(&mem).map(|u| u.len), Some(0));
+    assert_eq!(r.pop_used(&mem).map(|u| u.len), Some(0));
+    assert_eq!(QueueStats::get(&stats.frames), 2);
+    assert_eq!(QueueStats::get(&stats.bytes), 1560);
+    assert_eq!(QueueStats::get(&stats.batches), 1);
+}
+
+#[test]
+fn tx_chain_with_writable_descriptor_is_returned_with_len_zero_and_traffic_continues() {
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 16, true);
+    let (tap, mut peer) = tap_pair();
+    let bad = r
+        .add_chain(
+            &mem,
+            &[Buf {
+                addr: buf_addr(5, 2048),
+                len: 100,
+                device_writes: true,
+            }],
+        )
+        .unwrap();
+    r.push_avail(&mem, bad);
+    add_tx_frame(&mem, &mut r, 0, &[0x11; 60]);
+    r.publish(&mem);
+    let stats = QueueStats::default();
+
+    run_batch(&mem, &mut q, &stats, &tap);
+
+    assert_eq!(r.pop_used(&mem), Some(crate::driver::Used { head: bad, len: 0 }));
+    assert!(r.pop_used(&mem).is_some());
+    assert_eq!(QueueStats::get(&stats.bad_chains), 1);
+    assert_eq!(QueueStats::get(&stats.frames), 1);
+    let mut frame = [0u8; 2048];
+    assert_eq!(peer.read(&mut frame).unwrap(), 72);
+}
+
+#[test]
+fn chain_shorter_than_the_header_is_refused() {
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 16, true);
+    let (tap, _peer) = tap_pair();
+    let short = Buf {
+        addr: buf_addr(0, 2048),
+        len: 11,
+        device_writes: false,
+    };
+    let head = r.add_chain(&mem, &[short]).unwrap();
+    r.push_avail(&mem, head);
+    r.publish(&mem);
+    let stats = QueueStats::default();
+
+    run_batch(&mem, &mut q, &stats, &tap);
+
+    assert_eq!(r.pop_used(&mem).map(|u| u.len), Some(0));
+    assert_eq!(QueueStats::get(&stats.bad_chains), 1);
+    assert_eq!(QueueStats::get(&stats.frames), 0);
+}
+
+#[test]
+fn full_tap_gives_the_chain_back_and_reports_blocked() {
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 16, true);
+    let (tap, _peer) = tap_pair();
+    // Fill the socket until it refuses more, as a tap with a full queue would.
+    while (&tap).write(&[0u8; 1024]).is_ok() {}
+    add_tx_frame(&mem, &mut r, 0, &[0x22; 60]);
+    r.publish(&mem);
+    let stats = QueueStats::default();
+
+    let (end, decision) = run_batch(&mem, &mut q, &stats, &tap);
+
+    assert_eq!(end, End::TapBlocked);
+    assert_eq!(decision, Decision::Suppress, "nothing completed, nothing to signal");
+    assert_eq!(q.next_avail(), 0, "the chain was given back");
+    assert_eq!(r.pop_used(&mem), None);
+    assert_eq!(QueueStats::get(&stats.tap_eagain), 1);
+}
+
+/// 256 frames, one kick: whether the batch interrupts depends only on where
+/// the guest put `used_event`.
+fn tx_256_frames_with_used_event(used_event: u16) -> QueueStats {
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 256, true);
+    let (tap, peer) = tap_pair();
+    let drain = std::thread::spawn(move || {
+        let mut peer = peer;
+        let mut buf = [0u8; 256];
+        let mut got = 0;
+        while got < 256 {
+            match peer.read(&mut buf) {
+                Ok(_) => got += 1,
+                Err(_) => std::thread::yield_now(),
+            }
+        }
+    });
+    for i in 0..256 {
+        add_tx_frame(&mem, &mut r, i, &[0x33; 50]);
+    }
+    r.publish(&mem);
+    r.set_used_event(&mem, used_event);
+    let stats = QueueStats::default();
+    let mut iov = IoVecBuf::default();
+    let mut batch = Batch::begin(&mut q, &mem, &stats, 1).unwrap();
+    let end = loop {
+        match batch.drain(u64::MAX, |b| step(b, &mut iov, &tap)).unwrap() {
+            End::TapBlocked => std::thread::yield_now(),
+            other => break other,
+        }
+    };
+    assert_eq!(end, End::RingEmpty);
+    batch.finish().unwrap();
+    drain.join().unwrap();
+    stats
+}
+
+#[test]
+fn one_interrupt_for_256_frames_when_used_event_asks() {
+    let stats = tx_256_frames_with_used_event(0);
+    assert_eq!(QueueStats::get(&stats.frames), 256);
+    assert_eq!(QueueStats::get(&stats.interrupts_sent), 1);
+    assert_eq!(QueueStats::get(&stats.interrupts_suppressed), 0);
+}
+
+#[test]
+fn no_interrupt_for_256_frames_when_used_event_is_beyond_them() {
+    let stats = tx_256_frames_with_used_event(300);
+    assert_eq!(QueueStats::get(&stats.frames), 256);
+    assert_eq!(QueueStats::get(&stats.interrupts_sent), 0);
+    assert_eq!(QueueStats::get(&stats.interrupts_suppressed), 1);
+}
+
+#[test]
+fn empty_ring_publishes_avail_event_at_next_avail() {
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 16, true);
+    let (tap, _peer) = tap_pair();
+    add_tx_frame(&mem, &mut r, 0, &[1; 60]);
+    add_tx_frame(&mem, &mut r, 1, &[1; 60]);
+    r.publish(&mem);
+    let stats = QueueStats::default();
+
+    run_batch(&mem, &mut q, &stats, &tap);
+
+    // The guest must kick for its next frame (avail 2 -> 3), not before.
+    assert!(r.needs_kick(&mem, true, 2, 3));
+    assert!(!r.needs_kick(&mem, true, 0, 2));
+}
+
+#[test]
+fn without_event_idx_no_notify_is_set_while_draining_and_cleared_after() {
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 16, false);
+    let (tap, _peer) = tap_pair();
+    add_tx_frame(&mem, &mut r, 0, &[1; 60]);
+    r.publish(&mem);
+    let stats = QueueStats::default();
+    let mut iov = IoVecBuf::default();
+    let mut batch = Batch::begin(&mut q, &mem, &stats, 1).unwrap();
+    let mut flags_while_draining = 0;
+    batch
+        .drain(u64::MAX, |b| {
+            flags_while_draining = r.used_flags(b.mem());
+            step(b, &mut iov, &tap)
+        })
+        .unwrap();
+    batch.finish().unwrap();
+
+    assert_eq!(flags_while_draining, USED_F_NO_NOTIFY);
+    assert_eq!(r.used_flags(&mem), 0, "kicks re-enabled once the ring is empty");
+}
+
+#[test]
+fn without_event_idx_no_interrupt_flag_is_honoured() {
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 16, false);
+    let (tap, _peer) = tap_pair();
+    add_tx_frame(&mem, &mut r, 0, &[1; 60]);
+    r.publish(&mem);
+    r.set_avail_flags(&mem, AVAIL_F_NO_INTERRUPT);
+    let stats = QueueStats::default();
+
+    let (_, decision) = run_batch(&mem, &mut q, &stats, &tap);
+
+    assert_eq!(decision, Decision::Suppress);
+    assert_eq!(QueueStats::get(&stats.interrupts_suppressed), 1);
+}
+
+#[test]
+fn budget_ends_the_batch_with_work_left() {
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 16, true);
+    let (tap, _peer) = tap_pair();
+    for i in 0..5 {
+        add_tx_frame(&mem, &mut r, i, &[1; 60]);
+    }
+    r.publish(&mem);
+    let stats = QueueStats::default();
+    let mut iov = IoVecBuf::default();
+    let mut batch = Batch::begin(&mut q, &mem, &stats, 1).unwrap();
+
+    let end = batch.drain(3, |b| step(b, &mut iov, &tap)).unwrap();
+    batch.finish().unwrap();
+
+    assert_eq!(end, End::BudgetSpent);
+    assert_eq!(QueueStats::get(&stats.frames), 3);
+}
+
+#[test]
+fn bogus_avail_index_is_reported_as_an_error() {
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 16, true);
+    let (tap, _peer) = tap_pair();
+    r.force_avail_idx(&mem, 100);
+    let stats = QueueStats::default();
+    let mut iov = IoVecBuf::default();
+    let mut batch = Batch::begin(&mut q, &mem, &stats, 1).unwrap();
+
+    let err = batch.drain(u64::MAX, |b| step(b, &mut iov, &tap)).unwrap_err();
+
+    assert!(matches!(err, crate::ring::RingError::BadAvailIndex(_)));
+}

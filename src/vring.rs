@@ -1,0 +1,139 @@
+//! The framework's vring, plus one thing it does not do: count kicks.
+//!
+//! vhost-user-backend reads a ring's kick eventfd before calling us and throws
+//! the value away; the value is the number of kicks since the last read. This
+//! wrapper reads it itself and keeps the sum for the worker to collect. Every
+//! other call goes to [`VringMutex`] unchanged.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, MutexGuard};
+
+use vhost_user_backend::{VringMutex, VringState, VringStateGuard, VringStateMutGuard, VringT};
+use virtio_queue::Error as QueueError;
+use vm_memory::GuestMemoryAtomic;
+
+use crate::guest::GuestMem;
+use crate::sys;
+
+type Mem = GuestMemoryAtomic<GuestMem>;
+
+/// A vring whose kicks are counted.
+#[derive(Clone)]
+pub struct NetVring {
+    inner: VringMutex<Mem>,
+    kicks: Arc<AtomicU64>,
+}
+
+impl NetVring {
+    /// Returns the kicks received since the last call.
+    pub fn take_kicks(&self) -> u64 {
+        self.kicks.swap(0, Ordering::Relaxed)
+    }
+}
+
+impl<'a> VringStateGuard<'a, Mem> for NetVring {
+    type G = MutexGuard<'a, VringState<Mem>>;
+}
+
+impl<'a> VringStateMutGuard<'a, Mem> for NetVring {
+    type G = MutexGuard<'a, VringState<Mem>>;
+}
+
+impl VringT<Mem> for NetVring {
+    fn new(mem: Mem, max_queue_size: u16) -> Result<Self, QueueError> {
+        Ok(NetVring {
+            inner: VringMutex::new(mem, max_queue_size)?,
+            kicks: Arc::default(),
+        })
+    }
+
+    fn get_ref(&self) -> <Self as VringStateGuard<'_, Mem>>::G {
+        self.inner.get_ref()
+    }
+
+    fn get_mut(&self) -> <Self as VringStateMutGuard<'_, Mem>>::G {
+        self.inner.get_mut()
+    }
+
+    fn add_used(&self, desc_index: u16, len: u32) -> Result<(), QueueError> {
+        self.inner.add_used(desc_index, len)
+    }
+
+    fn signal_used_queue(&self) -> io::Result<()> {
+        self.inner.signal_used_queue()
+    }
+
+    fn enable_notification(&self) -> Result<bool, QueueError> {
+        self.inner.enable_notification()
+    }
+
+    fn disable_notification(&self) -> Result<(), QueueError> {
+        self.inner.disable_notification()
+    }
+
+    fn needs_notification(&self) -> Result<bool, QueueError> {
+        self.inner.needs_notification()
+    }
+
+    fn set_enabled(&self, enabled: bool) {
+        self.inner.set_enabled(enabled);
+    }
+
+    fn set_queue_info(&self, desc: u64, avail: u64, used: u64) -> Result<(), QueueError> {
+        self.inner.set_queue_info(desc, avail, used)
+    }
+
+    fn queue_next_avail(&self) -> u16 {
+        self.inner.queue_next_avail()
+    }
+
+    fn set_queue_next_avail(&self, base: u16) {
+        self.inner.set_queue_next_avail(base);
+    }
+
+    fn set_queue_next_used(&self, idx: u16) {
+        self.inner.set_queue_next_used(idx);
+    }
+
+    fn queue_used_idx(&self) -> Result<u16, QueueError> {
+        self.inner.queue_used_idx()
+    }
+
+    fn set_queue_size(&self, num: u16) {
+        self.inner.set_queue_size(num);
+    }
+
+    fn set_queue_event_idx(&self, enabled: bool) {
+        self.inner.set_queue_event_idx(enabled);
+    }
+
+    fn set_queue_ready(&self, ready: bool) {
+        self.inner.set_queue_ready(ready);
+    }
+
+    fn set_kick(&self, file: Option<File>) {
+        self.inner.set_kick(file);
+    }
+
+    /// Reads the kick eventfd, adds its count to the kick counter, and
+    /// reports whether the ring is enabled (what the framework expects).
+    fn read_kick(&self) -> io::Result<bool> {
+        let state = self.inner.get_ref();
+        if let Some(kick) = state.get_kick() {
+            let n = sys::eventfd_take(kick.as_raw_fd())?;
+            self.kicks.fetch_add(n, Ordering::Relaxed);
+        }
+        Ok(state.is_enabled())
+    }
+
+    fn set_call(&self, file: Option<File>) {
+        self.inner.set_call(file);
+    }
+
+    fn set_err(&self, file: Option<File>) {
+        self.inner.set_err(file);
+    }
+}
