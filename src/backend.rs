@@ -16,15 +16,16 @@ use vhost_user_backend::VhostUserBackend;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
-    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_HOST_ECN,
-    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_UFO, VIRTIO_NET_F_MAC,
-    VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
-    VIRTIO_NET_S_LINK_UP,
+    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4,
+    VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_UFO, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ,
+    VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 
 use crate::config::DeviceConfig;
 use crate::guest::GuestMem;
@@ -76,12 +77,21 @@ pub fn offered_protocol_features() -> VhostUserProtocolFeatures {
 /// The largest header + frame the tap may hand us once the guest acked
 /// `features`: 64 KiB GSO frames with receive offloads, else one MTU frame.
 pub fn max_rx_frame(features: u64, mtu: u16) -> usize {
-    let gso = [VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO];
+    let gso = [
+        VIRTIO_NET_F_GUEST_TSO4,
+        VIRTIO_NET_F_GUEST_TSO6,
+        VIRTIO_NET_F_GUEST_UFO,
+    ];
     let has_gso = gso.iter().any(|&b| features & (1u64 << b) != 0)
         && features & (1u64 << VIRTIO_NET_F_GUEST_CSUM) != 0;
     // Ethernet header plus one VLAN tag in front of the payload.
     let l2 = 18;
-    VNET_HDR_LEN + if has_gso { 65535 + l2 } else { usize::from(mtu) + l2 }
+    VNET_HDR_LEN
+        + if has_gso {
+            65535 + l2
+        } else {
+            usize::from(mtu) + l2
+        }
 }
 
 /// The virtio-net device: its queue pairs, tap and counters.
@@ -241,7 +251,9 @@ impl VhostUserBackend for NetBackend {
 
     fn queues_per_thread(&self) -> Vec<u64> {
         // One bitmask per worker thread: pair i has rings 2i and 2i+1.
-        (0..self.config.queue_pairs).map(|i| 0b11u64 << (2 * i)).collect()
+        (0..self.config.queue_pairs)
+            .map(|i| 0b11u64 << (2 * i))
+            .collect()
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {

@@ -179,7 +179,13 @@ mod tests {
     use super::*;
 
     fn args(extra: &[&str]) -> Args {
-        let mut v = vec!["vhost-user-net", "--socket-path", "/run/x.sock", "--tap", "vm0"];
+        let mut v = vec![
+            "vhost-user-net",
+            "--socket-path",
+            "/run/x.sock",
+            "--tap",
+            "vm0",
+        ];
         v.extend_from_slice(extra);
         Args::try_parse_from(v).unwrap()
     }

@@ -81,7 +81,8 @@ impl SplitRing {
         let avail = GuestAddress(base.0 + 16 * s);
         let used = GuestAddress((avail.0 + 6 + 2 * s).next_multiple_of(4));
         let zero = vec![0u8; usize::try_from(Self::footprint(size)).expect("small")];
-        mem.write_slice(&zero, base).expect("ring inside guest memory");
+        mem.write_slice(&zero, base)
+            .expect("ring inside guest memory");
         SplitRing {
             size,
             desc,
@@ -123,7 +124,8 @@ impl SplitRing {
         raw[8..12].copy_from_slice(&d.len.to_le_bytes());
         raw[12..14].copy_from_slice(&d.flags.to_le_bytes());
         raw[14..16].copy_from_slice(&d.next.to_le_bytes());
-        mem.write_slice(&raw, at).expect("descriptor inside the table");
+        mem.write_slice(&raw, at)
+            .expect("descriptor inside the table");
     }
 
     /// Adds a chain of `bufs` (not yet visible to the device); returns its
@@ -132,7 +134,9 @@ impl SplitRing {
         if bufs.is_empty() || bufs.len() > self.free.len() {
             return None;
         }
-        let ids: Vec<u16> = (0..bufs.len()).map(|_| self.free.pop().expect("checked")).collect();
+        let ids: Vec<u16> = (0..bufs.len())
+            .map(|_| self.free.pop().expect("checked"))
+            .collect();
         for (i, (b, &id)) in bufs.iter().zip(&ids).enumerate() {
             let mut flags = if b.device_writes { DESC_F_WRITE } else { 0 };
             let next = ids.get(i + 1).copied().unwrap_or(0);
@@ -159,7 +163,8 @@ impl SplitRing {
     pub fn push_avail(&mut self, mem: &GuestMem, head: u16) {
         let slot = u64::from(self.avail_idx.0 % self.size);
         let at = GuestAddress(self.avail.0 + 4 + 2 * slot);
-        mem.write_obj(head.to_le(), at).expect("avail ring in memory");
+        mem.write_obj(head.to_le(), at)
+            .expect("avail ring in memory");
         self.avail_idx += Wrapping(1);
     }
 
@@ -187,7 +192,10 @@ impl SplitRing {
         fence(Ordering::SeqCst);
         if event_idx {
             let at = GuestAddress(self.used.0 + 4 + 8 * u64::from(self.size));
-            let event = mem.load::<u16>(at, Ordering::Relaxed).map(u16::from_le).unwrap_or(0);
+            let event = mem
+                .load::<u16>(at, Ordering::Relaxed)
+                .map(u16::from_le)
+                .unwrap_or(0);
             need_event(event, new, old)
         } else {
             self.used_flags(mem) & USED_F_NO_NOTIFY == 0
@@ -211,12 +219,14 @@ impl SplitRing {
     /// Writes `used_event` (interrupt me after the device passes this).
     pub fn set_used_event(&self, mem: &GuestMem, value: u16) {
         let at = GuestAddress(self.avail.0 + 4 + 2 * u64::from(self.size));
-        mem.store(value.to_le(), at, Ordering::Release).expect("in memory");
+        mem.store(value.to_le(), at, Ordering::Release)
+            .expect("in memory");
     }
 
     /// Writes the avail ring's `flags` (e.g. [`AVAIL_F_NO_INTERRUPT`]).
     pub fn set_avail_flags(&self, mem: &GuestMem, flags: u16) {
-        mem.store(flags.to_le(), self.avail, Ordering::Release).expect("in memory");
+        mem.store(flags.to_le(), self.avail, Ordering::Release)
+            .expect("in memory");
     }
 
     /// Index of the next used entry the driver will read.
@@ -238,7 +248,7 @@ impl SplitRing {
         let head = u16::try_from(raw & 0xffff_ffff).unwrap_or(u16::MAX);
         let len = u32::try_from(raw >> 32).expect("upper half fits u32");
         if let Some(ids) = self.chains.get_mut(usize::from(head)) {
-            self.free.extend(ids.drain(..));
+            self.free.append(ids);
         }
         Some(Used { head, len })
     }

@@ -11,7 +11,9 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let result = Config::try_from(args)
         .map_err(|e| Box::new(e) as Box<dyn std::error::Error>)
-        .and_then(|config| server::run(config).map_err(|e| Box::new(e) as Box<dyn std::error::Error>));
+        .and_then(|config| {
+            server::run(config).map_err(|e| Box::new(e) as Box<dyn std::error::Error>)
+        });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -172,7 +172,9 @@ pub fn spawn(
 
 fn forward_replies(back: &mut UnixStream, front: &Mutex<UnixStream>) -> io::Result<()> {
     while let Some(msg) = Message::read(back)? {
-        let front = front.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let front = front
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         msg.write(&front)?;
     }
     Ok(())
@@ -238,6 +240,8 @@ fn ack(front: &Mutex<UnixStream>, request: u32) -> io::Result<()> {
         payload: 0u64.to_le_bytes().to_vec(),
         files: Vec::new(),
     };
-    let front = front.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let front = front
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     reply.write(&front)
 }

@@ -151,7 +151,11 @@ impl<'q> Batch<'q> {
 
     /// Completes a chain the guest got wrong with length 0, counts it, and
     /// warns once per batch.
-    pub fn complete_bad(&mut self, head: u16, why: &dyn std::error::Error) -> Result<(), RingError> {
+    pub fn complete_bad(
+        &mut self,
+        head: u16,
+        why: &dyn std::error::Error,
+    ) -> Result<(), RingError> {
         QueueStats::add(&self.stats.bad_chains, 1);
         if !self.warned {
             self.warned = true;
@@ -213,7 +217,11 @@ impl<'q> Batch<'q> {
         }
         let idx_at = self.queue.used_ring() + 2;
         self.mem
-            .store(u16::to_le(self.next_used.0), GuestAddress(idx_at), Ordering::Release)
+            .store(
+                u16::to_le(self.next_used.0),
+                GuestAddress(idx_at),
+                Ordering::Release,
+            )
             .map_err(|_| RingError::UsedRing(idx_at))?;
         self.queue.set_next_used(self.next_used.0);
         self.stats.record_batch(self.frames);

@@ -91,7 +91,10 @@ impl Window<'_, '_, '_> {
             };
             let head = chain.head_index();
             let before = self.iovecs.segments();
-            let pushed = match self.iovecs.push_chain(chain, Access::DeviceWrites, MAX_RX_CHAIN) {
+            let pushed = match self
+                .iovecs
+                .push_chain(chain, Access::DeviceWrites, MAX_RX_CHAIN)
+            {
                 Ok(len) if len < VNET_HDR_LEN => Err(ChainError::TooShort { min: VNET_HDR_LEN }),
                 other => other,
             };

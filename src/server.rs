@@ -203,17 +203,15 @@ impl relay::Hooks for NetBackend {
 }
 
 fn spawn_stats_server(listener: UnixListener, backend: Arc<NetBackend>) -> io::Result<()> {
-    thread::Builder::new()
-        .name("stats".into())
-        .spawn(move || {
-            for conn in listener.incoming() {
-                match conn {
-                    Ok(mut c) => {
-                        let _ = c.write_all(backend.stats().prometheus().as_bytes());
-                    }
-                    Err(e) => log::warn!("stats socket: {e}"),
+    thread::Builder::new().name("stats".into()).spawn(move || {
+        for conn in listener.incoming() {
+            match conn {
+                Ok(mut c) => {
+                    let _ = c.write_all(backend.stats().prometheus().as_bytes());
                 }
+                Err(e) => log::warn!("stats socket: {e}"),
             }
-        })?;
+        }
+    })?;
     Ok(())
 }

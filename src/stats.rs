@@ -78,11 +78,31 @@ impl QueueStats {
     /// Every exported field, in output order.
     pub const FIELDS: &'static [Field] = &[
         counter!("frames_total", frames, "Frames moved through the queue."),
-        counter!("bytes_total", bytes, "Frame bytes moved, without the virtio-net header."),
-        counter!("kicks_total", kicks, "Guest kicks received (sum of eventfd counts)."),
-        counter!("batches_total", batches, "Batches that completed at least one chain."),
-        counter!("completions_total", completions, "Used-ring entries written."),
-        counter!("interrupts_sent_total", interrupts_sent, "Interrupts sent to the guest."),
+        counter!(
+            "bytes_total",
+            bytes,
+            "Frame bytes moved, without the virtio-net header."
+        ),
+        counter!(
+            "kicks_total",
+            kicks,
+            "Guest kicks received (sum of eventfd counts)."
+        ),
+        counter!(
+            "batches_total",
+            batches,
+            "Batches that completed at least one chain."
+        ),
+        counter!(
+            "completions_total",
+            completions,
+            "Used-ring entries written."
+        ),
+        counter!(
+            "interrupts_sent_total",
+            interrupts_sent,
+            "Interrupts sent to the guest."
+        ),
         counter!(
             "interrupts_suppressed_total",
             interrupts_suppressed,
@@ -98,14 +118,26 @@ impl QueueStats {
             rx_dropped_frames,
             "RX frames that did not fit the guest's buffers."
         ),
-        counter!("bad_chains_total", bad_chains, "Malformed chains returned with length 0."),
+        counter!(
+            "bad_chains_total",
+            bad_chains,
+            "Malformed chains returned with length 0."
+        ),
         counter!(
             "bad_avail_index_total",
             bad_avail_index,
             "Impossible avail indexes seen (the queue was stopped)."
         ),
-        counter!("tap_errors_total", tap_errors, "Tap reads/writes failed (not EAGAIN)."),
-        counter!("tap_eagain_total", tap_eagain, "Tap reads/writes that returned EAGAIN."),
+        counter!(
+            "tap_errors_total",
+            tap_errors,
+            "Tap reads/writes failed (not EAGAIN)."
+        ),
+        counter!(
+            "tap_eagain_total",
+            tap_eagain,
+            "Tap reads/writes that returned EAGAIN."
+        ),
         Field {
             name: "batch_frames",
             help: "Frames completed per batch.",
@@ -234,7 +266,11 @@ fn write_histogram(out: &mut String, name: &str, labels: &str, stats: &QueueStat
         };
         let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}");
     }
-    let _ = writeln!(out, "{name}_sum{{{labels}}} {}", QueueStats::get(&stats.completions));
+    let _ = writeln!(
+        out,
+        "{name}_sum{{{labels}}} {}",
+        QueueStats::get(&stats.completions)
+    );
     let _ = writeln!(out, "{name}_count{{{labels}}} {cumulative}");
 }
 
@@ -262,14 +298,19 @@ mod tests {
         assert!(text.contains("# TYPE vhost_user_net_frames_total counter"));
         assert!(text.contains("vhost_user_net_frames_total{queue=\"1\",dir=\"tx\"} 5"));
         assert!(text.contains("vhost_user_net_frames_total{queue=\"0\",dir=\"rx\"} 0"));
-        assert!(text.contains("vhost_user_net_batch_frames_bucket{queue=\"0\",dir=\"rx\",le=\"+Inf\"} 0"));
+        assert!(text
+            .contains("vhost_user_net_batch_frames_bucket{queue=\"0\",dir=\"rx\",le=\"+Inf\"} 0"));
     }
 
     #[test]
     fn every_field_is_documented_in_metrics_md() {
         let doc = include_str!("../docs/metrics.md");
         for field in QueueStats::FIELDS {
-            assert!(doc.contains(field.name), "docs/metrics.md lacks {}", field.name);
+            assert!(
+                doc.contains(field.name),
+                "docs/metrics.md lacks {}",
+                field.name
+            );
         }
     }
 }

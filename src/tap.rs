@@ -99,7 +99,8 @@ impl Tap {
             sys::set_mtu(name, mtu).map_err(|source| tap.configure_error("set the MTU", source))?;
         }
         if tap.created {
-            sys::set_link_up(name).map_err(|source| tap.configure_error("set the link up", source))?;
+            sys::set_link_up(name)
+                .map_err(|source| tap.configure_error("set the link up", source))?;
         }
         tap.set_offload_flags(0)?;
         log::info!(
@@ -153,7 +154,9 @@ pub fn set_offloads(queue: &File, flags: u32) -> io::Result<()> {
 
 fn open_hint(e: &io::Error, existed: bool) -> &'static str {
     match e.raw_os_error() {
-        Some(libc::EPERM) | Some(libc::EACCES) => "needs CAP_NET_ADMIN, or a tap owned by this user",
+        Some(libc::EPERM) | Some(libc::EACCES) => {
+            "needs CAP_NET_ADMIN, or a tap owned by this user"
+        }
         Some(libc::EINVAL) if existed => {
             "the existing tap lacks multi_queue or vnet_hdr: recreate it with \
              `ip tuntap add dev NAME mode tap multi_queue vnet_hdr`"

@@ -35,14 +35,25 @@ fn has_marker(frame: &[u8], tag: u32) -> bool {
 fn address_tap(ns: &Netns, d: &Daemon) {
     let mac = vhost_user_net::config::format_mac(&default_mac(&d.tap));
     ns.ip(&["addr", "add", "198.18.0.1/24", "dev", &d.tap]);
-    ns.ip(&["neigh", "replace", "198.18.0.2", "lladdr", &mac, "dev", &d.tap, "nud", "permanent"]);
+    ns.ip(&[
+        "neigh",
+        "replace",
+        "198.18.0.2",
+        "lladdr",
+        &mac,
+        "dev",
+        &d.tap,
+        "nud",
+        "permanent",
+    ]);
 }
 
 /// Sends UDP datagrams carrying `marker(tag)` from the namespace to the guest.
 fn send_udp_to_guest(ns: &Netns, tags: &[(u16, u32)]) {
     let sock = ns.udp_socket();
     for &(port, tag) in tags {
-        sock.send_to(&marker(tag), ("198.18.0.2", port)).expect("udp send");
+        sock.send_to(&marker(tag), ("198.18.0.2", port))
+            .expect("udp send");
     }
 }
 
@@ -64,7 +75,10 @@ fn handshake_in_qemu_order_then_tx_frames_appear_on_the_tap() {
         assert!(got.is_some(), "frame {tag} never reached the tap");
     }
     let used = fe.wait_used(1, 3);
-    assert!(used.iter().all(|u| u.len == 0), "TX completions carry length 0");
+    assert!(
+        used.iter().all(|u| u.len == 0),
+        "TX completions carry length 0"
+    );
     let stats = d.stats();
     assert_eq!(stats.get("frames_total", 1), 3);
     assert_eq!(stats.get("bytes_total", 1), 3 * 78);
@@ -96,7 +110,10 @@ fn frames_sent_in_the_namespace_arrive_in_rx_buffers_with_length_and_header() {
     assert_eq!(&buf[24..26], &[0x08, 0x00], "IPv4");
     let stats = d.stats();
     assert!(stats.get("frames_total", 0) >= 1);
-    assert!(fe.vqs[0].take_interrupts() >= 1, "the guest was interrupted");
+    assert!(
+        fe.vqs[0].take_interrupts() >= 1,
+        "the guest was interrupted"
+    );
 }
 
 #[test]
@@ -150,7 +167,10 @@ fn two_queue_pairs_carry_traffic_independently() {
     assert!(stats.get("frames_total", 0) > 0, "RX pair 0 got some flows");
     assert!(stats.get("frames_total", 2) > 0, "RX pair 1 got some flows");
     let rx_used = fe.used(0).len() + fe.used(2).len();
-    assert_eq!(rx_used as u64, stats.get("frames_total", 0) + stats.get("frames_total", 2));
+    assert_eq!(
+        rx_used as u64,
+        stats.get("frames_total", 0) + stats.get("frames_total", 2)
+    );
 }
 
 #[test]
@@ -169,7 +189,11 @@ fn a_second_frontend_is_served_after_the_first_disconnects() {
     second.send(0, &eth_frame(src, &marker(2)));
 
     assert!(capture(&cap, common::TIMEOUT, |f| has_marker(f, 2)).is_some());
-    assert_eq!(d.stats().get("frames_total", 1), 2, "counters survive reconnects");
+    assert_eq!(
+        d.stats().get("frames_total", 1),
+        2,
+        "counters survive reconnects"
+    );
 }
 
 #[test]
@@ -228,7 +252,10 @@ fn bogus_avail_index_stops_the_queue_not_the_daemon() {
     });
     fe.send(1, &eth_frame(src, &marker(5)));
 
-    assert!(capture(&cap, common::TIMEOUT, |f| has_marker(f, 5)).is_some(), "pair 1 still moves");
+    assert!(
+        capture(&cap, common::TIMEOUT, |f| has_marker(f, 5)).is_some(),
+        "pair 1 still moves"
+    );
     assert!(d.log().contains("queue 1 stopped"));
 }
 
@@ -294,11 +321,16 @@ fn rx_stops_listening_when_guest_has_no_buffers_and_resumes_on_refill() {
     fe.post_rx(0, 1, 65562);
 
     let second = fe.wait_used(0, 1);
-    assert!(has_marker(&fe.rx_buffer(0, second[0]), 2), "frame waited in the tap");
+    assert!(
+        has_marker(&fe.rx_buffer(0, second[0]), 2),
+        "frame waited in the tap"
+    );
     let _ = mem_check(&fe);
 }
 
 /// The RX ring's memory is still readable (keeps `fe` alive to the end).
 fn mem_check(fe: &TestFrontend) -> u8 {
-    fe.mem.read_obj(GuestAddress(common::GUEST_BASE)).unwrap_or(0)
+    fe.mem
+        .read_obj(GuestAddress(common::GUEST_BASE))
+        .unwrap_or(0)
 }

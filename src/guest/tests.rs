@@ -33,7 +33,10 @@ fn readable_chain_becomes_one_iovec_per_descriptor() {
     let mem = memory();
     let (mut r, mut q) = ring(&mem, 16, true);
     let head = r
-        .add_chain(&mem, &[readable(buf_addr(0, 64), 12), readable(buf_addr(1, 64), 60)])
+        .add_chain(
+            &mem,
+            &[readable(buf_addr(0, 64), 12), readable(buf_addr(1, 64), 60)],
+        )
         .unwrap();
     r.push_avail(&mem, head);
     r.publish(&mem);
@@ -54,7 +57,9 @@ fn writable_descriptor_in_a_tx_chain_is_refused() {
         len: 60,
         device_writes: true,
     };
-    let head = r.add_chain(&mem, &[readable(buf_addr(0, 64), 12), w]).unwrap();
+    let head = r
+        .add_chain(&mem, &[readable(buf_addr(0, 64), 12), w])
+        .unwrap();
     r.push_avail(&mem, head);
     r.publish(&mem);
     let mut buf = IoVecBuf::default();
@@ -76,7 +81,13 @@ fn descriptor_outside_guest_memory_is_refused() {
     let mut buf = IoVecBuf::default();
     let mut iov = buf.bind(&mem);
     let err = push_first(&mem, &mut q, &mut iov, Access::DeviceReads, 1000).unwrap_err();
-    assert!(matches!(err, ChainError::OutsideGuestMemory { addr: 0x4000_0000, .. }));
+    assert!(matches!(
+        err,
+        ChainError::OutsideGuestMemory {
+            addr: 0x4000_0000,
+            ..
+        }
+    ));
 }
 
 #[test]
@@ -84,7 +95,9 @@ fn descriptor_straddling_the_end_of_guest_memory_is_refused() {
     let mem = memory();
     let (mut r, mut q) = ring(&mem, 16, true);
     let end = crate::testutil::MEM_BASE + crate::testutil::MEM_SIZE as u64;
-    let head = r.add_chain(&mem, &[readable(GuestAddress(end - 10), 100)]).unwrap();
+    let head = r
+        .add_chain(&mem, &[readable(GuestAddress(end - 10), 100)])
+        .unwrap();
     r.push_avail(&mem, head);
     r.publish(&mem);
     let mut buf = IoVecBuf::default();
@@ -97,7 +110,9 @@ fn descriptor_straddling_the_end_of_guest_memory_is_refused() {
 fn chain_longer_than_the_maximum_is_refused() {
     let mem = memory();
     let (mut r, mut q) = ring(&mem, 16, true);
-    let head = r.add_chain(&mem, &[readable(buf_addr(0, 4096), 4096)]).unwrap();
+    let head = r
+        .add_chain(&mem, &[readable(buf_addr(0, 4096), 4096)])
+        .unwrap();
     r.push_avail(&mem, head);
     r.publish(&mem);
     let mut buf = IoVecBuf::default();
@@ -208,7 +223,10 @@ fn indirect_table_of_writable_buffers_is_accepted_for_rx() {
     r.publish(&mem);
     let mut buf = IoVecBuf::default();
     let mut iov = buf.bind(&mem);
-    assert_eq!(push_first(&mem, &mut q, &mut iov, Access::DeviceWrites, 1000), Ok(512));
+    assert_eq!(
+        push_first(&mem, &mut q, &mut iov, Access::DeviceWrites, 1000),
+        Ok(512)
+    );
 }
 
 #[test]

@@ -35,7 +35,9 @@ fn run_batch(
         iovecs: &mut iovecs,
     };
     let mut batch = Batch::begin(queue, mem, stats, 0).unwrap();
-    let end = batch.drain(u64::MAX, |b| step(b, &mut window, tap, params)).unwrap();
+    let end = batch
+        .drain(u64::MAX, |b| step(b, &mut window, tap, params))
+        .unwrap();
     window.give_back(&mut batch);
     batch.finish().unwrap();
     end
@@ -65,9 +67,17 @@ fn frame_lands_in_one_buffer_with_num_buffers_one() {
     let end = run_batch(&mem, &mut q, &stats, &tap, SMALL);
 
     assert_eq!(end, End::TapBlocked, "stopped because the tap is empty");
-    assert_eq!(r.pop_used(&mem), Some(Used { head: heads[0], len: 112 }));
+    assert_eq!(
+        r.pop_used(&mem),
+        Some(Used {
+            head: heads[0],
+            len: 112
+        })
+    );
     assert_eq!(num_buffers(&mem, buf_addr(0, 1530)), 1);
-    let byte: u8 = mem.read_obj(GuestAddress(buf_addr(0, 1530).0 + 12)).unwrap();
+    let byte: u8 = mem
+        .read_obj(GuestAddress(buf_addr(0, 1530).0 + 12))
+        .unwrap();
     assert_eq!(byte, 0x5a);
     assert_eq!(q.next_avail(), 1, "unused buffers were given back");
     assert_eq!(QueueStats::get(&stats.frames), 1);
@@ -96,7 +106,11 @@ fn gso_frame_of_64k_spans_mergeable_buffers_each_with_its_own_length() {
     assert!(used[..expect - 1].iter().all(|u| u.len == 4096));
     assert_eq!(used[expect - 1].len as usize, total - 4096 * (expect - 1));
     assert_eq!(usize::from(num_buffers(&mem, buf_addr(0, 4096))), expect);
-    assert_eq!(usize::from(q.next_avail()), expect, "only the chains used were consumed");
+    assert_eq!(
+        usize::from(q.next_avail()),
+        expect,
+        "only the chains used were consumed"
+    );
 }
 
 #[test]
@@ -130,7 +144,11 @@ fn empty_rx_ring_does_not_read_the_tap() {
 
     assert_eq!(end, End::RingEmpty);
     let mut buf = [0u8; 100];
-    assert_eq!(std::io::Read::read(&mut &tap, &mut buf).unwrap(), 72, "frame still queued");
+    assert_eq!(
+        std::io::Read::read(&mut &tap, &mut buf).unwrap(),
+        72,
+        "frame still queued"
+    );
     assert_eq!(QueueStats::get(&stats.rx_dropped_frames), 0);
 }
 
@@ -176,7 +194,13 @@ fn rx_chain_with_readable_descriptor_is_returned_with_len_zero_and_the_next_buff
     run_batch(&mem, &mut q, &stats, &tap, SMALL);
 
     assert_eq!(r.pop_used(&mem), Some(Used { head: bad, len: 0 }));
-    assert_eq!(r.pop_used(&mem), Some(Used { head: good, len: 72 }));
+    assert_eq!(
+        r.pop_used(&mem),
+        Some(Used {
+            head: good,
+            len: 72
+        })
+    );
     assert_eq!(QueueStats::get(&stats.bad_chains), 1);
 }
 
@@ -193,5 +217,9 @@ fn frame_larger_than_a_small_buffer_is_dropped_and_counted() {
     run_batch(&mem, &mut q, &stats, &tap, SMALL);
 
     assert_eq!(QueueStats::get(&stats.rx_dropped_frames), 1);
-    assert_eq!(r.pop_used(&mem).map(|u| u.len), Some(62), "next frame got the buffer");
+    assert_eq!(
+        r.pop_used(&mem).map(|u| u.len),
+        Some(62),
+        "next frame got the buffer"
+    );
 }

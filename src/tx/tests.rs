@@ -1,13 +1,13 @@
 use std::io::{Read, Write};
 
 use super::*;
-use virtio_queue::QueueT;
 use crate::driver::{Buf, AVAIL_F_NO_INTERRUPT, USED_F_NO_NOTIFY};
 use crate::guest::IoVecBuf;
 use crate::notify::Decision;
 use crate::ring::{Batch, End};
 use crate::stats::QueueStats;
 use crate::testutil::{add_tx_frame, buf_addr, memory, ring, tap_pair};
+use virtio_queue::QueueT;
 
 /// Runs one TX batch with an unlimited budget.
 fn run_batch(
@@ -70,7 +70,10 @@ fn tx_chain_with_writable_descriptor_is_returned_with_len_zero_and_traffic_conti
 
     run_batch(&mem, &mut q, &stats, &tap);
 
-    assert_eq!(r.pop_used(&mem), Some(crate::driver::Used { head: bad, len: 0 }));
+    assert_eq!(
+        r.pop_used(&mem),
+        Some(crate::driver::Used { head: bad, len: 0 })
+    );
     assert!(r.pop_used(&mem).is_some());
     assert_eq!(QueueStats::get(&stats.bad_chains), 1);
     assert_eq!(QueueStats::get(&stats.frames), 1);
@@ -114,7 +117,11 @@ fn full_tap_gives_the_chain_back_and_reports_blocked() {
     let (end, decision) = run_batch(&mem, &mut q, &stats, &tap);
 
     assert_eq!(end, End::TapBlocked);
-    assert_eq!(decision, Decision::Suppress, "nothing completed, nothing to signal");
+    assert_eq!(
+        decision,
+        Decision::Suppress,
+        "nothing completed, nothing to signal"
+    );
     assert_eq!(q.next_avail(), 0, "the chain was given back");
     assert_eq!(r.pop_used(&mem), None);
     assert_eq!(QueueStats::get(&stats.tap_eagain), 1);
@@ -132,7 +139,10 @@ fn tx_256_frames_with_used_event(used_event: u16) -> QueueStats {
         let mut got = 0;
         while got < 256 {
             match peer.read(&mut buf) {
-                Ok(_) => got += 1,
+                Ok(n) => {
+                    assert_eq!(n, 12 + 50);
+                    got += 1;
+                }
                 Err(_) => std::thread::yield_now(),
             }
         }
@@ -210,7 +220,11 @@ fn without_event_idx_no_notify_is_set_while_draining_and_cleared_after() {
     batch.finish().unwrap();
 
     assert_eq!(flags_while_draining, USED_F_NO_NOTIFY);
-    assert_eq!(r.used_flags(&mem), 0, "kicks re-enabled once the ring is empty");
+    assert_eq!(
+        r.used_flags(&mem),
+        0,
+        "kicks re-enabled once the ring is empty"
+    );
 }
 
 #[test]
@@ -259,7 +273,9 @@ fn bogus_avail_index_is_reported_as_an_error() {
     let mut iov = IoVecBuf::default();
     let mut batch = Batch::begin(&mut q, &mem, &stats, 1).unwrap();
 
-    let err = batch.drain(u64::MAX, |b| step(b, &mut iov, &tap)).unwrap_err();
+    let err = batch
+        .drain(u64::MAX, |b| step(b, &mut iov, &tap))
+        .unwrap_err();
 
     assert!(matches!(err, crate::ring::RingError::BadAvailIndex(_)));
 }

@@ -27,9 +27,7 @@ use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vhost_user_net::driver::{Buf, SplitRing, Used};
 use vhost_user_net::guest::GuestMem;
-use vm_memory::{
-    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap,
-};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub const TIMEOUT: Duration = Duration::from_secs(10);
@@ -132,7 +130,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
@@ -211,10 +211,18 @@ impl Daemon {
         self.child = Some(child);
         let deadline = Instant::now() + TIMEOUT;
         while UnixStream::connect(&self.stats_socket).is_err() {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 panic!("daemon exited early ({status}): {}", self.log());
             }
-            assert!(Instant::now() < deadline, "daemon socket never appeared: {}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "daemon socket never appeared: {}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -322,7 +330,7 @@ pub struct Vq {
 impl Vq {
     /// Address of a fresh buffer in this queue's area (round robin).
     fn next_buffer(&mut self) -> GuestAddress {
-        let slots = (BUF_AREA / u64::from(self.buf_size)) as usize;
+        let slots = usize::try_from(BUF_AREA / u64::from(self.buf_size)).expect("small");
         let i = self.next_buf % slots;
         self.next_buf += 1;
         GuestAddress(self.buf_base + i as u64 * u64::from(self.buf_size))
@@ -439,7 +447,9 @@ impl TestFrontend {
     pub fn setup_vring(&mut self, q: usize) {
         let vq = &self.vqs[q];
         let host = |a: GuestAddress| {
-            self.mem.get_host_address(a).expect("ring address in memory") as u64
+            self.mem
+                .get_host_address(a)
+                .expect("ring address in memory") as u64
         };
         let size = vq.ring.size();
         let cfg = VringConfigData {
@@ -471,9 +481,15 @@ impl TestFrontend {
         msg.extend_from_slice(&u32::from(enable).to_le_bytes());
         self.raw.write_all(&msg).expect("send SET_VRING_ENABLE");
         let mut reply = [0u8; 20];
-        self.raw.read_exact(&mut reply).expect("SET_VRING_ENABLE reply");
+        self.raw
+            .read_exact(&mut reply)
+            .expect("SET_VRING_ENABLE reply");
         assert_eq!(u32::from_le_bytes(reply[0..4].try_into().unwrap()), 18);
-        assert_eq!(u64::from_le_bytes(reply[12..20].try_into().unwrap()), 0, "NACK");
+        assert_eq!(
+            u64::from_le_bytes(reply[12..20].try_into().unwrap()),
+            0,
+            "NACK"
+        );
     }
 
     /// Queues one TX frame (12-byte header + `frame`) on pair `pair`,
@@ -489,7 +505,10 @@ impl TestFrontend {
         let addr = vq.next_buffer();
         let mut bytes = vec![0u8; 12];
         bytes.extend_from_slice(frame);
-        assert!(bytes.len() <= vq.buf_size as usize, "frame too large for a TX buffer");
+        assert!(
+            bytes.len() <= vq.buf_size as usize,
+            "frame too large for a TX buffer"
+        );
         self.mem.write_slice(&bytes, addr).expect("write frame");
         let head = vq
             .ring
@@ -558,14 +577,19 @@ impl TestFrontend {
     pub fn rx_buffer(&self, q: usize, u: Used) -> Vec<u8> {
         let d = self.read_desc(q, u.head);
         let mut out = vec![0u8; u.len as usize];
-        self.mem.read_slice(&mut out, GuestAddress(d.0)).expect("read buffer");
+        self.mem
+            .read_slice(&mut out, GuestAddress(d.0))
+            .expect("read buffer");
         out
     }
 
     fn read_desc(&self, q: usize, index: u16) -> (u64, u32) {
         let at = GuestAddress(self.vqs[q].ring.desc_addr().0 + 16 * u64::from(index));
         let addr: u64 = self.mem.read_obj(at).expect("descriptor");
-        let len: u32 = self.mem.read_obj(GuestAddress(at.0 + 8)).expect("descriptor");
+        let len: u32 = self
+            .mem
+            .read_obj(GuestAddress(at.0 + 8))
+            .expect("descriptor");
         (u64::from_le(addr), u32::from_le(len))
     }
 }
