@@ -54,11 +54,15 @@ pub enum Error {
 /// Runs the daemon until SIGINT or SIGTERM. Prints the counters on exit and
 /// removes the sockets it created.
 pub fn run(config: Config) -> Result<(), Error> {
+    // Sockets first: a bad path is reported before the tap is touched.
+    let listener = bind(&config.socket_path)?;
+    let mut sockets = SocketFiles(vec![config.socket_path.clone()]);
+    let stats_listener = bind(&config.stats_socket)?;
+    sockets.0.push(config.stats_socket.clone());
+
     let tap = Tap::open(&config.tap, config.device.queue_pairs, config.tap_mtu)?;
     let backend = Arc::new(NetBackend::new(config.device.clone(), tap).map_err(Error::Device)?);
     let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(Error::Signals)?;
-    let listener = bind(&config.socket_path)?;
-    let stats_listener = bind(&config.stats_socket)?;
     log::info!(
         "listening on {} (stats on {}), tap {}, {} queue pair(s), MAC {}",
         config.socket_path.display(),
@@ -94,11 +98,21 @@ pub fn run(config: Config) -> Result<(), Error> {
     if let Some(conn) = current.lock().unwrap_or_else(|e| e.into_inner()).take() {
         let _ = conn.shutdown(std::net::Shutdown::Both);
     }
-    let _ = fs::remove_file(&config.socket_path);
-    let _ = fs::remove_file(&config.stats_socket);
+    drop(sockets);
     let summary = backend.stats().summary();
     let _ = io::stderr().write_all(summary.as_bytes());
     result
+}
+
+/// Socket files we created, removed when the daemon stops (or fails to start).
+struct SocketFiles(Vec<PathBuf>);
+
+impl Drop for SocketFiles {
+    fn drop(&mut self) {
+        for path in &self.0 {
+            let _ = fs::remove_file(path);
+        }
+    }
 }
 
 /// Binds a unix socket at `path`. A stale socket file (nobody answers) is

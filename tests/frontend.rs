@@ -3,8 +3,9 @@
 //! (`vhost::vhost_user::Frontend`) in QEMU's message order, over memfd-backed
 //! guest memory.
 //!
-//! These tests need root and /dev/net/tun; without them they return early
-//! with a note (CI runs as root).
+//! These tests need root and /dev/net/tun, so they are `#[ignore]`d for a
+//! plain `cargo test`; `cargo test -- --include-ignored` (as root, what CI
+//! runs) runs them.
 
 mod common;
 
@@ -58,8 +59,8 @@ fn send_udp_to_guest(ns: &Netns, tags: &[(u16, u32)]) {
 }
 
 #[test]
+#[ignore = "needs root and /dev/net/tun (CI runs it)"]
 fn handshake_in_qemu_order_then_tx_frames_appear_on_the_tap() {
-    require_root!();
     let ns = Netns::new();
     let d = Daemon::start(&ns, &[]);
     let cap = ns.packet_socket();
@@ -87,8 +88,8 @@ fn handshake_in_qemu_order_then_tx_frames_appear_on_the_tap() {
 }
 
 #[test]
+#[ignore = "needs root and /dev/net/tun (CI runs it)"]
 fn frames_sent_in_the_namespace_arrive_in_rx_buffers_with_length_and_header() {
-    require_root!();
     let ns = Netns::new();
     let d = Daemon::start(&ns, &[]);
     address_tap(&ns, &d);
@@ -117,8 +118,8 @@ fn frames_sent_in_the_namespace_arrive_in_rx_buffers_with_length_and_header() {
 }
 
 #[test]
+#[ignore = "needs root and /dev/net/tun (CI runs it)"]
 fn without_mergeable_buffers_each_frame_takes_one_buffer() {
-    require_root!();
     let ns = Netns::new();
     let d = Daemon::start(&ns, &[]);
     address_tap(&ns, &d);
@@ -138,8 +139,8 @@ fn without_mergeable_buffers_each_frame_takes_one_buffer() {
 }
 
 #[test]
+#[ignore = "needs root and /dev/net/tun (CI runs it)"]
 fn two_queue_pairs_carry_traffic_independently() {
-    require_root!();
     let ns = Netns::new();
     let d = Daemon::start(&ns, &["--queue-pairs", "2"]);
     address_tap(&ns, &d);
@@ -174,8 +175,8 @@ fn two_queue_pairs_carry_traffic_independently() {
 }
 
 #[test]
+#[ignore = "needs root and /dev/net/tun (CI runs it)"]
 fn a_second_frontend_is_served_after_the_first_disconnects() {
-    require_root!();
     let ns = Netns::new();
     let d = Daemon::start(&ns, &[]);
     let cap = ns.packet_socket();
@@ -197,8 +198,8 @@ fn a_second_frontend_is_served_after_the_first_disconnects() {
 }
 
 #[test]
+#[ignore = "needs root and /dev/net/tun (CI runs it)"]
 fn hostile_chain_is_completed_with_length_zero_while_good_traffic_continues() {
-    require_root!();
     let ns = Netns::new();
     let d = Daemon::start(&ns, &[]);
     let cap = ns.packet_socket();
@@ -236,8 +237,8 @@ fn hostile_chain_is_completed_with_length_zero_while_good_traffic_continues() {
 }
 
 #[test]
+#[ignore = "needs root and /dev/net/tun (CI runs it)"]
 fn bogus_avail_index_stops_the_queue_not_the_daemon() {
-    require_root!();
     let ns = Netns::new();
     let d = Daemon::start(&ns, &["--queue-pairs", "2"]);
     let cap = ns.packet_socket();
@@ -260,8 +261,8 @@ fn bogus_avail_index_stops_the_queue_not_the_daemon() {
 }
 
 #[test]
+#[ignore = "needs root and /dev/net/tun (CI runs it)"]
 fn descriptor_loop_in_rx_chain_is_returned_and_counted() {
-    require_root!();
     let ns = Netns::new();
     let d = Daemon::start(&ns, &[]);
     address_tap(&ns, &d);
@@ -291,8 +292,8 @@ fn descriptor_loop_in_rx_chain_is_returned_and_counted() {
 }
 
 #[test]
+#[ignore = "needs root and /dev/net/tun (CI runs it)"]
 fn sigterm_exits_cleanly_prints_counters_and_removes_the_socket() {
-    require_root!();
     let ns = Netns::new();
     let mut d = Daemon::start(&ns, &[]);
 
@@ -305,8 +306,8 @@ fn sigterm_exits_cleanly_prints_counters_and_removes_the_socket() {
 }
 
 #[test]
+#[ignore = "needs root and /dev/net/tun (CI runs it)"]
 fn rx_stops_listening_when_guest_has_no_buffers_and_resumes_on_refill() {
-    require_root!();
     let ns = Netns::new();
     let d = Daemon::start(&ns, &[]);
     address_tap(&ns, &d);
@@ -333,4 +334,50 @@ fn mem_check(fe: &TestFrontend) -> u8 {
     fe.mem
         .read_obj(GuestAddress(common::GUEST_BASE))
         .unwrap_or(0)
+}
+
+#[test]
+#[ignore = "needs root and /dev/net/tun (CI runs it)"]
+fn kicks_and_interrupts_follow_the_event_index() {
+    let ns = Netns::new();
+    let d = Daemon::start(&ns, &[]);
+    let mut fe = TestFrontend::connect(&d.socket, 1, 256, 0);
+    let src = default_mac(&d.tap);
+
+    // 64 frames published at once with one kick; used_event (0) asks for an
+    // interrupt as soon as the first is used.
+    for tag in 0..64 {
+        fe.queue_tx(0, &eth_frame(src, &marker(tag)));
+    }
+    assert!(fe.publish_and_kick(1), "the first publish needs a kick");
+    fe.wait_used(1, 64);
+    common::wait_for("the interrupt", || {
+        (fe.vqs[1].take_interrupts() == 1).then_some(())
+    });
+    let s = d.stats();
+    assert_eq!(s.get("frames_total", 1), 64);
+    assert_eq!(s.get("kicks_total", 1), 1);
+    assert_eq!(s.get("interrupts_sent_total", 1), 1);
+
+    // The guest now asks for no interrupt before entry 1000: ten more
+    // frames complete silently, and need one kick (the ring was empty).
+    let mem = fe.mem.clone();
+    fe.vqs[1].ring.set_used_event(&mem, 1000);
+    for tag in 64..74 {
+        fe.queue_tx(0, &eth_frame(src, &marker(tag)));
+    }
+    assert!(fe.publish_and_kick(1));
+    fe.wait_used(1, 10);
+    let s = common::wait_for("the second batch to be counted", || {
+        let s = d.stats();
+        (s.get("frames_total", 1) == 74).then_some(s)
+    });
+    assert_eq!(s.get("kicks_total", 1), 2);
+    assert_eq!(
+        s.get("interrupts_sent_total", 1),
+        1,
+        "no interrupt the guest did not ask for"
+    );
+    assert!(s.get("interrupts_suppressed_total", 1) >= 1);
+    assert_eq!(fe.vqs[1].take_interrupts(), 0);
 }

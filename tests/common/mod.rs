@@ -32,23 +32,6 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 
-/// True when the tests that need root and `/dev/net/tun` can run.
-pub fn have_root() -> bool {
-    nix::unistd::geteuid().is_root() && Path::new("/dev/net/tun").exists()
-}
-
-/// Returns early from a test that needs root when not root (so plain
-/// `cargo test` passes for contributors); CI runs as root.
-#[macro_export]
-macro_rules! require_root {
-    () => {
-        if !common::have_root() {
-            eprintln!("skipped: needs root and /dev/net/tun");
-            return;
-        }
-    };
-}
-
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 /// A unique short name for this process and call.
