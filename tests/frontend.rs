@@ -381,3 +381,30 @@ fn kicks_and_interrupts_follow_the_event_index() {
     assert!(s.get("interrupts_suppressed_total", 1) >= 1);
     assert_eq!(fe.vqs[1].take_interrupts(), 0);
 }
+
+#[test]
+#[ignore = "needs root and /dev/net/tun (CI runs it)"]
+fn tap_link_down_drops_tx_frames_counted_and_traffic_resumes_when_up() {
+    let ns = Netns::new();
+    let d = Daemon::start(&ns, &[]);
+    let cap = ns.packet_socket();
+    let mut fe = TestFrontend::connect(&d.socket, 1, 256, 0);
+    let src = default_mac(&d.tap);
+    ns.ip(&["link", "set", &d.tap, "down"]);
+
+    fe.send(0, &eth_frame(src, &marker(1)));
+    fe.send(0, &eth_frame(src, &marker(2)));
+
+    let used = fe.wait_used(1, 2);
+    assert!(
+        used.iter().all(|u| u.len == 0),
+        "chains are returned, not held"
+    );
+    let s = d.stats();
+    assert_eq!(s.get("tap_errors_total", 1), 2);
+    assert_eq!(s.get("frames_total", 1), 0);
+
+    ns.ip(&["link", "set", &d.tap, "up"]);
+    fe.send(0, &eth_frame(src, &marker(3)));
+    assert!(capture(&cap, common::TIMEOUT, |f| has_marker(f, 3)).is_some());
+}
