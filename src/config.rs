@@ -17,14 +17,33 @@ pub const MAX_QUEUE_SIZE: u16 = 32768;
 #[derive(Parser, Debug, Clone)]
 #[command(name = "vhost-user-net", version, about, long_about = None)]
 pub struct Args {
-    /// Unix socket to listen on for the vhost-user frontend (QEMU, ...).
-    #[arg(long, value_name = "PATH")]
-    pub socket_path: PathBuf,
+    /// Unix socket to listen on for the vhost-user frontend (QEMU, ...);
+    /// with --client, the frontend's socket to connect to.
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["fd", "print_capabilities"])]
+    pub socket_path: Option<PathBuf>,
+
+    /// An already listening unix socket, inherited from a manager, to accept
+    /// frontends on instead of --socket-path.
+    #[arg(long, value_name = "FD", conflicts_with_all = ["socket_path", "client"])]
+    pub fd: Option<i32>,
+
+    /// Connect to the frontend's socket (QEMU `server=on`) instead of
+    /// listening; retry until it appears, reconnect when it goes away.
+    #[arg(long)]
+    pub client: bool,
+
+    /// Print the backend's capabilities as JSON and exit.
+    #[arg(long)]
+    pub print_capabilities: bool,
 
     /// Tap interface to serve; created (link up) if it does not exist,
     /// attached to if it does (it must be multi_queue and vnet_hdr).
-    #[arg(long, value_name = "NAME")]
-    pub tap: String,
+    #[arg(
+        long,
+        value_name = "NAME",
+        required_unless_present = "print_capabilities"
+    )]
+    pub tap: Option<String>,
 
     /// Number of RX/TX queue pairs (one worker thread each).
     #[arg(long, value_name = "N", default_value_t = 1)]
@@ -43,7 +62,7 @@ pub struct Args {
     pub mtu: Option<u32>,
 
     /// Unix socket serving the counters as Prometheus text
-    /// [default: SOCKET_PATH.stats].
+    /// [default: SOCKET_PATH.stats when listening on --socket-path; none otherwise].
     #[arg(long, value_name = "PATH")]
     pub stats_socket: Option<PathBuf>,
 }
@@ -57,14 +76,34 @@ pub struct DeviceConfig {
     pub queue_size: u16,
 }
 
+/// How the daemon meets its frontends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Frontend {
+    /// Listen on a socket it creates at this path.
+    Listen(PathBuf),
+    /// Accept on an inherited, already listening socket.
+    ListenFd(i32),
+    /// Connect to the frontend's socket at this path.
+    Connect(PathBuf),
+}
+
+/// What the user asked the program to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Print capabilities (JSON) and exit.
+    PrintCapabilities,
+    /// Serve a device.
+    Serve(Config),
+}
+
 /// A validated configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
-    pub socket_path: PathBuf,
+    pub frontend: Frontend,
     pub tap: String,
     /// `Some` when `--mtu` was given: the tap's MTU is set to it.
     pub tap_mtu: Option<u16>,
-    pub stats_socket: PathBuf,
+    pub stats_socket: Option<PathBuf>,
     pub device: DeviceConfig,
 }
 
@@ -81,12 +120,35 @@ pub enum ConfigError {
     Mtu(u32),
     #[error("--tap {0:?}: must be 1 to 15 characters, without '/', whitespace or NUL")]
     TapName(String),
+    #[error("--fd {0}: must be a descriptor number of 3 or more (0-2 are stdio)")]
+    Fd(i32),
+    #[error("{0} is required (or --print-capabilities)")]
+    Missing(&'static str),
+}
+
+impl TryFrom<Args> for Command {
+    type Error = ConfigError;
+
+    fn try_from(args: Args) -> Result<Self, ConfigError> {
+        if args.print_capabilities {
+            return Ok(Command::PrintCapabilities);
+        }
+        Config::try_from(args).map(Command::Serve)
+    }
 }
 
 impl TryFrom<Args> for Config {
     type Error = ConfigError;
 
     fn try_from(args: Args) -> Result<Self, ConfigError> {
+        let frontend = match (&args.socket_path, args.fd, args.client) {
+            (_, Some(fd), _) if fd < 3 => return Err(ConfigError::Fd(fd)),
+            (_, Some(fd), _) => Frontend::ListenFd(fd),
+            (Some(path), None, true) => Frontend::Connect(path.clone()),
+            (Some(path), None, false) => Frontend::Listen(path.clone()),
+            (None, None, _) => return Err(ConfigError::Missing("--socket-path or --fd")),
+        };
+        let tap = args.tap.clone().ok_or(ConfigError::Missing("--tap"))?;
         if args.queue_pairs == 0 || args.queue_pairs > MAX_QUEUE_PAIRS {
             return Err(ConfigError::QueuePairs(args.queue_pairs));
         }
@@ -94,12 +156,12 @@ impl TryFrom<Args> for Config {
             .ok()
             .filter(|s| s.is_power_of_two() && (2..=MAX_QUEUE_SIZE).contains(s))
             .ok_or(ConfigError::QueueSize(args.queue_size))?;
-        if !valid_tap_name(&args.tap) {
-            return Err(ConfigError::TapName(args.tap));
+        if !valid_tap_name(&tap) {
+            return Err(ConfigError::TapName(tap));
         }
         let mac = match &args.mac {
             Some(text) => parse_mac(text).ok_or_else(|| ConfigError::Mac(text.clone()))?,
-            None => default_mac(&args.tap),
+            None => default_mac(&tap),
         };
         let tap_mtu = args
             .mtu
@@ -110,14 +172,17 @@ impl TryFrom<Args> for Config {
                     .ok_or(ConfigError::Mtu(m))
             })
             .transpose()?;
-        let stats_socket = args.stats_socket.unwrap_or_else(|| {
-            let mut s = args.socket_path.clone().into_os_string();
-            s.push(".stats");
-            PathBuf::from(s)
+        let stats_socket = args.stats_socket.or_else(|| match &frontend {
+            Frontend::Listen(path) => {
+                let mut s = path.clone().into_os_string();
+                s.push(".stats");
+                Some(PathBuf::from(s))
+            }
+            Frontend::ListenFd(_) | Frontend::Connect(_) => None,
         });
         Ok(Config {
-            socket_path: args.socket_path,
-            tap: args.tap,
+            frontend,
+            tap,
             tap_mtu,
             stats_socket,
             device: DeviceConfig {
@@ -197,7 +262,8 @@ mod tests {
         assert_eq!(c.device.queue_size, 1024);
         assert_eq!(c.device.mtu, 1500);
         assert_eq!(c.tap_mtu, None);
-        assert_eq!(c.stats_socket, PathBuf::from("/run/x.sock.stats"));
+        assert_eq!(c.stats_socket, Some(PathBuf::from("/run/x.sock.stats")));
+        assert_eq!(c.frontend, Frontend::Listen(PathBuf::from("/run/x.sock")));
         assert_eq!(c.device.mac, default_mac("vm0"));
     }
 
@@ -218,9 +284,30 @@ mod tests {
     }
 
     #[test]
+    fn client_mode_connects_and_has_no_stats_socket_by_default() {
+        let c = Config::try_from(args(&["--client"])).unwrap();
+        assert_eq!(c.frontend, Frontend::Connect(PathBuf::from("/run/x.sock")));
+        assert_eq!(c.stats_socket, None);
+    }
+
+    #[test]
+    fn inherited_fd_replaces_the_socket_path() {
+        let a = Args::try_parse_from(["vhost-user-net", "--fd", "3", "--tap", "t"]).unwrap();
+        assert_eq!(Config::try_from(a).unwrap().frontend, Frontend::ListenFd(3));
+        let a = Args::try_parse_from(["vhost-user-net", "--fd", "1", "--tap", "t"]).unwrap();
+        assert_eq!(Config::try_from(a), Err(ConfigError::Fd(1)));
+    }
+
+    #[test]
+    fn print_capabilities_needs_no_other_flag() {
+        let a = Args::try_parse_from(["vhost-user-net", "--print-capabilities"]).unwrap();
+        assert_eq!(Command::try_from(a), Ok(Command::PrintCapabilities));
+    }
+
+    #[test]
     fn tap_name_longer_than_15_bytes_is_refused() {
         let mut a = args(&[]);
-        a.tap = "a-very-long-tap-name".into();
+        a.tap = Some("a-very-long-tap-name".into());
         assert!(matches!(Config::try_from(a), Err(ConfigError::TapName(_))));
     }
 

@@ -1,19 +1,22 @@
 //! `vhost-user-net`: parse, set up logging, run, report the error chain.
 
+use std::error::Error;
 use std::process::ExitCode;
 
 use clap::Parser;
-use vhost_user_net::config::{Args, Config};
+use vhost_user_net::config::{Args, Command};
 use vhost_user_net::server;
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let args = Args::parse();
-    let result = Config::try_from(args)
-        .map_err(|e| Box::new(e) as Box<dyn std::error::Error>)
-        .and_then(|config| {
-            server::run(config).map_err(|e| Box::new(e) as Box<dyn std::error::Error>)
-        });
+    let result: Result<(), Box<dyn Error>> = match Command::try_from(Args::parse()) {
+        Ok(Command::PrintCapabilities) => {
+            println!("{}", server::CAPABILITIES);
+            Ok(())
+        }
+        Ok(Command::Serve(config)) => server::run(config).map_err(Box::from),
+        Err(e) => Err(Box::from(e)),
+    };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread;
+use std::time::Duration;
 
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
@@ -23,9 +24,10 @@ use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::backend::NetBackend;
-use crate::config::{format_mac, Config};
+use crate::config::{format_mac, Config, Frontend};
 use crate::queue_pair::Listeners;
 use crate::relay;
+use crate::sys;
 use crate::tap::{Tap, TapError};
 
 /// Why the daemon could not start or had to stop. All are host faults.
@@ -45,6 +47,12 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    #[error("--fd {fd} is not a usable listening unix socket")]
+    InheritedFd {
+        fd: i32,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot accept a frontend connection")]
     Accept(#[source] io::Error),
     #[error("cannot wait for signals")]
@@ -55,32 +63,55 @@ pub enum Error {
 /// removes the sockets it created.
 pub fn run(config: Config) -> Result<(), Error> {
     // Sockets first: a bad path is reported before the tap is touched.
-    let listener = bind(&config.socket_path)?;
-    let mut sockets = SocketFiles(vec![config.socket_path.clone()]);
-    let stats_listener = bind(&config.stats_socket)?;
-    sockets.0.push(config.stats_socket.clone());
+    let mut sockets = SocketFiles(Vec::new());
+    let source = match &config.frontend {
+        Frontend::Listen(path) => {
+            let l = bind(path)?;
+            sockets.0.push(path.clone());
+            Source::Listener(l)
+        }
+        Frontend::ListenFd(fd) => Source::Listener(
+            sys::inherited_listener(*fd)
+                .map_err(|source| Error::InheritedFd { fd: *fd, source })?,
+        ),
+        Frontend::Connect(path) => Source::Connect(path.clone()),
+    };
+    let stats_listener = match &config.stats_socket {
+        Some(path) => {
+            let l = bind(path)?;
+            sockets.0.push(path.clone());
+            Some(l)
+        }
+        None => None,
+    };
 
     let tap = Tap::open(&config.tap, config.device.queue_pairs, config.tap_mtu)?;
     let backend = Arc::new(NetBackend::new(config.device.clone(), tap).map_err(Error::Device)?);
     let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(Error::Signals)?;
     log::info!(
-        "listening on {} (stats on {}), tap {}, {} queue pair(s), MAC {}",
-        config.socket_path.display(),
-        config.stats_socket.display(),
+        "{}, tap {}, {} queue pair(s), MAC {}{}",
+        source.describe(),
         config.tap,
         config.device.queue_pairs,
-        format_mac(&config.device.mac)
+        format_mac(&config.device.mac),
+        config
+            .stats_socket
+            .as_ref()
+            .map(|p| format!(", stats on {}", p.display()))
+            .unwrap_or_default()
     );
 
-    spawn_stats_server(stats_listener, backend.clone()).map_err(Error::Device)?;
+    if let Some(l) = stats_listener {
+        spawn_stats_server(l, backend.clone()).map_err(Error::Device)?;
+    }
     let current: Arc<Mutex<Option<UnixStream>>> = Arc::default();
     let (done_tx, done_rx) = mpsc::channel::<Result<(), Error>>();
     {
         let (backend, current, done_tx) = (backend.clone(), current.clone(), done_tx.clone());
         thread::Builder::new()
-            .name("accept".into())
+            .name("frontends".into())
             .spawn(move || {
-                let _ = done_tx.send(accept_loop(&listener, &backend, &current));
+                let _ = done_tx.send(serve_frontends(&source, &backend, &current));
             })
             .map_err(Error::Device)?;
     }
@@ -102,6 +133,64 @@ pub fn run(config: Config) -> Result<(), Error> {
     let summary = backend.stats().summary();
     let _ = io::stderr().write_all(summary.as_bytes());
     result
+}
+
+/// What `--print-capabilities` prints (vhost-user "backend program
+/// conventions").
+pub const CAPABILITIES: &str = r#"{"type": "net"}"#;
+
+/// Where frontend connections come from.
+enum Source {
+    Listener(UnixListener),
+    Connect(PathBuf),
+}
+
+/// How long client mode waits between attempts to reach the frontend.
+const RECONNECT_INTERVAL: Duration = Duration::from_millis(100);
+
+impl Source {
+    fn describe(&self) -> String {
+        match self {
+            Source::Listener(l) => match l
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(Path::to_owned))
+            {
+                Some(p) => format!("listening on {}", p.display()),
+                None => "listening on an inherited socket".to_owned(),
+            },
+            Source::Connect(p) => format!("connecting to {}", p.display()),
+        }
+    }
+
+    /// The next frontend: accepted, or (client mode) connected to, retrying
+    /// until the frontend's socket answers.
+    fn next(&self) -> Result<UnixStream, Error> {
+        match self {
+            Source::Listener(l) => loop {
+                match l.accept() {
+                    Ok((s, _)) => return Ok(s),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(Error::Accept(e)),
+                }
+            },
+            Source::Connect(path) => {
+                let mut said = false;
+                loop {
+                    match UnixStream::connect(path) {
+                        Ok(s) => return Ok(s),
+                        Err(e) => {
+                            if !said {
+                                log::info!("waiting for the frontend at {}: {e}", path.display());
+                                said = true;
+                            }
+                            thread::sleep(RECONNECT_INTERVAL);
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Socket files we created, removed when the daemon stops (or fails to start).
@@ -136,17 +225,13 @@ pub fn bind(path: &Path) -> Result<UnixListener, Error> {
     })
 }
 
-fn accept_loop(
-    listener: &UnixListener,
+fn serve_frontends(
+    source: &Source,
     backend: &Arc<NetBackend>,
     current: &Mutex<Option<UnixStream>>,
 ) -> Result<(), Error> {
     loop {
-        let (frontend, _) = match listener.accept() {
-            Ok(c) => c,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(Error::Accept(e)),
-        };
+        let frontend = source.next()?;
         log::info!("frontend connected");
         if let Ok(clone) = frontend.try_clone() {
             *current.lock().unwrap_or_else(|e| e.into_inner()) = Some(clone);

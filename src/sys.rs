@@ -9,7 +9,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 
 use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
@@ -186,10 +186,45 @@ pub fn send_with_files(sock: &UnixStream, data: &[u8], files: &[File]) -> io::Re
         .map_err(|e| io::Error::from_raw_os_error(e.errno()))
 }
 
-/// Duplicates `fd` (close-on-exec), for a second epoll registration of the
-/// same open file with different interest (tap writable vs readable).
-pub fn dup(file: &File) -> io::Result<File> {
-    file.try_clone()
+fn sockopt_int(fd: RawFd, opt: libc::c_int) -> io::Result<libc::c_int> {
+    let mut val: libc::c_int = 0;
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).expect("4");
+    // SAFETY: getsockopt writes at most `len` (4) bytes into `val`, which is
+    // a live c_int; a bad fd or a non-socket makes it fail, nothing more.
+    let ret = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            opt,
+            (&raw mut val).cast(),
+            &raw mut len,
+        )
+    };
+    check(ret)?;
+    Ok(val)
+}
+
+/// Takes ownership of an inherited, already listening unix socket (the
+/// `--fd` convention of vhost-user backend programs), after checking that it
+/// is one, and marks it close-on-exec.
+pub fn inherited_listener(fd: RawFd) -> io::Result<UnixListener> {
+    if sockopt_int(fd, libc::SO_DOMAIN)? != libc::AF_UNIX {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a unix socket",
+        ));
+    }
+    if sockopt_int(fd, libc::SO_ACCEPTCONN)? == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "socket is not listening",
+        ));
+    }
+    // SAFETY: sets a descriptor flag on `fd`, checked above to be an open socket.
+    check(unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) })?;
+    // SAFETY: by the --fd contract our parent handed this descriptor to us to
+    // own, and nothing else in this process has opened or wrapped it.
+    Ok(unsafe { UnixListener::from_raw_fd(fd) })
 }
 
 #[cfg(test)]

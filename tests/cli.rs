@@ -87,3 +87,23 @@ fn socket_path_that_is_a_regular_file_is_refused_and_not_deleted() {
     );
     assert_eq!(std::fs::read(&path).unwrap(), b"precious");
 }
+
+#[test]
+fn print_capabilities_prints_json_and_exits_without_other_flags() {
+    let out = Command::new(env!("CARGO_BIN_EXE_vhost-user-net"))
+        .arg("--print-capabilities")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        r#"{"type": "net"}"#
+    );
+}
+
+#[test]
+fn missing_tap_is_reported_by_name() {
+    let (ok, err) = daemon(&["--socket-path", "/nonexistent/x"]);
+    assert!(!ok);
+    assert!(err.contains("--tap"), "{err}");
+}

@@ -408,3 +408,47 @@ fn tap_link_down_drops_tx_frames_counted_and_traffic_resumes_when_up() {
     fe.send(0, &eth_frame(src, &marker(3)));
     assert!(capture(&cap, common::TIMEOUT, |f| has_marker(f, 3)).is_some());
 }
+
+#[test]
+#[ignore = "needs root and /dev/net/tun (CI runs it)"]
+fn client_mode_connects_to_the_frontend_and_reconnects_when_it_returns() {
+    let ns = Netns::new();
+    let mut d = Daemon::paths();
+    let listener = std::os::unix::net::UnixListener::bind(&d.socket).expect("bind");
+    d.mode = common::Mode::Client;
+    d.spawn(&ns, &[]);
+    let cap = ns.packet_socket();
+    let src = default_mac(&d.tap);
+
+    let mut first = TestFrontend::over(common::accept(&listener), 1, 256, 0);
+    first.send(0, &eth_frame(src, &marker(1)));
+    assert!(capture(&cap, common::TIMEOUT, |f| has_marker(f, 1)).is_some());
+    drop(first);
+    let mut second = TestFrontend::over(common::accept(&listener), 1, 256, 0);
+    second.send(0, &eth_frame(src, &marker(2)));
+
+    assert!(capture(&cap, common::TIMEOUT, |f| has_marker(f, 2)).is_some());
+}
+
+#[test]
+#[ignore = "needs root and /dev/net/tun (CI runs it)"]
+fn inherited_listening_fd_is_served() {
+    use std::os::fd::AsRawFd;
+    let ns = Netns::new();
+    let mut d = Daemon::paths();
+    let listener = std::os::unix::net::UnixListener::bind(&d.socket).expect("bind");
+    // Let the child inherit the socket at the same number.
+    nix::fcntl::fcntl(
+        listener.as_raw_fd(),
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+    )
+    .expect("clear close-on-exec");
+    d.mode = common::Mode::Fd(listener.as_raw_fd());
+    d.spawn(&ns, &[]);
+    let cap = ns.packet_socket();
+
+    let mut fe = TestFrontend::connect(&d.socket, 1, 256, 0);
+    fe.send(0, &eth_frame(default_mac(&d.tap), &marker(4)));
+
+    assert!(capture(&cap, common::TIMEOUT, |f| has_marker(f, 4)).is_some());
+}

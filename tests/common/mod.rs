@@ -133,6 +133,17 @@ pub fn capture(fd: &OwnedFd, timeout: Duration, pred: impl Fn(&[u8]) -> bool) ->
     None
 }
 
+/// How the daemon meets the test's frontend.
+#[derive(Clone, Copy, Debug)]
+pub enum Mode {
+    /// `--socket-path` (the daemon listens).
+    Listen,
+    /// `--socket-path --client` (the test listens).
+    Client,
+    /// `--fd N`: a listening socket the test made and the daemon inherits.
+    Fd(i32),
+}
+
 /// The daemon, run inside a namespace; killed (by PID) on drop.
 pub struct Daemon {
     child: Option<Child>,
@@ -141,12 +152,19 @@ pub struct Daemon {
     pub stats_socket: PathBuf,
     pub tap: String,
     stderr_path: PathBuf,
+    pub mode: Mode,
 }
 
 impl Daemon {
     /// Starts `vhost-user-net` in `ns` on a new tap with `extra` flags and
     /// waits for its socket.
     pub fn start(ns: &Netns, extra: &[&str]) -> Daemon {
+        Self::start_in_mode(ns, Mode::Listen, extra)
+    }
+
+    /// Starts the daemon with `mode`; `socket` is where the test listens
+    /// (client mode) or has bound its socket (fd mode).
+    pub fn start_in_mode(ns: &Netns, mode: Mode, extra: &[&str]) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("vhost.sock");
         let stats_socket = dir.path().join("vhost.sock.stats");
@@ -159,9 +177,26 @@ impl Daemon {
             stats_socket,
             tap,
             stderr_path,
+            mode: Mode::Listen,
         };
+        d.mode = mode;
         d.spawn(ns, extra);
         d
+    }
+
+    /// A daemon record with paths chosen but no process yet (to bind the
+    /// test's own socket first).
+    pub fn paths() -> Daemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Daemon {
+            child: None,
+            socket: dir.path().join("vhost.sock"),
+            stats_socket: dir.path().join("vhost.sock.stats"),
+            tap: unique("vt"),
+            stderr_path: dir.path().join("daemon.log"),
+            mode: Mode::Listen,
+            dir,
+        }
     }
 
     /// (Re)starts the process on the same socket and tap.
@@ -172,16 +207,23 @@ impl Daemon {
             .open(&self.stderr_path)
             .expect("log file");
         let socket = self.socket.to_str().expect("utf-8 path").to_owned();
+        let stats = self.stats_socket.to_str().expect("utf-8 path").to_owned();
+        let fd_text;
         let mut args = vec![
             "netns",
             "exec",
             &ns.name,
             env!("CARGO_BIN_EXE_vhost-user-net"),
-            "--socket-path",
-            &socket,
-            "--tap",
-            &self.tap,
         ];
+        match self.mode {
+            Mode::Listen => args.extend(["--socket-path", &socket]),
+            Mode::Client => args.extend(["--socket-path", &socket, "--client"]),
+            Mode::Fd(fd) => {
+                fd_text = fd.to_string();
+                args.extend(["--fd", &fd_text]);
+            }
+        }
+        args.extend(["--tap", &self.tap, "--stats-socket", &stats]);
         args.extend_from_slice(extra);
         let child = Command::new("ip")
             .args(&args)
@@ -281,6 +323,16 @@ impl Stats {
     }
 }
 
+/// Accepts one connection on `listener` within `TIMEOUT`.
+pub fn accept(listener: &std::os::unix::net::UnixListener) -> UnixStream {
+    listener.set_nonblocking(true).expect("nonblocking");
+    let s = wait_for("the daemon to connect", || {
+        listener.accept().ok().map(|(s, _)| s)
+    });
+    s.set_nonblocking(false).expect("blocking");
+    s
+}
+
 /// Polls `f` until it returns `Some`, or panics after `TIMEOUT`.
 pub fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + TIMEOUT;
@@ -347,6 +399,12 @@ impl TestFrontend {
     /// Features the frontend acks are what is offered minus `drop`.
     pub fn connect(socket: &Path, pairs: usize, queue_size: u16, drop: u64) -> TestFrontend {
         let sock = wait_for("the daemon's socket", || UnixStream::connect(socket).ok());
+        Self::over(sock, pairs, queue_size, drop)
+    }
+
+    /// Like [`TestFrontend::connect`] over a stream already connected to
+    /// the daemon (client mode: the daemon connected to us).
+    pub fn over(sock: UnixStream, pairs: usize, queue_size: u16, drop: u64) -> TestFrontend {
         sock.set_read_timeout(Some(TIMEOUT)).expect("timeout");
         let raw = sock.try_clone().expect("clone");
         let num_queues = 2 * pairs;
