@@ -155,7 +155,9 @@ impl NetBackend {
     ) -> io::Result<()> {
         self.acked_features.store(0, Ordering::Relaxed);
         for (i, l) in listeners.into_iter().enumerate().take(self.pairs.len()) {
-            self.pair(i).connect(mem.clone(), l)?;
+            let mut pair = self.pair(i);
+            pair.set_tap_attached(true);
+            pair.connect(mem.clone(), l)?;
         }
         Ok(())
     }
@@ -174,6 +176,15 @@ impl NetBackend {
             pair.lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .ring_reset(queue % 2);
+        }
+    }
+
+    /// The frontend enabled or disabled ring `queue`. A pair whose RX ring
+    /// is disabled has its tap queue detached, so the kernel stops steering
+    /// flows to a queue nobody reads (they go to the pairs in use).
+    pub fn vring_enabled(&self, queue: usize, enabled: bool) {
+        if queue % 2 == 0 && queue / 2 < self.pairs.len() {
+            self.pair(queue / 2).set_tap_attached(enabled);
         }
     }
 

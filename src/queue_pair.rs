@@ -117,6 +117,8 @@ pub struct QueuePair {
     resume: EventFd,
     stats: Arc<Stats>,
     rx_params: RxParams,
+    /// Whether our tap queue is attached (receives frames from the kernel).
+    tap_attached: bool,
     conn: Option<Connection>,
     tx_iov: IoVecBuf,
     rx_iov: IoVecBuf,
@@ -140,6 +142,7 @@ impl QueuePair {
                 mergeable: false,
                 max_frame: 0,
             },
+            tap_attached: true,
             conn: None,
             tx_iov: IoVecBuf::with_capacity(IOV_MAX),
             rx_iov: IoVecBuf::with_capacity(IOV_MAX),
@@ -150,6 +153,24 @@ impl QueuePair {
     /// The tap queue fd (for device-wide tap ioctls).
     pub fn tap(&self) -> &File {
         &self.tap
+    }
+
+    /// Attaches or detaches this pair's tap queue (`TUNSETQUEUE`).
+    pub fn set_tap_attached(&mut self, attached: bool) {
+        if self.tap_attached == attached {
+            return;
+        }
+        match crate::sys::tun_set_queue(&self.tap, attached) {
+            Ok(()) => {
+                self.tap_attached = attached;
+                log::info!(
+                    "pair {}: tap queue {}",
+                    self.index,
+                    if attached { "attached" } else { "detached" }
+                );
+            }
+            Err(e) => log::error!("pair {}: cannot change the tap queue: {e}", self.index),
+        }
     }
 
     /// Sets what RX may expect from the tap (at SET_FEATURES).

@@ -48,6 +48,8 @@ const PROTOCOL_F_REPLY_ACK: u64 = 1 << 3;
 pub trait Hooks: Send + Sync {
     /// The frontend set ring `queue` up again (size, address or base).
     fn vring_reset(&self, queue: usize);
+    /// The frontend enabled or disabled ring `queue` (`SET_VRING_ENABLE`).
+    fn vring_enabled(&self, queue: usize, enabled: bool);
 }
 
 /// One vhost-user message as read from the socket.
@@ -198,7 +200,14 @@ fn forward_requests(
                     hooks.vring_reset(q as usize);
                 }
             }
-            SET_VRING_ENABLE if !state.features_acked => {
+            SET_VRING_ENABLE => {
+                if let (Some(q), Some(v)) = (msg.payload_u32(0), msg.payload_u32(1)) {
+                    hooks.vring_enabled(q as usize, v != 0);
+                }
+                if state.features_acked {
+                    msg.write(back)?;
+                    continue;
+                }
                 if msg.flags() & FLAG_NEED_REPLY != 0 && state.reply_ack {
                     ack(front_writer, SET_VRING_ENABLE)?;
                 }

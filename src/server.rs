@@ -299,6 +299,10 @@ impl relay::Hooks for NetBackend {
     fn vring_reset(&self, queue: usize) {
         NetBackend::vring_reset(self, queue);
     }
+
+    fn vring_enabled(&self, queue: usize, enabled: bool) {
+        NetBackend::vring_enabled(self, queue, enabled);
+    }
 }
 
 fn spawn_stats_server(listener: UnixListener, backend: Arc<NetBackend>) -> io::Result<()> {

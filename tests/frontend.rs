@@ -452,3 +452,25 @@ fn inherited_listening_fd_is_served() {
 
     assert!(capture(&cap, common::TIMEOUT, |f| has_marker(f, 4)).is_some());
 }
+
+#[test]
+#[ignore = "needs root and /dev/net/tun (CI runs it)"]
+fn flows_avoid_a_queue_pair_the_guest_disabled() {
+    use vhost::vhost_user::VhostUserFrontend;
+    let ns = Netns::new();
+    let d = Daemon::start(&ns, &["--queue-pairs", "2"]);
+    address_tap(&ns, &d);
+    let mut fe = TestFrontend::connect(&d.socket, 2, 256, 0);
+    // The guest uses one pair: QEMU disables the other pair's rings.
+    fe.fe.set_vring_enable(2, false).expect("disable RX 1");
+    fe.fe.set_vring_enable(3, false).expect("disable TX 1");
+    fe.post_rx(0, 128, 4096);
+
+    let flows: Vec<(u16, u32)> = (0..64).map(|i| (9000 + i, 300 + u32::from(i))).collect();
+    send_udp_to_guest(&ns, &flows);
+
+    let used = fe.wait_used(0, 64);
+    assert_eq!(used.len(), 64, "every flow reached the pair in use");
+    assert_eq!(d.stats().get("frames_total", 2), 0);
+    assert!(d.log().contains("pair 1: tap queue detached"));
+}
