@@ -7,6 +7,8 @@
 
 #![allow(dead_code)]
 
+pub mod qemu;
+
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};

@@ -1,0 +1,331 @@
+//! QEMU with the test guest (Debian kernel + busybox initramfs built by
+//! `.ci/install-deps.sh`), and a client for the guest's serial control
+//! agent (protocol in `tests/guest/README.md`).
+//!
+//! QEMU is killed by PID on drop; if the test is failing, its console log is
+//! kept under `target/qemu-artifacts/`.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Boot plus guest-side setup under TCG takes ~10 s; leave room for a
+/// loaded machine.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Paths written by `.ci/install-deps.sh` into `$VUN_CACHE/env.sh`.
+pub struct GuestEnv {
+    vars: HashMap<String, String>,
+}
+
+impl GuestEnv {
+    pub fn load() -> GuestEnv {
+        let cache =
+            std::env::var("VUN_CACHE").unwrap_or_else(|_| "/var/cache/vhost-user-net".into());
+        let path = Path::new(&cache).join("env.sh");
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+            panic!(
+                "{}: {e}; run `sudo .ci/install-deps.sh` first",
+                path.display()
+            )
+        });
+        let vars = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("export "))
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.trim_matches('\'').to_owned()))
+            .collect();
+        GuestEnv { vars }
+    }
+
+    pub fn get(&self, key: &str) -> &str {
+        self.vars
+            .get(key)
+            .unwrap_or_else(|| panic!("{key} missing from env.sh; rerun .ci/install-deps.sh"))
+    }
+}
+
+/// Which QEMU to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Version {
+    /// 10.0 from bookworm-backports, MSI-X.
+    Qemu10,
+    /// Debian 12's 7.2, with `vectors=0` (its MSI-X path crashes under TCG).
+    Qemu72,
+}
+
+/// How QEMU reaches the daemon's socket.
+#[derive(Clone, Copy, Debug)]
+pub enum Chardev {
+    /// QEMU connects; reconnects every second if the daemon goes away.
+    Client,
+    /// QEMU listens (`server=on`), the daemon runs with `--client`.
+    Server,
+}
+
+/// Options of one guest.
+pub struct Options {
+    pub version: Version,
+    pub cpus: u32,
+    pub queue_pairs: usize,
+    pub chardev: Chardev,
+    pub mac: &'static str,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            version: Version::Qemu10,
+            cpus: 1,
+            queue_pairs: 1,
+            chardev: Chardev::Client,
+            mac: "52:54:00:12:34:56",
+        }
+    }
+}
+
+/// A running QEMU; killed on drop.
+pub struct Qemu {
+    child: Option<Child>,
+    pub console: PathBuf,
+    name: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Qemu {
+    /// Boots the guest with its NIC on the vhost-user socket `socket`, the
+    /// guest at `ip` (CIDR). Returns once QEMU is started; the guest agent
+    /// is reached through the returned [`Guest`].
+    pub fn boot(name: &str, socket: &Path, ip: &str, opts: &Options) -> (Qemu, Guest) {
+        let env = GuestEnv::load();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ctl_path = dir.path().join("ctl.sock");
+        let ctl = UnixListener::bind(&ctl_path).expect("bind control socket");
+        let console = dir.path().join("console.log");
+        let sock = socket.to_str().expect("utf-8 path");
+        let chardev = match (opts.chardev, opts.version) {
+            (Chardev::Client, Version::Qemu10) => {
+                format!("socket,id=chr0,path={sock},reconnect-ms=1000")
+            }
+            (Chardev::Client, Version::Qemu72) => format!("socket,id=chr0,path={sock},reconnect=1"),
+            (Chardev::Server, _) => format!("socket,id=chr0,path={sock},server=on"),
+        };
+        let vectors = match opts.version {
+            Version::Qemu10 => String::new(),
+            Version::Qemu72 => ",vectors=0".to_owned(),
+        };
+        let mq = if opts.queue_pairs > 1 { ",mq=on" } else { "" };
+        let binary = match opts.version {
+            Version::Qemu10 => env.get("VUN_QEMU10"),
+            Version::Qemu72 => env.get("VUN_QEMU72"),
+        };
+        let append = format!("console=ttyS0 panic=-1 ipv6.disable=1 vun.ip={ip} vun.ctl=ttyS1");
+        let args: Vec<String> = [
+            "-accel",
+            "tcg",
+            "-machine",
+            "q35",
+            "-m",
+            "512",
+            "-display",
+            "none",
+            "-nodefaults",
+            "-no-reboot",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .chain([
+            "-smp".into(),
+            opts.cpus.to_string(),
+            "-object".into(),
+            "memory-backend-memfd,id=mem,size=512M,share=on".into(),
+            "-numa".into(),
+            "node,memdev=mem".into(),
+            "-kernel".into(),
+            env.get("VUN_KERNEL").into(),
+            "-initrd".into(),
+            env.get("VUN_INITRAMFS").into(),
+            "-append".into(),
+            append,
+            "-serial".into(),
+            format!("file:{}", console.display()),
+            "-chardev".into(),
+            format!("socket,id=ctl,path={}", ctl_path.display()),
+            "-serial".into(),
+            "chardev:ctl".into(),
+            "-chardev".into(),
+            chardev,
+            "-netdev".into(),
+            format!(
+                "vhost-user,id=net0,chardev=chr0,queues={}",
+                opts.queue_pairs
+            ),
+            "-device".into(),
+            format!("virtio-net-pci,netdev=net0,mac={}{mq}{vectors}", opts.mac),
+        ])
+        .collect();
+        let qemu_log = std::fs::File::create(dir.path().join("qemu.log")).expect("qemu log");
+        let child = Command::new(binary)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(qemu_log)
+            .spawn()
+            .expect("start QEMU");
+        let mut qemu = Qemu {
+            child: Some(child),
+            console,
+            name: name.to_owned(),
+            _dir: dir,
+        };
+        let stream = qemu.accept_control(&ctl);
+        let mut guest = Guest::new(stream);
+        guest.wait_ready(&mut qemu);
+        (qemu, guest)
+    }
+
+    fn accept_control(&mut self, ctl: &UnixListener) -> UnixStream {
+        ctl.set_nonblocking(true).expect("nonblocking");
+        let deadline = Instant::now() + BOOT_TIMEOUT;
+        loop {
+            if let Ok((s, _)) = ctl.accept() {
+                s.set_nonblocking(false).expect("blocking");
+                return s;
+            }
+            self.assert_running();
+            assert!(
+                Instant::now() < deadline,
+                "QEMU never opened its control channel"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Panics with QEMU's stderr if it has exited.
+    pub fn assert_running(&mut self) {
+        if let Some(status) = self
+            .child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+        {
+            let log =
+                std::fs::read_to_string(self._dir.path().join("qemu.log")).unwrap_or_default();
+            panic!("QEMU exited ({status}): {log}");
+        }
+    }
+
+    /// QEMU's stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("qemu.log")).unwrap_or_default()
+    }
+
+    /// Kills QEMU (SIGKILL) and waits for it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("qemu-artifacts");
+            let _ = std::fs::create_dir_all(&dir);
+            let keep = dir.join(format!("{}-console.log", self.name));
+            let _ = std::fs::copy(&self.console, &keep);
+            let _ = std::fs::write(dir.join(format!("{}-qemu.log", self.name)), self.log());
+            eprintln!("guest console log kept at {}", keep.display());
+        }
+    }
+}
+
+/// The guest's control agent, over QEMU's second serial port.
+pub struct Guest {
+    stream: UnixStream,
+    pending: Vec<u8>,
+    seq: u32,
+}
+
+impl Guest {
+    fn new(stream: UnixStream) -> Guest {
+        stream
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        Guest {
+            stream,
+            pending: Vec::new(),
+            seq: 0,
+        }
+    }
+
+    /// Reads more bytes into `pending`; false on a timeout.
+    fn fill(&mut self) -> bool {
+        let mut buf = [0u8; 4096];
+        match self.stream.read(&mut buf) {
+            Ok(0) => panic!("guest control channel closed"),
+            Ok(n) => {
+                self.pending.extend_from_slice(&buf[..n]);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn find(&self, needle: &[u8]) -> Option<usize> {
+        self.pending.windows(needle.len()).position(|w| w == needle)
+    }
+
+    fn wait_ready(&mut self, qemu: &mut Qemu) {
+        let deadline = Instant::now() + BOOT_TIMEOUT;
+        while self.find(b"__VUN_READY__").is_none() {
+            qemu.assert_running();
+            assert!(Instant::now() < deadline, "guest never became ready");
+            self.fill();
+        }
+        self.pending.clear();
+    }
+
+    /// Runs one shell command line in the guest; returns exit status and
+    /// output (stdout and stderr).
+    pub fn run(&mut self, cmd: &str, timeout: Duration) -> (i32, String) {
+        assert!(!cmd.contains('\n'), "one line per request");
+        self.seq += 1;
+        let tag = format!("t{}", self.seq);
+        self.stream
+            .write_all(format!("VUN {tag} {cmd}\n").as_bytes())
+            .expect("send request");
+        let begin = format!("__VUN_BEGIN__ {tag}\n");
+        let done = format!("\n__VUN_DONE__ {tag} rc=");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let (Some(b), Some(d)) = (self.find(begin.as_bytes()), self.find(done.as_bytes())) {
+                let rest = &self.pending[d + done.len()..];
+                if let Some(nl) = rest.iter().position(|&c| c == b'\n') {
+                    let rc: i32 = String::from_utf8_lossy(&rest[..nl])
+                        .trim()
+                        .parse()
+                        .unwrap_or(-1);
+                    let out =
+                        String::from_utf8_lossy(&self.pending[b + begin.len()..d]).into_owned();
+                    self.pending.drain(..d + done.len() + nl + 1);
+                    return (rc, out);
+                }
+            }
+            assert!(Instant::now() < deadline, "guest command timed out: {cmd}");
+            self.fill();
+        }
+    }
+
+    /// Runs `cmd`, panicking unless it exits 0; returns its output.
+    pub fn ok(&mut self, cmd: &str, timeout: Duration) -> String {
+        let (rc, out) = self.run(cmd, timeout);
+        assert_eq!(rc, 0, "guest command failed: {cmd}\n{out}");
+        out
+    }
+}
