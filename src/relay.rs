@@ -38,8 +38,13 @@ const SET_VRING_NUM: u32 = 8;
 const SET_VRING_ADDR: u32 = 9;
 const SET_VRING_BASE: u32 = 10;
 const SET_PROTOCOL_FEATURES: u32 = 16;
+const SET_MEM_TABLE: u32 = 5;
+const SET_VRING_KICK: u32 = 12;
+const SET_VRING_CALL: u32 = 13;
+const SET_VRING_ERR: u32 = 14;
 const SET_VRING_ENABLE: u32 = 18;
 const RESET_DEVICE: u32 = 34;
+const ADD_MEM_REG: u32 = 37;
 
 const PROTOCOL_FEATURES_BIT: u64 = 1 << 30;
 const PROTOCOL_F_REPLY_ACK: u64 = 1 << 3;
@@ -50,6 +55,35 @@ pub trait Hooks: Send + Sync {
     fn vring_reset(&self, queue: usize);
     /// The frontend enabled or disabled ring `queue` (`SET_VRING_ENABLE`).
     fn vring_enabled(&self, queue: usize, enabled: bool);
+    /// Number of rings the device serves.
+    fn num_queues(&self) -> usize;
+}
+
+/// Names a frontend misconfiguration that the backend would only answer
+/// with "invalid parameters", with the fix.
+fn diagnose(msg: &Message, num_queues: usize) -> Option<String> {
+    let ring = match msg.request() {
+        SET_MEM_TABLE | ADD_MEM_REG if msg.files.is_empty() => {
+            return Some(
+                "the frontend sent guest memory without file descriptors: guest RAM must be \
+                 shared (QEMU: -object memory-backend-memfd,id=mem,size=...,share=on \
+                 -numa node,memdev=mem)"
+                    .to_owned(),
+            );
+        }
+        SET_VRING_NUM | SET_VRING_ADDR | SET_VRING_BASE | SET_VRING_ENABLE => msg.payload_u32(0)?,
+        SET_VRING_KICK | SET_VRING_CALL | SET_VRING_ERR => msg.payload_u32(0)? & 0xff,
+        _ => return None,
+    };
+    (ring as usize >= num_queues).then(|| {
+        format!(
+            "the frontend uses ring {ring}, but this daemon serves {} queue pair(s): start it \
+             with --queue-pairs {} or give the frontend queues={}",
+            num_queues / 2,
+            ring / 2 + 1,
+            num_queues / 2
+        )
+    })
 }
 
 /// One vhost-user message as read from the socket.
@@ -131,6 +165,8 @@ impl Message {
 struct State {
     reply_ack: bool,
     features_acked: bool,
+    /// A misconfiguration was reported on this connection (say it once).
+    diagnosed: bool,
     /// Early enables by ring index, the last value per ring.
     held: BTreeMap<u32, Message>,
 }
@@ -190,6 +226,12 @@ fn forward_requests(
 ) -> io::Result<()> {
     let mut state = State::default();
     while let Some(mut msg) = Message::read(front)? {
+        if !state.diagnosed {
+            if let Some(problem) = diagnose(&msg, hooks.num_queues()) {
+                log::error!("{problem}");
+                state.diagnosed = true;
+            }
+        }
         match msg.request() {
             SET_PROTOCOL_FEATURES => {
                 state.reply_ack = msg.payload_u64().unwrap_or(0) & PROTOCOL_F_REPLY_ACK != 0;
@@ -253,4 +295,40 @@ fn ack(front: &Mutex<UnixStream>, request: u32) -> io::Result<()> {
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     reply.write(&front)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(request: u32, payload: &[u8], files: Vec<std::fs::File>) -> Message {
+        let mut header = [0u8; HEADER_LEN];
+        header[..4].copy_from_slice(&request.to_le_bytes());
+        header[4..8].copy_from_slice(&VERSION.to_le_bytes());
+        let size = u32::try_from(payload.len()).unwrap();
+        header[8..12].copy_from_slice(&size.to_le_bytes());
+        Message {
+            header,
+            payload: payload.to_vec(),
+            files,
+        }
+    }
+
+    #[test]
+    fn memory_without_file_descriptors_is_diagnosed_as_unshared_ram() {
+        let msg = message(ADD_MEM_REG, &[0u8; 40], Vec::new());
+        let text = diagnose(&msg, 2).expect("diagnosed");
+        assert!(text.contains("share=on"), "{text}");
+    }
+
+    #[test]
+    fn ring_beyond_the_queue_pairs_is_diagnosed_with_the_flag_to_change() {
+        let mut payload = 2u32.to_le_bytes().to_vec();
+        payload.extend_from_slice(&256u32.to_le_bytes());
+        let text = diagnose(&message(SET_VRING_NUM, &payload, Vec::new()), 2).expect("diagnosed");
+        assert!(text.contains("--queue-pairs 2"), "{text}");
+        let kick = message(SET_VRING_KICK, &3u64.to_le_bytes(), Vec::new());
+        assert!(diagnose(&kick, 4).is_none());
+        assert!(diagnose(&kick, 2).is_some());
+    }
 }

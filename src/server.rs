@@ -303,6 +303,10 @@ impl relay::Hooks for NetBackend {
     fn vring_enabled(&self, queue: usize, enabled: bool) {
         NetBackend::vring_enabled(self, queue, enabled);
     }
+
+    fn num_queues(&self) -> usize {
+        vhost_user_backend::VhostUserBackend::num_queues(self)
+    }
 }
 
 fn spawn_stats_server(listener: UnixListener, backend: Arc<NetBackend>) -> io::Result<()> {
