@@ -118,7 +118,10 @@ impl NetBackend {
         let pairs = queues
             .into_iter()
             .enumerate()
-            .map(|(i, q)| QueuePair::new(i, num_queues, q, stats.clone()).map(Mutex::new))
+            .map(|(i, q)| {
+                let policies = [config.rx_coalesce, config.tx_coalesce];
+                QueuePair::new(i, num_queues, q, stats.clone(), policies).map(Mutex::new)
+            })
             .collect::<io::Result<Vec<_>>>()?;
         Ok(NetBackend {
             config,

@@ -8,6 +8,8 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
+use crate::notify::Policy;
+
 /// Most queue pairs accepted (one worker thread each).
 pub const MAX_QUEUE_PAIRS: usize = 64;
 /// Largest ring size a split virtqueue may have.
@@ -61,6 +63,15 @@ pub struct Args {
     #[arg(long, value_name = "N")]
     pub mtu: Option<u32>,
 
+    /// Interrupt coalescing for RX (tap to guest): immediate,
+    /// frames=N,usecs=T, or adaptive[,usecs=T].
+    #[arg(long, value_name = "POLICY", default_value = "immediate")]
+    pub rx_coalesce: Policy,
+
+    /// Interrupt coalescing for TX completions (guest to tap).
+    #[arg(long, value_name = "POLICY", default_value = "immediate")]
+    pub tx_coalesce: Policy,
+
     /// Unix socket serving the counters as Prometheus text
     /// [default: SOCKET_PATH.stats when listening on --socket-path; none otherwise].
     #[arg(long, value_name = "PATH")]
@@ -74,6 +85,9 @@ pub struct DeviceConfig {
     pub mtu: u16,
     pub queue_pairs: usize,
     pub queue_size: u16,
+    /// Interrupt coalescing per direction.
+    pub rx_coalesce: Policy,
+    pub tx_coalesce: Policy,
 }
 
 /// How the daemon meets its frontends.
@@ -190,6 +204,8 @@ impl TryFrom<Args> for Config {
                 mtu: tap_mtu.unwrap_or(1500),
                 queue_pairs: args.queue_pairs,
                 queue_size,
+                rx_coalesce: args.rx_coalesce,
+                tx_coalesce: args.tx_coalesce,
             },
         })
     }
@@ -302,6 +318,37 @@ mod tests {
     fn print_capabilities_needs_no_other_flag() {
         let a = Args::try_parse_from(["vhost-user-net", "--print-capabilities"]).unwrap();
         assert_eq!(Command::try_from(a), Ok(Command::PrintCapabilities));
+    }
+
+    #[test]
+    fn coalescing_policies_are_per_direction_and_bad_ones_name_the_flag() {
+        let c = Config::try_from(args(&[
+            "--rx-coalesce",
+            "adaptive",
+            "--tx-coalesce",
+            "frames=32,usecs=1000",
+        ]))
+        .unwrap();
+        assert_eq!(c.device.rx_coalesce.to_string(), "adaptive,usecs=250");
+        assert_eq!(
+            c.device.tx_coalesce,
+            Policy::Frames {
+                frames: 32,
+                usecs: 1000
+            }
+        );
+        let err = Args::try_parse_from([
+            "vhost-user-net",
+            "--socket-path",
+            "/x",
+            "--tap",
+            "t",
+            "--rx-coalesce",
+            "fast",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("--rx-coalesce"), "{err}");
     }
 
     #[test]

@@ -15,18 +15,20 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
+use std::time::Instant;
 
-use vhost_user_backend::VringT;
+use vhost_user_backend::{VringState, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::guest::{GuestMem, IoVecBuf, IOV_MAX};
-use crate::notify::Decision;
-use crate::ring::{Batch, End, RingError};
+use crate::notify::{Coalescer, Policy, Verdict};
+use crate::ring::{self, Batch, End, RingError};
 use crate::rx::{self, RxChain, RxParams, Window};
 use crate::stats::{QueueStats, Stats};
+use crate::sys::Timer;
 use crate::tx;
 use crate::vring::NetVring;
 
@@ -48,6 +50,10 @@ pub enum Event {
     TapWritable,
     /// A direction spent its budget with work left: continue.
     Resume,
+    /// The RX ring's deferred interrupt is due.
+    RxTimer,
+    /// The TX ring's deferred interrupt is due.
+    TxTimer,
 }
 
 impl Event {
@@ -60,6 +66,8 @@ impl Event {
             Event::TapReadable => base + 1,
             Event::TapWritable => base + 2,
             Event::Resume => base + 3,
+            Event::RxTimer => base + 4,
+            Event::TxTimer => base + 5,
         }
     }
 
@@ -71,6 +79,8 @@ impl Event {
             Event::TapReadable,
             Event::TapWritable,
             Event::Resume,
+            Event::RxTimer,
+            Event::TxTimer,
         ]
         .into_iter()
         .find(|e| e.id(num_queues) == u64::from(id))
@@ -106,6 +116,10 @@ struct Connection {
     watching: [bool; 2],
     broken: [bool; 2],
     pending: [bool; 2],
+    /// Interrupt coalescing state per ring.
+    coalescers: [Coalescer; 2],
+    /// The deadline each ring's timer is armed for.
+    timer_deadline: [Option<Instant>; 2],
 }
 
 /// One queue pair: RX is ring 0 of the pair, TX ring 1.
@@ -117,6 +131,10 @@ pub struct QueuePair {
     resume: EventFd,
     stats: Arc<Stats>,
     rx_params: RxParams,
+    /// Coalescing policy per ring (RX, TX).
+    policies: [Policy; 2],
+    /// Timer per ring for deferred interrupts.
+    timers: [Timer; 2],
     /// Whether our tap queue is attached (receives frames from the kernel).
     tap_attached: bool,
     conn: Option<Connection>,
@@ -129,8 +147,15 @@ const RX: usize = 0;
 const TX: usize = 1;
 
 impl QueuePair {
-    /// A pair serving tap queue `tap` as queue pair `index` of `num_queues`.
-    pub fn new(index: usize, num_queues: usize, tap: File, stats: Arc<Stats>) -> io::Result<Self> {
+    /// A pair serving tap queue `tap` as queue pair `index` of `num_queues`,
+    /// with interrupt coalescing `policies` (RX, TX).
+    pub fn new(
+        index: usize,
+        num_queues: usize,
+        tap: File,
+        stats: Arc<Stats>,
+        policies: [Policy; 2],
+    ) -> io::Result<Self> {
         Ok(QueuePair {
             index,
             num_queues,
@@ -142,6 +167,8 @@ impl QueuePair {
                 mergeable: false,
                 max_frame: 0,
             },
+            policies,
+            timers: [Timer::new()?, Timer::new()?],
             tap_attached: true,
             conn: None,
             tx_iov: IoVecBuf::with_capacity(IOV_MAX),
@@ -184,14 +211,20 @@ impl QueuePair {
         mem: GuestMemoryAtomic<GuestMem>,
         listeners: Arc<dyn Listeners>,
     ) -> io::Result<()> {
-        let id = Event::Resume.id(self.num_queues);
-        listeners.register(self.resume.as_raw_fd(), EventSet::IN, id)?;
+        let n = self.num_queues;
+        listeners.register(self.resume.as_raw_fd(), EventSet::IN, Event::Resume.id(n))?;
+        for (timer, event) in self.timers.iter().zip([Event::RxTimer, Event::TxTimer]) {
+            timer.set(None)?;
+            listeners.register(timer.as_raw_fd(), EventSet::IN, event.id(n))?;
+        }
         self.conn = Some(Connection {
             mem,
             listeners,
             watching: [false; 2],
             broken: [false; 2],
             pending: [false; 2],
+            coalescers: self.policies.map(Coalescer::new),
+            timer_deadline: [None; 2],
         });
         Ok(())
     }
@@ -208,6 +241,9 @@ impl QueuePair {
         if let Some(conn) = self.conn.as_mut() {
             if let Some(b) = conn.broken.get_mut(ring) {
                 *b = false;
+            }
+            if let Some(c) = conn.coalescers.get_mut(ring) {
+                c.reset();
             }
         }
     }
@@ -236,6 +272,12 @@ impl QueuePair {
                 let pending = std::mem::take(&mut conn.pending);
                 (pending[RX], pending[TX])
             }
+            Event::RxTimer | Event::TxTimer => {
+                let ring = if event == Event::RxTimer { RX } else { TX };
+                let _ = self.timers[ring].take();
+                self.fire_timer(ring, &vrings[ring]);
+                (false, false)
+            }
         };
         if run_tx {
             self.run_tx(&vrings[TX]);
@@ -262,10 +304,11 @@ impl QueuePair {
         }
         let queue_index = 2 * self.index + TX;
         let (tap, iov) = (&self.tap, &mut self.tx_iov);
+        let coalescer = &mut self.conn.as_mut().expect("caller checked").coalescers[TX];
         let result = (|| {
             let mut batch = Batch::begin(state.get_queue_mut(), &mem, stats, queue_index)?;
             let end = batch.drain(BUDGET_FRAMES, |b| tx::step(b, iov, tap))?;
-            Ok((end, batch.finish()?))
+            Ok((end, batch.finish(coalescer)?))
         })();
         let end = self.conclude(result, &state, TX);
         drop(state);
@@ -293,12 +336,13 @@ impl QueuePair {
             chains: &mut self.rx_window,
             iovecs: &mut iovecs,
         };
+        let coalescer = &mut self.conn.as_mut().expect("caller checked").coalescers[RX];
         let result = (|| {
             let mut batch = Batch::begin(state.get_queue_mut(), &mem, stats, queue_index)?;
             let end = batch.drain(BUDGET_FRAMES, |b| rx::step(b, &mut window, tap, params));
             window.give_back(&mut batch);
             let end = end?;
-            Ok((end, batch.finish()?))
+            Ok((end, batch.finish(coalescer)?))
         })();
         drop(iovecs);
         let end = self.conclude(result, &state, RX);
@@ -310,22 +354,18 @@ impl QueuePair {
         }
     }
 
-    /// Signals the guest if the batch's decision says so; on a ring error,
-    /// stops the ring (a guest fault: the daemon and other rings go on).
+    /// Acts on the batch's interrupt verdict; on a ring error, stops the
+    /// ring (a guest fault: the daemon and other rings go on).
     fn conclude(
         &mut self,
-        result: Result<(End, Decision), RingError>,
-        state: &vhost_user_backend::VringState<GuestMemoryAtomic<GuestMem>>,
+        result: Result<(End, Verdict), RingError>,
+        state: &VringState<GuestMemoryAtomic<GuestMem>>,
         ring: usize,
     ) -> Option<End> {
         let queue_index = 2 * self.index + ring;
         match result {
-            Ok((end, decision)) => {
-                if decision == Decision::Signal {
-                    if let Err(e) = state.signal_used_queue() {
-                        log::warn!("queue {queue_index}: cannot signal the guest: {e}");
-                    }
-                }
+            Ok((end, verdict)) => {
+                self.act(ring, verdict, state);
                 Some(end)
             }
             Err(e) => {
@@ -339,6 +379,54 @@ impl QueuePair {
                 None
             }
         }
+    }
+
+    /// Signals the guest, or arms the ring's timer for a deferred interrupt.
+    fn act(
+        &mut self,
+        ring: usize,
+        verdict: Verdict,
+        state: &VringState<GuestMemoryAtomic<GuestMem>>,
+    ) {
+        match verdict {
+            Verdict::Signal => {
+                if let Err(e) = state.signal_used_queue() {
+                    log::warn!(
+                        "queue {}: cannot signal the guest: {e}",
+                        2 * self.index + ring
+                    );
+                }
+            }
+            Verdict::Suppress => {}
+            Verdict::Defer(deadline) => {
+                let Some(conn) = self.conn.as_mut() else {
+                    return;
+                };
+                if conn.timer_deadline[ring] == Some(deadline) {
+                    return;
+                }
+                let after = deadline.saturating_duration_since(Instant::now());
+                match self.timers[ring].set(Some(after)) {
+                    Ok(()) => conn.timer_deadline[ring] = Some(deadline),
+                    Err(e) => {
+                        log::error!("pair {}: cannot arm the interrupt timer: {e}", self.index)
+                    }
+                }
+            }
+        }
+    }
+
+    /// A ring's interrupt timer fired: decide about the held interrupt.
+    fn fire_timer(&mut self, ring: usize, vring: &NetVring) {
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        conn.timer_deadline[ring] = None;
+        let mem = conn.mem.memory();
+        let state = vring.get_ref();
+        let stats = &self.stats.queues[2 * self.index + ring];
+        let verdict = ring::on_timer(state.get_queue(), &mem, stats, &mut conn.coalescers[ring]);
+        self.act(ring, verdict, &state);
     }
 
     fn resume_later(&mut self, ring: usize) {

@@ -14,12 +14,13 @@
 
 use std::num::Wrapping;
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::guest::GuestMem;
-use crate::notify::{self, Decision};
+use crate::notify::{self, Coalescer, Verdict};
 use crate::stats::QueueStats;
 
 /// Offset of `ring[0]` in the used ring (after `flags` and `idx`).
@@ -71,6 +72,7 @@ pub struct Batch<'q> {
     frames: u64,
     warned: bool,
     queue_index: usize,
+    started: Instant,
 }
 
 impl<'q> Batch<'q> {
@@ -99,6 +101,7 @@ impl<'q> Batch<'q> {
             frames: 0,
             warned: false,
             queue_index,
+            started: Instant::now(),
         })
     }
 
@@ -210,34 +213,72 @@ impl<'q> Batch<'q> {
             .map_err(RingError::RingAccess)
     }
 
-    /// Publishes the batch's used entries and decides about the interrupt.
-    pub fn finish(self) -> Result<Decision, RingError> {
-        if self.next_used == self.old_used {
-            return Ok(Decision::Suppress);
+    /// Publishes the batch's used entries and makes the batch's one
+    /// interrupt decision through the ring's `coalescer`.
+    pub fn finish(self, coalescer: &mut Coalescer) -> Result<Verdict, RingError> {
+        let completed = (self.next_used - self.old_used).0;
+        if completed > 0 {
+            let idx_at = self.queue.used_ring() + 2;
+            self.mem
+                .store(
+                    u16::to_le(self.next_used.0),
+                    GuestAddress(idx_at),
+                    Ordering::Release,
+                )
+                .map_err(|_| RingError::UsedRing(idx_at))?;
+            self.queue.set_next_used(self.next_used.0);
+            self.stats.record_batch(self.frames);
         }
-        let idx_at = self.queue.used_ring() + 2;
-        self.mem
-            .store(
-                u16::to_le(self.next_used.0),
-                GuestAddress(idx_at),
-                Ordering::Release,
-            )
-            .map_err(|_| RingError::UsedRing(idx_at))?;
-        self.queue.set_next_used(self.next_used.0);
-        self.stats.record_batch(self.frames);
-        let decision = notify::decide(
-            self.mem,
-            GuestAddress(self.queue.avail_ring()),
-            self.queue.size(),
-            self.queue.event_idx_enabled(),
-            self.old_used.0,
+        let now = Instant::now();
+        let verdict = coalescer.after_batch(
+            now,
+            completed,
             self.next_used.0,
+            self.queue.size(),
+            now.saturating_duration_since(self.started),
+            wants(self.queue, self.mem),
         );
-        let counter = match decision {
-            Decision::Signal => &self.stats.interrupts_sent,
-            Decision::Suppress => &self.stats.interrupts_suppressed,
-        };
-        QueueStats::add(counter, 1);
-        Ok(decision)
+        if completed > 0 {
+            count(self.stats, verdict);
+        }
+        Ok(verdict)
     }
+}
+
+/// The guest's wish for entries `old..new` of `queue`.
+fn wants<'a>(queue: &'a Queue, mem: &'a GuestMem) -> impl Fn(u16, u16) -> bool + 'a {
+    let (avail, size, event_idx) = (
+        GuestAddress(queue.avail_ring()),
+        queue.size(),
+        queue.event_idx_enabled(),
+    );
+    move |old, new| notify::guest_wants(mem, avail, size, event_idx, old, new)
+}
+
+fn count(stats: &QueueStats, verdict: Verdict) {
+    let counter = match verdict {
+        Verdict::Signal => &stats.interrupts_sent,
+        Verdict::Suppress => &stats.interrupts_suppressed,
+        Verdict::Defer(_) => &stats.interrupts_deferred,
+    };
+    QueueStats::add(counter, 1);
+}
+
+/// Decides about an interrupt a coalescing policy held back, once its
+/// timer fired.
+pub fn on_timer(
+    queue: &Queue,
+    mem: &GuestMem,
+    stats: &QueueStats,
+    coalescer: &mut Coalescer,
+) -> Verdict {
+    if !coalescer.deferred() {
+        return Verdict::Suppress;
+    }
+    let verdict = coalescer.on_timer(Instant::now(), queue.size(), wants(queue, mem));
+    // A still-deferred interrupt was counted when it was deferred.
+    if !matches!(verdict, Verdict::Defer(_)) {
+        count(stats, verdict);
+    }
+    verdict
 }

@@ -137,8 +137,8 @@ pub fn set_mtu(name: &str, mtu: u16) -> io::Result<()> {
     check(unsafe { ioctl_with_ref(&sock, libc::SIOCSIFMTU, &req) })
 }
 
-/// Reads and resets an eventfd's counter: the number of notifications
-/// written to it since the last read (0 when there were none).
+/// Reads and resets an eventfd's (or timerfd's) counter: the number of
+/// notifications (expirations) since the last read (0 when there were none).
 pub fn eventfd_take(fd: RawFd) -> io::Result<u64> {
     let mut value: u64 = 0;
     // SAFETY: reads exactly 8 bytes into `value`, which is 8 bytes long and
@@ -152,6 +152,69 @@ pub fn eventfd_take(fd: RawFd) -> io::Result<u64> {
         return Err(err);
     }
     Ok(value)
+}
+
+/// A one-shot monotonic timer whose fd becomes readable when it fires
+/// (`timerfd`, non-blocking).
+#[derive(Debug)]
+pub struct Timer(File);
+
+impl Timer {
+    pub fn new() -> io::Result<Timer> {
+        // SAFETY: plain timerfd_create(2); the result is checked and then
+        // owned by the `File`.
+        let fd = unsafe {
+            libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+        Ok(Timer(unsafe { File::from_raw_fd(fd) }))
+    }
+
+    /// Fires once after `after` (at least 1 ns); `None` disarms.
+    pub fn set(&self, after: Option<std::time::Duration>) -> io::Result<()> {
+        let value = after.map_or(
+            libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            |d| {
+                let d = d.max(std::time::Duration::from_nanos(1));
+                libc::timespec {
+                    tv_sec: libc::time_t::try_from(d.as_secs()).unwrap_or(libc::time_t::MAX),
+                    tv_nsec: libc::c_long::from(d.subsec_nanos()),
+                }
+            },
+        );
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: value,
+        };
+        // SAFETY: `spec` is a live, initialised itimerspec the kernel only
+        // reads; the old value is not requested (null).
+        check(unsafe {
+            libc::timerfd_settime(self.0.as_raw_fd(), 0, &raw const spec, std::ptr::null_mut())
+        })
+    }
+
+    /// Consumes the expirations; 0 if it has not fired.
+    pub fn take(&self) -> io::Result<u64> {
+        eventfd_take(self.0.as_raw_fd())
+    }
+}
+
+impl AsRawFd for Timer {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
 }
 
 /// Upper bound on descriptors one vhost-user message carries
@@ -236,6 +299,19 @@ mod tests {
         assert!(IfReq::with_name("0123456789abcdef").is_err());
         assert!(IfReq::with_name("").is_err());
         assert!(IfReq::with_name("tap0").is_ok());
+    }
+
+    #[test]
+    fn timer_fires_once_and_can_be_disarmed() {
+        let t = Timer::new().unwrap();
+        assert_eq!(t.take().unwrap(), 0);
+        t.set(Some(std::time::Duration::from_micros(50))).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        assert_eq!(t.take().unwrap(), 1);
+        t.set(Some(std::time::Duration::from_millis(1))).unwrap();
+        t.set(None).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        assert_eq!(t.take().unwrap(), 0);
     }
 
     #[test]

@@ -477,3 +477,25 @@ fn flows_avoid_a_queue_pair_the_guest_disabled() {
     assert_eq!(d.stats().get("frames_total", 2), 0);
     assert!(d.log().contains("pair 1: tap queue detached"));
 }
+
+#[test]
+#[ignore = "needs root and /dev/net/tun (CI runs it)"]
+fn held_interrupt_arrives_when_the_coalescing_timer_fires() {
+    let ns = Netns::new();
+    let d = Daemon::start(&ns, &["--tx-coalesce", "frames=32,usecs=2000"]);
+    let mut fe = TestFrontend::connect(&d.socket, 1, 256, 0);
+    let src = default_mac(&d.tap);
+
+    for tag in 0..5 {
+        fe.queue_tx(0, &eth_frame(src, &marker(tag)));
+    }
+    fe.publish_and_kick(1);
+    fe.wait_used(1, 5);
+
+    common::wait_for("the held interrupt", || {
+        (fe.vqs[1].take_interrupts() == 1).then_some(())
+    });
+    let s = d.stats();
+    assert_eq!(s.get("interrupts_deferred_total", 1), 1);
+    assert_eq!(s.get("interrupts_sent_total", 1), 1);
+}

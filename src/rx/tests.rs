@@ -39,7 +39,11 @@ fn run_batch(
         .drain(u64::MAX, |b| step(b, &mut window, tap, params))
         .unwrap();
     window.give_back(&mut batch);
-    batch.finish().unwrap();
+    batch
+        .finish(&mut crate::notify::Coalescer::new(
+            crate::notify::Policy::Immediate,
+        ))
+        .unwrap();
     end
 }
 

@@ -3,7 +3,7 @@ use std::io::{Read, Write};
 use super::*;
 use crate::driver::{Buf, AVAIL_F_NO_INTERRUPT, USED_F_NO_NOTIFY};
 use crate::guest::IoVecBuf;
-use crate::notify::Decision;
+use crate::notify::{Coalescer, Policy, Verdict};
 use crate::ring::{Batch, End};
 use crate::stats::QueueStats;
 use crate::testutil::{add_tx_frame, buf_addr, memory, ring, tap_pair};
@@ -15,11 +15,16 @@ fn run_batch(
     queue: &mut virtio_queue::Queue,
     stats: &QueueStats,
     tap: &File,
-) -> (End, Decision) {
+) -> (End, Verdict) {
     let mut iov = IoVecBuf::default();
     let mut batch = Batch::begin(queue, mem, stats, 1).unwrap();
     let end = batch.drain(u64::MAX, |b| step(b, &mut iov, tap)).unwrap();
-    (end, batch.finish().unwrap())
+    (
+        end,
+        batch
+            .finish(&mut Coalescer::new(Policy::Immediate))
+            .unwrap(),
+    )
 }
 
 #[test]
@@ -119,7 +124,7 @@ fn full_tap_gives_the_chain_back_and_reports_blocked() {
     assert_eq!(end, End::TapBlocked);
     assert_eq!(
         decision,
-        Decision::Suppress,
+        Verdict::Suppress,
         "nothing completed, nothing to signal"
     );
     assert_eq!(q.next_avail(), 0, "the chain was given back");
@@ -162,7 +167,9 @@ fn tx_256_frames_with_used_event(used_event: u16) -> QueueStats {
         }
     };
     assert_eq!(end, End::RingEmpty);
-    batch.finish().unwrap();
+    batch
+        .finish(&mut Coalescer::new(Policy::Immediate))
+        .unwrap();
     drain.join().unwrap();
     stats
 }
@@ -217,7 +224,9 @@ fn without_event_idx_no_notify_is_set_while_draining_and_cleared_after() {
             step(b, &mut iov, &tap)
         })
         .unwrap();
-    batch.finish().unwrap();
+    batch
+        .finish(&mut Coalescer::new(Policy::Immediate))
+        .unwrap();
 
     assert_eq!(flags_while_draining, USED_F_NO_NOTIFY);
     assert_eq!(
@@ -239,7 +248,7 @@ fn without_event_idx_no_interrupt_flag_is_honoured() {
 
     let (_, decision) = run_batch(&mem, &mut q, &stats, &tap);
 
-    assert_eq!(decision, Decision::Suppress);
+    assert_eq!(decision, Verdict::Suppress);
     assert_eq!(QueueStats::get(&stats.interrupts_suppressed), 1);
 }
 
@@ -257,7 +266,9 @@ fn budget_ends_the_batch_with_work_left() {
     let mut batch = Batch::begin(&mut q, &mem, &stats, 1).unwrap();
 
     let end = batch.drain(3, |b| step(b, &mut iov, &tap)).unwrap();
-    batch.finish().unwrap();
+    batch
+        .finish(&mut Coalescer::new(Policy::Immediate))
+        .unwrap();
 
     assert_eq!(end, End::BudgetSpent);
     assert_eq!(QueueStats::get(&stats.frames), 3);
@@ -303,4 +314,40 @@ fn indirect_chain_built_by_mock_split_queue_is_one_writev() {
     assert_eq!(peer.read(&mut frame).unwrap(), 3 * 0x1000);
     assert_eq!(QueueStats::get(&stats.frames), 1);
     assert_eq!(QueueStats::get(&stats.bad_chains), 0);
+}
+
+#[test]
+fn frames_policy_defers_a_short_batch_and_the_timer_signals_it() {
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 256, true);
+    let (tap, _peer) = tap_pair();
+    for i in 0..10 {
+        add_tx_frame(&mem, &mut r, i, &[1; 60]);
+    }
+    r.publish(&mem);
+    let stats = QueueStats::default();
+    let mut c = Coalescer::new("frames=32,usecs=200".parse().unwrap());
+    let mut iov = IoVecBuf::default();
+    let mut batch = Batch::begin(&mut q, &mem, &stats, 1).unwrap();
+    batch.drain(u64::MAX, |b| step(b, &mut iov, &tap)).unwrap();
+
+    let verdict = batch.finish(&mut c).unwrap();
+
+    assert!(matches!(verdict, Verdict::Defer(_)), "{verdict:?}");
+    assert_eq!(QueueStats::get(&stats.interrupts_deferred), 1);
+    std::thread::sleep(std::time::Duration::from_micros(300));
+    assert_eq!(
+        crate::ring::on_timer(&q, &mem, &stats, &mut c),
+        Verdict::Signal
+    );
+    assert_eq!(QueueStats::get(&stats.interrupts_sent), 1);
+    assert_eq!(
+        crate::ring::on_timer(&q, &mem, &stats, &mut c),
+        Verdict::Suppress
+    );
+    assert_eq!(
+        QueueStats::get(&stats.interrupts_sent),
+        1,
+        "nothing left to signal"
+    );
 }
