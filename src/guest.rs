@@ -218,7 +218,16 @@ impl GuestIoVecs<'_, '_> {
         // slice of `self.mem`, which `'m` keeps mapped for the whole call; the
         // kernel only reads through them. A guest racing on the same memory
         // can change the bytes, not the validity of the pointers.
-        let n = unsafe { libc::writev(file.as_raw_fd(), self.buf.iovecs.as_ptr(), count) };
+        // The raw syscall skips libc's cancellation-point wrapper (~4% of a
+        // worker at 64-byte line rate); we never use thread cancellation.
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_writev,
+                file.as_raw_fd(),
+                self.buf.iovecs.as_ptr(),
+                count,
+            )
+        };
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -232,7 +241,14 @@ impl GuestIoVecs<'_, '_> {
         // guest memory kept alive by `'m`. The kernel writes at most their
         // total length; guest memory is shared with the guest by design, so
         // no Rust reference to it exists that this write could invalidate.
-        let n = unsafe { libc::readv(file.as_raw_fd(), self.buf.iovecs.as_ptr(), count) };
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_readv,
+                file.as_raw_fd(),
+                self.buf.iovecs.as_ptr(),
+                count,
+            )
+        };
         if n < 0 {
             return Err(io::Error::last_os_error());
         }

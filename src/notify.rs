@@ -66,8 +66,8 @@ pub fn guest_wants(
 pub enum Policy {
     /// Signal whenever the guest's event index asks.
     Immediate,
-    /// Hold the interrupt until `frames` completions, or `usecs` after the
-    /// first unsignalled completion, whichever comes first.
+    /// Hold the interrupt until `frames` completions since the last
+    /// interrupt, or `usecs` after the guest asked, whichever comes first.
     Frames { frames: u32, usecs: u32 },
     /// Signal at once while completions are sparse (the mean time between
     /// them exceeds twice the mean time to deliver one); while they are
@@ -165,7 +165,10 @@ pub struct Coalescer {
     checked: Option<Wrapping<u16>>,
     /// Used index after the latest batch.
     latest: Wrapping<u16>,
+    /// Completions since the last interrupt, whether or not the guest asked
+    /// for one: a guest waiting for its buffers back sees none of them.
     unsignalled: u32,
+    /// When the guest first asked for the interrupt being held.
     first_unsignalled: Option<Instant>,
     last_batch_end: Option<Instant>,
     mean_gap_ns: f64,
@@ -216,11 +219,10 @@ impl Coalescer {
             .get_or_insert(Wrapping(new) - Wrapping(completed));
         if completed > 0 {
             self.learn(now, completed, took);
-            self.unsignalled += u32::from(completed);
-            self.first_unsignalled.get_or_insert(now);
+            self.unsignalled = self.unsignalled.saturating_add(u32::from(completed));
         }
         self.latest = Wrapping(new);
-        if self.unsignalled == 0 {
+        if completed == 0 && !self.deferred() {
             return Verdict::Suppress;
         }
         self.decide(now, ring_size, wants)
@@ -233,7 +235,7 @@ impl Coalescer {
         ring_size: u16,
         wants: impl Fn(u16, u16) -> bool,
     ) -> Verdict {
-        if self.unsignalled == 0 {
+        if !self.deferred() {
             return Verdict::Suppress;
         }
         self.decide(now, ring_size, wants)
@@ -247,10 +249,13 @@ impl Coalescer {
     ) -> Verdict {
         let checked = self.checked.unwrap_or(self.latest);
         if !wants(checked.0, self.latest.0) {
-            self.settle();
+            // Nothing to hold any more; completions stay counted until an
+            // interrupt actually tells the guest about them.
+            self.checked = Some(self.latest);
+            self.first_unsignalled = None;
             return Verdict::Suppress;
         }
-        let first = self.first_unsignalled.unwrap_or(now);
+        let first = *self.first_unsignalled.get_or_insert(now);
         let urgent = u64::from(self.unsignalled) * 2 > u64::from(ring_size);
         let hold = |usecs: u32| {
             let deadline = first + Duration::from_micros(u64::from(usecs));
@@ -272,6 +277,7 @@ impl Coalescer {
         }
     }
 
+    /// An interrupt was sent: everything up to `latest` is signalled.
     fn settle(&mut self) {
         self.checked = Some(self.latest);
         self.unsignalled = 0;
@@ -415,6 +421,23 @@ mod tests {
             Verdict::Defer(_)
         ));
         assert_eq!(c.after_batch(t0, 1, 129, 256, US, ALWAYS), Verdict::Signal);
+    }
+
+    #[test]
+    fn completions_the_guest_did_not_ask_about_still_count_toward_urgency() {
+        // A guest reclaiming lazily (Linux TX: interrupt after 3/4 of the
+        // outstanding buffers) asks late; by then it may be out of buffers.
+        let mut c = Coalescer::new("frames=1000,usecs=100000".parse().unwrap());
+        let t0 = Instant::now();
+        let asks_at_200 = |old: u16, new: u16| need_event(200, new, old);
+        assert_eq!(
+            c.after_batch(t0, 120, 120, 256, US, asks_at_200),
+            Verdict::Suppress
+        );
+        assert_eq!(
+            c.after_batch(t0, 90, 210, 256, US, asks_at_200),
+            Verdict::Signal
+        );
     }
 
     #[test]

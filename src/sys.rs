@@ -217,6 +217,34 @@ impl AsRawFd for Timer {
     }
 }
 
+/// Waits until one of `fds` is readable or `timeout_ms` passes; returns
+/// how many are readable (used by the benchmark's guest to wait for
+/// interrupts on call eventfds).
+pub fn wait_readable(fds: &[RawFd], timeout_ms: i32) -> io::Result<usize> {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let n = libc::nfds_t::try_from(pfds.len()).expect("few fds");
+    // SAFETY: `pfds` is a live array of `n` pollfd structs that poll(2)
+    // reads and writes for the duration of the call; a closed fd only
+    // yields POLLNVAL.
+    let ret = unsafe { libc::poll(pfds.as_mut_ptr(), n, timeout_ms) };
+    if ret < 0 {
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::Interrupted {
+            Ok(0)
+        } else {
+            Err(e)
+        };
+    }
+    Ok(usize::try_from(ret).expect("non-negative"))
+}
+
 /// Upper bound on descriptors one vhost-user message carries
 /// (`VHOST_MEMORY_MAX_NREGIONS` in the protocol).
 pub const MAX_ATTACHED_FDS: usize = 32;

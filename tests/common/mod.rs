@@ -348,9 +348,9 @@ pub fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
 }
 
 pub const GUEST_BASE: u64 = 0x10_0000;
-pub const GUEST_SIZE: usize = 64 << 20;
+pub const GUEST_SIZE: usize = 160 << 20;
 const RINGS_SIZE: u64 = 1 << 20;
-const BUF_AREA: u64 = 4 << 20;
+pub const BUF_AREA: u64 = 16 << 20;
 
 /// One virtqueue as the frontend (the guest) sees it.
 pub struct Vq {
@@ -365,8 +365,13 @@ pub struct Vq {
 }
 
 impl Vq {
+    /// Sets the size of the buffers [`Vq::next_buffer`] hands out.
+    pub fn set_buf_size(&mut self, size: u32) {
+        self.buf_size = size;
+    }
+
     /// Address of a fresh buffer in this queue's area (round robin).
-    fn next_buffer(&mut self) -> GuestAddress {
+    pub fn next_buffer(&mut self) -> GuestAddress {
         let slots = usize::try_from(BUF_AREA / u64::from(self.buf_size)).expect("small");
         let i = self.next_buf % slots;
         self.next_buf += 1;

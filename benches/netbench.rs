@@ -1,0 +1,887 @@
+//! `cargo bench --bench netbench` (as root): throughput, packets per
+//! interrupt, kicks per packet and latency of the daemon (release build)
+//! under a synthetic guest that speaks the real vhost-user protocol and
+//! drives its rings as Linux `virtio_net` does, per coalescing policy, frame
+//! size and offered load. Prints one table per direction and the bare
+//! syscall floor measured in the same run; optionally writes an SVG plot.
+//!
+//! Directions:
+//! - `tx`: guest to tap; the kernel drops the frames (addressed to another
+//!   host) right after the tap: a sink.
+//! - `rx`: a UDP sender in the namespace to the guest (frames built by the
+//!   kernel, one `sendto` each); the guest runs NAPI.
+//! - `loop`: guest TX, a tc `mirred` reflector on the tap sends every frame
+//!   straight back, guest RX; no third process. 64 KiB GSO frames stay GSO.
+//!
+//! Options (after `--`): `--secs S` per run (default 1.5), `--quick`
+//! (fewer combinations), `--svg PATH` (plot of the loop runs).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::net::UdpSocket;
+use std::os::fd::AsRawFd;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{Daemon, Netns, TestFrontend};
+use vhost_user_net::driver::Buf;
+use vm_memory::{Bytes, GuestAddress};
+
+const POLICIES: [&str; 3] = ["immediate", "frames=32,usecs=1000", "adaptive"];
+const RING: u16 = 256;
+const NAPI_BUDGET: usize = 64;
+const TX_BURST: usize = 32;
+const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+/// Frames sent to this MAC are dropped by the kernel right after the tap.
+const SINK_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x01];
+const HDR: usize = 12;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Dir {
+    Tx,
+    Rx,
+    Loop,
+}
+
+impl Dir {
+    fn name(self) -> &'static str {
+        match self {
+            Dir::Tx => "tx",
+            Dir::Rx => "rx",
+            Dir::Loop => "loop",
+        }
+    }
+}
+
+/// Offered load: frames per second, or as fast as possible.
+#[derive(Clone, Copy, Debug)]
+enum Load {
+    Pps(u64),
+    Max,
+}
+
+impl Load {
+    fn label(self) -> String {
+        match self {
+            Load::Pps(p) if p >= 1000 => format!("{}k pps", p / 1000),
+            Load::Pps(p) => format!("{p} pps"),
+            Load::Max => "max".to_owned(),
+        }
+    }
+}
+
+/// One run's results.
+#[derive(Clone, Debug, Default)]
+struct Result_ {
+    frames: u64,
+    bytes: u64,
+    secs: f64,
+    interrupts: u64,
+    kicks: u64,
+    lat: Vec<u64>,
+}
+
+impl Result_ {
+    #[allow(clippy::cast_precision_loss)]
+    fn mpps(&self) -> f64 {
+        self.frames as f64 / self.secs / 1e6
+    }
+    #[allow(clippy::cast_precision_loss)]
+    fn gbps(&self) -> f64 {
+        self.bytes as f64 * 8.0 / self.secs / 1e9
+    }
+    #[allow(clippy::cast_precision_loss)]
+    fn per_irq(&self) -> f64 {
+        self.frames as f64 / self.interrupts.max(1) as f64
+    }
+    #[allow(clippy::cast_precision_loss)]
+    fn kicks_per(&self) -> f64 {
+        self.kicks as f64 / self.frames.max(1) as f64
+    }
+    fn pct(&mut self, p: usize) -> f64 {
+        if self.lat.is_empty() {
+            return f64::NAN;
+        }
+        self.lat.sort_unstable();
+        let i = (self.lat.len() * p / 100).min(self.lat.len() - 1);
+        #[allow(clippy::cast_precision_loss)]
+        let us = self.lat[i] as f64 / 1000.0;
+        us
+    }
+}
+
+struct Opts {
+    secs: f64,
+    quick: bool,
+    svg: Option<String>,
+    dir: Option<String>,
+    policy: Option<String>,
+    size: Option<usize>,
+    max_only: bool,
+}
+
+fn opts() -> Opts {
+    let mut o = Opts {
+        secs: 1.5,
+        quick: false,
+        svg: None,
+        dir: None,
+        policy: None,
+        size: None,
+        max_only: false,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--secs" => o.secs = args.next().and_then(|v| v.parse().ok()).expect("--secs S"),
+            "--quick" => o.quick = true,
+            "--svg" => o.svg = args.next(),
+            "--dir" => o.dir = args.next(),
+            "--policy" => o.policy = args.next(),
+            "--size" => o.size = args.next().and_then(|v| v.parse().ok()),
+            "--max-only" => o.max_only = true,
+            "--bench" => {}
+            other => panic!(
+                "unknown option {other}: use --secs S, --quick, --svg PATH, \
+                 --dir tx|rx|loop, --policy P, --size N, --max-only"
+            ),
+        }
+    }
+    o
+}
+
+/// Nanoseconds since the benchmark's epoch, for payload timestamps.
+fn now_ns(epoch: Instant) -> u64 {
+    u64::try_from(epoch.elapsed().as_nanos()).expect("fits")
+}
+
+/// An Ethernet + IPv4 + TCP frame of `len` bytes (payload starts at 54)
+/// with a virtio-net header in front; GSO for frames beyond 1514 bytes.
+fn frame(len: usize, dst: [u8; 6]) -> Vec<u8> {
+    let mut f = vec![0u8; HDR + len];
+    if len > 1514 {
+        f[0] = 1; // NEEDS_CSUM
+        f[1] = 1; // GSO TCPV4
+        f[2..4].copy_from_slice(&54u16.to_le_bytes()); // hdr_len
+        f[4..6].copy_from_slice(&1448u16.to_le_bytes()); // gso_size
+        f[6..8].copy_from_slice(&34u16.to_le_bytes()); // csum_start
+        f[8..10].copy_from_slice(&16u16.to_le_bytes()); // csum_offset
+    }
+    let e = &mut f[HDR..];
+    e[..6].copy_from_slice(&dst);
+    e[6..12].copy_from_slice(&GUEST_MAC);
+    e[12..14].copy_from_slice(&[0x08, 0x00]);
+    let ip = &mut e[14..34];
+    ip[0] = 0x45;
+    let total = u16::try_from(len - 14).unwrap_or(u16::MAX);
+    ip[2..4].copy_from_slice(&total.to_be_bytes());
+    ip[8] = 64;
+    ip[9] = 6;
+    ip[12..16].copy_from_slice(&[198, 18, 0, 2]);
+    ip[16..20].copy_from_slice(&[198, 18, 0, 1]);
+    let tcp = &mut e[34..54];
+    tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());
+    tcp[2..4].copy_from_slice(&5001u16.to_be_bytes());
+    tcp[12] = 0x50;
+    tcp[13] = 0x10;
+    f
+}
+
+/// Where the payload timestamp sits in a frame (after the TCP header).
+const TS_AT: usize = HDR + 54;
+
+struct Guest {
+    fe: TestFrontend,
+    epoch: Instant,
+}
+
+impl Guest {
+    /// Reads and resets a ring's interrupt count.
+    fn interrupts(&self, q: usize) -> u64 {
+        self.fe.vqs[q].take_interrupts()
+    }
+
+    /// Posts `n` 4 KiB mergeable RX buffers.
+    fn refill(&mut self, n: usize) -> bool {
+        if n == 0 {
+            return false;
+        }
+        let vq = &mut self.fe.vqs[0];
+        for _ in 0..n {
+            let addr = next_slot(vq, 4096);
+            let b = Buf {
+                addr,
+                len: 4096,
+                device_writes: true,
+            };
+            let Some(head) = vq.ring.add_chain(&self.fe.mem, &[b]) else {
+                break;
+            };
+            vq.ring.push_avail(&self.fe.mem, head);
+        }
+        self.fe.publish_and_kick(0)
+    }
+
+    /// One NAPI poll of RX: up to `budget` frames; returns how many.
+    fn napi_poll(&mut self, budget: usize, res: &mut Result_, ts_offset: usize) -> usize {
+        let mut done = 0;
+        let mut bufs = 0;
+        while done < budget {
+            let Some(u) = self.fe.vqs[0].ring.pop_used(&self.fe.mem) else {
+                break;
+            };
+            bufs += 1;
+            let addr = self.buf_addr(0, u.head);
+            let mut h = [0u8; HDR];
+            let _ = self.fe.mem.read_slice(&mut h, addr);
+            let nbuf = u16::from_le_bytes([h[10], h[11]]).max(1);
+            let mut len = u64::from(u.len);
+            let mut ts = [0u8; 8];
+            let _ = self
+                .fe
+                .mem
+                .read_slice(&mut ts, GuestAddress(addr.0 + ts_offset as u64));
+            for _ in 1..nbuf {
+                match self.fe.vqs[0].ring.pop_used(&self.fe.mem) {
+                    Some(more) => {
+                        len += u64::from(more.len);
+                        bufs += 1;
+                    }
+                    None => break,
+                }
+            }
+            let sent = u64::from_le_bytes(ts);
+            let now = now_ns(self.epoch);
+            if sent > 0 && sent <= now && res.lat.len() < 200_000 {
+                res.lat.push(now - sent);
+            }
+            res.frames += 1;
+            res.bytes += len - HDR as u64;
+            done += 1;
+        }
+        self.refill(bufs);
+        done
+    }
+
+    fn buf_addr(&self, q: usize, head: u16) -> GuestAddress {
+        let at = GuestAddress(self.fe.vqs[q].ring.desc_addr().0 + 16 * u64::from(head));
+        GuestAddress(u64::from_le(self.fe.mem.read_obj(at).expect("descriptor")))
+    }
+
+    /// Queues up to `n` TX frames (template `f`, timestamped); publishes and
+    /// kicks as Linux does at the end of a burst. Returns frames queued.
+    fn send(&mut self, n: usize, f: &[u8], cap: usize) -> (usize, bool) {
+        let epoch = self.epoch;
+        let vq = &mut self.fe.vqs[1];
+        let mut sent = 0;
+        while sent < n && usize::from(RING) - vq.ring.free_descriptors() < cap {
+            let slot = u32::try_from(f.len().next_multiple_of(4096)).expect("frame fits u32");
+            let addr = next_slot(vq, slot);
+            let _ = self.fe.mem.write_slice(f, addr);
+            let ts = now_ns(epoch).to_le_bytes();
+            let _ = self
+                .fe
+                .mem
+                .write_slice(&ts, GuestAddress(addr.0 + TS_AT as u64));
+            let b = Buf {
+                addr,
+                len: u32::try_from(f.len()).expect("frame fits u32"),
+                device_writes: false,
+            };
+            let Some(head) = vq.ring.add_chain(&self.fe.mem, &[b]) else {
+                break;
+            };
+            vq.ring.push_avail(&self.fe.mem, head);
+            sent += 1;
+        }
+        let kicked = sent > 0 && self.fe.publish_and_kick(1);
+        (sent, kicked)
+    }
+
+    /// Reclaims TX completions; returns how many, and records completion
+    /// latency from the payload timestamp.
+    fn reclaim(&mut self, res: Option<&mut Result_>, frame_len: usize) -> usize {
+        let mut n = 0;
+        let mut lat = Vec::new();
+        while let Some(u) = self.fe.vqs[1].ring.pop_used(&self.fe.mem) {
+            if res.is_some() && n % 16 == 0 {
+                let addr = self.buf_addr(1, u.head);
+                let mut ts = [0u8; 8];
+                let _ = self
+                    .fe
+                    .mem
+                    .read_slice(&mut ts, GuestAddress(addr.0 + TS_AT as u64));
+                lat.push(u64::from_le_bytes(ts));
+            }
+            n += 1;
+        }
+        if let Some(res) = res {
+            let now = now_ns(self.epoch);
+            res.lat.extend(
+                lat.into_iter()
+                    .filter(|&t| t > 0 && t <= now)
+                    .map(|t| now - t),
+            );
+            res.frames += n as u64;
+            res.bytes += (n * (frame_len - HDR)) as u64;
+        }
+        n
+    }
+
+    /// TX chains the device has not completed.
+    fn inflight(&self) -> usize {
+        usize::from(RING) - self.fe.vqs[1].ring.free_descriptors()
+    }
+
+    /// Linux's `virtqueue_enable_cb_delayed`: interrupt after 3/4 of the
+    /// outstanding TX buffers are used.
+    fn tx_enable_cb_delayed(&self) {
+        let inflight = self.inflight();
+        let vq = &self.fe.vqs[1];
+        let at = vq
+            .ring
+            .last_used()
+            .wrapping_add(u16::try_from(inflight * 3 / 4).expect("small"));
+        vq.ring.set_used_event(&self.fe.mem, at);
+    }
+
+    /// RX: `virtqueue_enable_cb_prepare` (interrupt at the next used entry);
+    /// returns true if more work already arrived.
+    fn rx_enable_cb(&self) -> bool {
+        let vq = &self.fe.vqs[0];
+        vq.ring.set_used_event(&self.fe.mem, vq.ring.last_used());
+        std::sync::atomic::fence(Ordering::SeqCst);
+        vq.ring.used_idx(&self.fe.mem) != vq.ring.last_used()
+    }
+}
+
+fn next_slot(vq: &mut common::Vq, size: u32) -> GuestAddress {
+    vq.set_buf_size(size);
+    vq.next_buffer()
+}
+
+/// Waits for an interrupt on any of `qs` (up to `ms`).
+fn wait_irq(g: &Guest, qs: &[usize], ms: i32) {
+    let fds: Vec<_> = qs.iter().map(|&q| g.fe.vqs[q].call.as_raw_fd()).collect();
+    let _ = vhost_user_net::sys::wait_readable(&fds, ms);
+}
+
+/// Paces a sender at `load`.
+struct Pacer {
+    start: Instant,
+    sent: u64,
+    pps: Option<u64>,
+}
+
+impl Pacer {
+    fn new(load: Load) -> Self {
+        Pacer {
+            start: Instant::now(),
+            sent: 0,
+            pps: match load {
+                Load::Pps(p) => Some(p),
+                Load::Max => None,
+            },
+        }
+    }
+
+    /// Frames that may be sent now (up to `max`).
+    fn allowed(&self, max: usize) -> usize {
+        match self.pps {
+            None => max,
+            Some(pps) => {
+                let due = u64::try_from(self.start.elapsed().as_micros()).expect("fits") * pps
+                    / 1_000_000;
+                usize::try_from(due.saturating_sub(self.sent))
+                    .unwrap_or(max)
+                    .min(max)
+            }
+        }
+    }
+}
+
+struct Setup {
+    ns: Netns,
+    daemon: Daemon,
+    guest: Guest,
+}
+
+fn setup(policy: &str) -> Setup {
+    let ns = Netns::new();
+    let daemon = Daemon::start(&ns, &["--rx-coalesce", policy, "--tx-coalesce", policy]);
+    let tap = daemon.tap.clone();
+    ns.ip(&["addr", "add", "198.18.0.1/24", "dev", &tap]);
+    let mac = vhost_user_net::config::format_mac(&GUEST_MAC);
+    ns.ip(&[
+        "neigh",
+        "replace",
+        "198.18.0.2",
+        "lladdr",
+        &mac,
+        "dev",
+        &tap,
+        "nud",
+        "permanent",
+    ]);
+    let fe = TestFrontend::connect(&daemon.socket, 1, RING, 0);
+    let mut guest = Guest {
+        fe,
+        epoch: Instant::now(),
+    };
+    guest.refill(usize::from(RING));
+    Setup { ns, daemon, guest }
+}
+
+fn reflector(ns: &Netns, tap: &str, on: bool) {
+    if on {
+        ns_cmd(ns, &["tc", "qdisc", "add", "dev", tap, "ingress"]);
+        ns_cmd(
+            ns,
+            &[
+                "tc", "filter", "add", "dev", tap, "parent", "ffff:", "protocol", "all", "prio",
+                "1", "u32", "match", "u32", "0", "0", "action", "mirred", "egress", "redirect",
+                "dev", tap,
+            ],
+        );
+    } else {
+        ns_cmd(ns, &["tc", "qdisc", "del", "dev", tap, "ingress"]);
+    }
+}
+
+fn ns_cmd(ns: &Netns, args: &[&str]) {
+    let st = Command::new("ip")
+        .args(["netns", "exec", &ns.name])
+        .args(args)
+        .status()
+        .expect("spawn");
+    assert!(st.success(), "{args:?} failed");
+}
+
+fn daemon_counters(d: &Daemon) -> (u64, u64, u64, u64) {
+    let s = d.stats();
+    (
+        s.get("interrupts_sent_total", 0),
+        s.get("kicks_total", 0),
+        s.get("interrupts_sent_total", 1),
+        s.get("kicks_total", 1),
+    )
+}
+
+/// Guest to tap sink.
+fn run_tx(s: &mut Setup, len: usize, load: Load, secs: f64) -> Result_ {
+    let f = frame(len, SINK_MAC);
+    let g = &mut s.guest;
+    let cap = if len > 4096 { 200 } else { usize::from(RING) };
+    let mut res = Result_::default();
+    let before = daemon_counters(&s.daemon);
+    let _ = g.interrupts(1);
+    let mut pacer = Pacer::new(load);
+    let start = Instant::now();
+    let end = start + Duration::from_secs_f64(secs);
+    while Instant::now() < end {
+        g.reclaim(Some(&mut res), f.len());
+        let n = pacer.allowed(TX_BURST);
+        if n > 0 && g.inflight() < cap {
+            let (sent, _) = g.send(n, &f, cap);
+            pacer.sent += sent as u64;
+        } else if g.inflight() >= cap {
+            g.tx_enable_cb_delayed();
+            wait_irq(g, &[1], 10);
+        } else if matches!(load, Load::Pps(_)) {
+            std::hint::spin_loop();
+        }
+    }
+    res.secs = start.elapsed().as_secs_f64();
+    let after = daemon_counters(&s.daemon);
+    res.interrupts = after.2 - before.2;
+    res.kicks = after.3 - before.3;
+    // Drain what is still in flight so the next run starts clean.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while g.inflight() > 0 && Instant::now() < deadline {
+        g.reclaim(None, f.len());
+    }
+    res
+}
+
+/// UDP from the namespace to the guest; the guest runs NAPI.
+fn run_rx(s: &mut Setup, len: usize, load: Load, secs: f64) -> Result_ {
+    let payload = len.saturating_sub(42).max(18);
+    let sock = s.ns.udp_socket();
+    let stop = Arc::new(AtomicBool::new(false));
+    let epoch = s.guest.epoch;
+    let sender = {
+        let stop = stop.clone();
+        std::thread::spawn(move || source(&sock, payload, load, epoch, &stop))
+    };
+    let mut res = napi_loop(s, secs, &[0], |_, _| {});
+    stop.store(true, Ordering::Relaxed);
+    let _ = sender.join();
+    drain_rx(&mut s.guest);
+    res.frames = res.frames.max(1);
+    res
+}
+
+fn source(sock: &UdpSocket, payload: usize, load: Load, epoch: Instant, stop: &AtomicBool) {
+    let mut buf = vec![0x5au8; payload];
+    let mut pacer = Pacer::new(load);
+    while !stop.load(Ordering::Relaxed) {
+        let n = pacer.allowed(16);
+        for _ in 0..n {
+            // UDP payload sits at frame offset 42 (+12 of header = TS_AT).
+            buf[12..20].copy_from_slice(&now_ns(epoch).to_le_bytes());
+            let _ = sock.send_to(&buf, ("198.18.0.2", 9000));
+        }
+        pacer.sent += n as u64;
+        if n == 0 {
+            std::hint::spin_loop();
+        }
+    }
+}
+
+/// NAPI on RX (and, with `tx`, a sender between polls): wait for an
+/// interrupt, poll up to the budget, re-arm `used_event` when done.
+fn napi_loop(
+    s: &mut Setup,
+    secs: f64,
+    wait_on: &[usize],
+    mut tx: impl FnMut(&mut Guest, bool),
+) -> Result_ {
+    let g = &mut s.guest;
+    let mut res = Result_::default();
+    let before = daemon_counters(&s.daemon);
+    let start = Instant::now();
+    let end = start + Duration::from_secs_f64(secs);
+    let mut polling = false;
+    // The UDP payload timestamp is at frame offset 42 + 12 (+12 header).
+    let ts = if wait_on.contains(&1) {
+        TS_AT
+    } else {
+        HDR + 42 + 12
+    };
+    while Instant::now() < end {
+        tx(g, polling);
+        if !polling {
+            if g.rx_enable_cb() {
+                polling = true;
+            } else {
+                wait_irq(g, wait_on, 10);
+                let _ = g.interrupts(0);
+                polling = true;
+            }
+        }
+        let done = g.napi_poll(NAPI_BUDGET, &mut res, ts);
+        if done < NAPI_BUDGET {
+            polling = false;
+        }
+    }
+    res.secs = start.elapsed().as_secs_f64();
+    let after = daemon_counters(&s.daemon);
+    res.interrupts = after.0 - before.0;
+    res.kicks = after.1 - before.1;
+    res
+}
+
+fn drain_rx(g: &mut Guest) {
+    let mut scratch = Result_::default();
+    let deadline = Instant::now() + Duration::from_millis(300);
+    while Instant::now() < deadline {
+        g.napi_poll(usize::MAX, &mut scratch, HDR);
+    }
+}
+
+/// Guest TX reflected by the kernel into guest RX.
+fn run_loop(s: &mut Setup, len: usize, load: Load, secs: f64) -> Result_ {
+    let tap = s.daemon.tap.clone();
+    reflector(&s.ns, &tap, true);
+    let f = frame(len, SINK_MAC);
+    let cap = if len > 4096 {
+        48
+    } else {
+        usize::from(RING) / 2
+    };
+    let mut pacer = Pacer::new(load);
+    let res = napi_loop(s, secs, &[0, 1], |g, _| {
+        g.reclaim(None, f.len());
+        let n = pacer.allowed(TX_BURST);
+        if n > 0 && g.inflight() < cap {
+            let (sent, _) = g.send(n, &f, cap);
+            pacer.sent += sent as u64;
+        } else if g.inflight() >= cap {
+            g.tx_enable_cb_delayed();
+        }
+    });
+    reflector(&s.ns, &tap, false);
+    drain_rx(&mut s.guest);
+    res
+}
+
+/// The floor: bare `writev` (TX) / `readv` (loop) of one frame per call on
+/// a tap of our own in the same namespace.
+fn floor(ns: &Netns, dir: Dir, len: usize, secs: f64) -> f64 {
+    let tap = common::unique("fl");
+    let f = frame(len, SINK_MAC);
+    let q = ns.within({
+        let name = tap.clone();
+        move || {
+            let t = vhost_user_net::tap::Tap::open(&name, 1, None).expect("floor tap");
+            t.into_queues().pop().expect("one queue")
+        }
+    });
+    vhost_user_net::tap::set_offloads(&q, libc::TUN_F_CSUM | libc::TUN_F_TSO4).expect("offloads");
+    if dir == Dir::Loop {
+        reflector(ns, &tap, true);
+    }
+    let mut buf = vec![0u8; 70_000];
+    let start = Instant::now();
+    let end = start + Duration::from_secs_f64(secs);
+    let mut n = 0u64;
+    while Instant::now() < end {
+        for _ in 0..64 {
+            if (&q).write(&f).is_ok() {
+                n += 1;
+                if dir == Dir::Loop {
+                    while std::io::Read::read(&mut &q, &mut buf).is_err() {}
+                }
+            }
+        }
+    }
+    #[allow(clippy::cast_precision_loss)]
+    let mpps = n as f64 / start.elapsed().as_secs_f64() / 1e6;
+    mpps
+}
+
+struct Row {
+    dir: Dir,
+    policy: &'static str,
+    len: usize,
+    load: Load,
+    res: Result_,
+}
+
+fn main() {
+    let o = opts();
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("netbench needs root (network namespaces, taps)");
+        std::process::exit(1);
+    }
+    let all_sizes: &[usize] = if o.quick {
+        &[64, 1514]
+    } else {
+        &[64, 1514, 65536]
+    };
+    let sizes: Vec<usize> = all_sizes
+        .iter()
+        .copied()
+        .filter(|l| o.size.is_none_or(|s| s == *l))
+        .collect();
+    let loads: Vec<Load> = if o.max_only {
+        vec![Load::Max]
+    } else if o.quick {
+        vec![Load::Pps(10_000), Load::Max]
+    } else {
+        vec![Load::Pps(10_000), Load::Pps(100_000), Load::Max]
+    };
+    let mut rows = Vec::new();
+    for policy in POLICIES
+        .into_iter()
+        .filter(|p| o.policy.as_deref().is_none_or(|q| q == *p))
+    {
+        let mut s = setup(policy);
+        let dirs = [Dir::Tx, Dir::Rx, Dir::Loop];
+        for dir in dirs
+            .into_iter()
+            .filter(|d| o.dir.as_deref().is_none_or(|x| x == d.name()))
+        {
+            for &len in &sizes {
+                if dir == Dir::Rx && len > 1514 {
+                    continue; // the UDP source cannot make GSO frames
+                }
+                for &load in &loads {
+                    let res = match dir {
+                        Dir::Tx => run_tx(&mut s, len, load, o.secs),
+                        Dir::Rx => run_rx(&mut s, len, load, o.secs),
+                        Dir::Loop => run_loop(&mut s, len, load, o.secs),
+                    };
+                    eprintln!(
+                        "{:>4} {policy:<22} {len:>6} B {:>9}: {:.3} Mpps",
+                        dir.name(),
+                        load.label(),
+                        res.mpps()
+                    );
+                    rows.push(Row {
+                        dir,
+                        policy,
+                        len,
+                        load,
+                        res,
+                    });
+                }
+            }
+        }
+    }
+    let ns = Netns::new();
+    let floors: Vec<(Dir, usize, f64)> = [Dir::Tx, Dir::Loop]
+        .iter()
+        .filter(|d| o.dir.as_deref().is_none_or(|x| x == d.name()))
+        .flat_map(|&d| sizes.iter().map(move |&l| (d, l)))
+        .map(|(d, l)| (d, l, floor(&ns, d, l, o.secs)))
+        .collect();
+    print!("{}", report(&mut rows, &floors));
+    if let Some(path) = &o.svg {
+        std::fs::write(path, svg(&rows)).expect("write svg");
+        eprintln!("plot written to {path}");
+    }
+}
+
+fn report(rows: &mut [Row], floors: &[(Dir, usize, f64)]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\nsyscall floor (one writev per frame; loop: writev + readv), same run:"
+    );
+    for (d, l, f) in floors {
+        let _ = writeln!(out, "  {:<4} {l:>6} B: {f:.3} Mpps", d.name());
+    }
+    for dir in [Dir::Tx, Dir::Rx, Dir::Loop] {
+        let _ = writeln!(
+            out,
+            "\n{} ({})",
+            dir.name(),
+            match dir {
+                Dir::Tx => "guest -> tap sink",
+                Dir::Rx => "UDP in the namespace -> guest",
+                Dir::Loop => "guest -> tap -> mirred reflector -> guest",
+            }
+        );
+        let _ = writeln!(
+            out,
+            "| policy | frame | offered | Mpps | Gbit/s | pkts/irq | kicks/pkt | p50 us | p99 us | vs floor |"
+        );
+        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|");
+        for r in rows.iter_mut().filter(|r| r.dir == dir) {
+            let fl = floors
+                .iter()
+                .find(|(d, l, _)| *d == dir && *l == r.len)
+                .map_or("-".to_owned(), |(_, _, f)| {
+                    format!("{:.2}", r.res.mpps() / f)
+                });
+            let (p50, p99) = (r.res.pct(50), r.res.pct(99));
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {:.3} | {:.2} | {:.1} | {:.3} | {:.0} | {:.0} | {} |",
+                r.policy,
+                r.len,
+                r.load.label(),
+                r.res.mpps(),
+                r.res.gbps(),
+                r.res.per_irq(),
+                r.res.kicks_per(),
+                p50,
+                p99,
+                fl
+            );
+        }
+    }
+    out
+}
+
+/// A two-panel SVG: packets per interrupt and Mpps against offered load,
+/// one line per policy, for the 64-byte loop runs.
+fn svg(rows: &[Row]) -> String {
+    let pick: Vec<&Row> = rows
+        .iter()
+        .filter(|r| r.dir == Dir::Loop && r.len == 64)
+        .collect();
+    let loads: Vec<String> = {
+        let mut v: Vec<String> = pick.iter().map(|r| r.load.label()).collect();
+        v.dedup();
+        v.truncate(pick.len() / POLICIES.len().max(1));
+        v
+    };
+    let colors = ["#1f77b4", "#d62728", "#2ca02c"];
+    let (w, h, pad) = (420.0, 260.0, 50.0);
+    let mut out = format!(
+        "<svg xmlns='http://www.w3.org/2000/svg' width='{}' height='{}' font-family='sans-serif' font-size='11'>\n",
+        2.0 * w,
+        h + 40.0
+    );
+    for (panel, (title, value)) in [
+        (
+            "packets per interrupt",
+            (|r: &Row| r.res.per_irq()) as fn(&Row) -> f64,
+        ),
+        ("Mpps", |r: &Row| r.res.mpps()),
+    ]
+    .iter()
+    .enumerate()
+    {
+        #[allow(clippy::cast_precision_loss)]
+        let x0 = panel as f64 * w;
+        let max = pick
+            .iter()
+            .map(|r| value(r))
+            .fold(0.0f64, f64::max)
+            .max(1e-9)
+            * 1.1;
+        let _ = writeln!(
+            out,
+            "<text x='{}' y='15'>loop, 64 B: {title}</text>",
+            x0 + pad
+        );
+        let _ = writeln!(
+            out,
+            "<rect x='{}' y='25' width='{}' height='{}' fill='none' stroke='#888'/>",
+            x0 + pad,
+            w - 1.5 * pad,
+            h - pad
+        );
+        let _ = writeln!(out, "<text x='{}' y='35'>{max:.2}</text>", x0 + 5.0);
+        #[allow(clippy::cast_precision_loss)]
+        let xs =
+            |i: usize| x0 + pad + (i as f64 + 0.5) * (w - 1.5 * pad) / loads.len().max(1) as f64;
+        for (i, l) in loads.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "<text x='{}' y='{}' text-anchor='middle'>{l}</text>",
+                xs(i),
+                h
+            );
+        }
+        for (pi, policy) in POLICIES.iter().enumerate() {
+            let pts: Vec<String> = pick
+                .iter()
+                .filter(|r| r.policy == *policy)
+                .enumerate()
+                .map(|(i, r)| {
+                    format!(
+                        "{:.1},{:.1}",
+                        xs(i),
+                        25.0 + (h - pad) * (1.0 - value(r) / max)
+                    )
+                })
+                .collect();
+            let _ = writeln!(
+                out,
+                "<polyline points='{}' fill='none' stroke='{}' stroke-width='2'/>",
+                pts.join(" "),
+                colors[pi % 3]
+            );
+            #[allow(clippy::cast_precision_loss)]
+            let ly = h + 15.0 + 0.0 * pi as f64;
+            #[allow(clippy::cast_precision_loss)]
+            let lx = x0 + pad + pi as f64 * 130.0;
+            let _ = writeln!(
+                out,
+                "<text x='{lx}' y='{ly}' fill='{}'>{policy}</text>",
+                colors[pi % 3]
+            );
+        }
+    }
+    out.push_str("</svg>\n");
+    out
+}
