@@ -620,8 +620,9 @@ fn run_loop(s: &mut Setup, len: usize, load: Load, secs: f64) -> Result_ {
     res
 }
 
-/// The floor: bare `writev` (TX) / `readv` (loop) of one frame per call on
-/// a tap of our own in the same namespace.
+/// The floor: bare `writev` (TX), UDP source into bare `readv` (RX), or
+/// `writev` + `readv` through the reflector (loop), one frame per call, on a
+/// tap of our own in the same namespace.
 fn floor(ns: &Netns, dir: Dir, len: usize, secs: f64) -> f64 {
     let tap = common::unique("fl");
     let f = frame(len, SINK_MAC);
@@ -635,6 +636,9 @@ fn floor(ns: &Netns, dir: Dir, len: usize, secs: f64) -> f64 {
     vhost_user_net::tap::set_offloads(&q, libc::TUN_F_CSUM | libc::TUN_F_TSO4).expect("offloads");
     if dir == Dir::Loop {
         reflector(ns, &tap, true);
+    }
+    if dir == Dir::Rx {
+        return rx_floor(ns, &tap, &q, len, secs);
     }
     let mut buf = vec![0u8; 70_000];
     let start = Instant::now();
@@ -650,6 +654,46 @@ fn floor(ns: &Netns, dir: Dir, len: usize, secs: f64) -> f64 {
             }
         }
     }
+    #[allow(clippy::cast_precision_loss)]
+    let mpps = n as f64 / start.elapsed().as_secs_f64() / 1e6;
+    mpps
+}
+
+fn rx_floor(ns: &Netns, tap: &str, q: &std::fs::File, len: usize, secs: f64) -> f64 {
+    ns.ip(&["addr", "add", "198.18.0.1/24", "dev", tap]);
+    let mac = vhost_user_net::config::format_mac(&GUEST_MAC);
+    ns.ip(&[
+        "neigh",
+        "replace",
+        "198.18.0.2",
+        "lladdr",
+        &mac,
+        "dev",
+        tap,
+        "nud",
+        "permanent",
+    ]);
+    let sock = ns.udp_socket();
+    let stop = Arc::new(AtomicBool::new(false));
+    let payload = len.saturating_sub(42).max(18);
+    let sender = {
+        let stop = stop.clone();
+        let epoch = Instant::now();
+        std::thread::spawn(move || source(&sock, payload, Load::Max, epoch, &stop))
+    };
+    let mut buf = vec![0u8; 70_000];
+    let start = Instant::now();
+    let end = start + Duration::from_secs_f64(secs);
+    let mut n = 0u64;
+    while Instant::now() < end {
+        if std::io::Read::read(&mut &*q, &mut buf).is_ok() {
+            n += 1;
+        } else {
+            let _ = vhost_user_net::sys::wait_readable(&[q.as_raw_fd()], 10);
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = sender.join();
     #[allow(clippy::cast_precision_loss)]
     let mpps = n as f64 / start.elapsed().as_secs_f64() / 1e6;
     mpps
@@ -725,10 +769,11 @@ fn main() {
         }
     }
     let ns = Netns::new();
-    let floors: Vec<(Dir, usize, f64)> = [Dir::Tx, Dir::Loop]
+    let floors: Vec<(Dir, usize, f64)> = [Dir::Tx, Dir::Rx, Dir::Loop]
         .iter()
         .filter(|d| o.dir.as_deref().is_none_or(|x| x == d.name()))
         .flat_map(|&d| sizes.iter().map(move |&l| (d, l)))
+        .filter(|&(d, l)| !(d == Dir::Rx && l > 1514) && !(d == Dir::Loop && l > 1514))
         .map(|(d, l)| (d, l, floor(&ns, d, l, o.secs)))
         .collect();
     print!("{}", report(&mut rows, &floors));
@@ -742,7 +787,8 @@ fn report(rows: &mut [Row], floors: &[(Dir, usize, f64)]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "\nsyscall floor (one writev per frame; loop: writev + readv), same run:"
+        "\nsyscall floor, same run (tx: one writev per frame; rx: the UDP source into one \
+         readv per frame; loop: writev + readv through the reflector):"
     );
     for (d, l, f) in floors {
         let _ = writeln!(out, "  {:<4} {l:>6} B: {f:.3} Mpps", d.name());
@@ -771,19 +817,28 @@ fn report(rows: &mut [Row], floors: &[(Dir, usize, f64)]) -> String {
                     format!("{:.2}", r.res.mpps() / f)
                 });
             let (p50, p99) = (r.res.pct(50), r.res.pct(99));
+            let per_irq = if r.res.interrupts == 0 {
+                "none".to_owned()
+            } else {
+                format!("{:.1}", r.res.per_irq())
+            };
+            // Reflected GSO frames come back segmented: RX counts segments.
+            let segmented = dir == Dir::Loop && r.len > 1514;
+            let (mpps, fl) = if segmented {
+                ("(segments)".to_owned(), "-".to_owned())
+            } else {
+                (format!("{:.3}", r.res.mpps()), fl)
+            };
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {:.3} | {:.2} | {:.1} | {:.3} | {:.0} | {:.0} | {} |",
+                "| {} | {} | {} | {mpps} | {:.2} | {per_irq} | {:.3} | {:.0} | {:.0} | {fl} |",
                 r.policy,
                 r.len,
                 r.load.label(),
-                r.res.mpps(),
                 r.res.gbps(),
-                r.res.per_irq(),
                 r.res.kicks_per(),
                 p50,
                 p99,
-                fl
             );
         }
     }
