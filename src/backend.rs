@@ -109,7 +109,11 @@ impl NetBackend {
     /// A device serving `tap`'s queues with `config`.
     pub fn new(config: DeviceConfig, tap: Tap) -> io::Result<Self> {
         let num_queues = 2 * config.queue_pairs;
-        let stats = Arc::new(Stats::new(num_queues));
+        let policies = [
+            config.rx_coalesce.to_string(),
+            config.tx_coalesce.to_string(),
+        ];
+        let stats = Arc::new(Stats::new(num_queues, policies));
         let queues = tap.into_queues();
         let tap_ctl = queues
             .first()

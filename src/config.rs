@@ -17,8 +17,18 @@ pub const MAX_QUEUE_SIZE: u16 = 32768;
 
 /// vhost-user virtio-net backend on a Linux tap.
 #[derive(Parser, Debug, Clone)]
-#[command(name = "vhost-user-net", version, about, long_about = None)]
+#[command(
+    name = "vhost-user-net",
+    version,
+    about,
+    long_about = None,
+    subcommand_negates_reqs = true,
+    args_conflicts_with_subcommands = true
+)]
 pub struct Args {
+    #[command(subcommand)]
+    pub command: Option<Sub>,
+
     /// Unix socket to listen on for the vhost-user frontend (QEMU, ...);
     /// with --client, the frontend's socket to connect to.
     #[arg(long, value_name = "PATH", required_unless_present_any = ["fd", "print_capabilities"])]
@@ -72,10 +82,39 @@ pub struct Args {
     #[arg(long, value_name = "POLICY", default_value = "immediate")]
     pub tx_coalesce: Policy,
 
+    /// Also serve the counters over HTTP for Prometheus, on a loopback
+    /// address (127.0.0.1:9717) or a unix socket (unix:/run/x.prom).
+    #[arg(long, value_name = "ADDR")]
+    pub prometheus: Option<String>,
+
     /// Unix socket serving the counters as Prometheus text
     /// [default: SOCKET_PATH.stats when listening on --socket-path; none otherwise].
     #[arg(long, value_name = "PATH")]
     pub stats_socket: Option<PathBuf>,
+}
+
+/// Commands besides serving a device.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum Sub {
+    /// Print a running daemon's counters per queue.
+    Stats {
+        /// The daemon's stats socket [default: SOCKET_PATH.stats].
+        #[arg(long, value_name = "PATH")]
+        stats_socket: Option<PathBuf>,
+        /// The daemon's vhost-user socket (its stats socket is PATH.stats).
+        #[arg(long, value_name = "PATH")]
+        socket_path: Option<PathBuf>,
+        /// Refresh every second, showing rates over the last second.
+        #[arg(long)]
+        watch: bool,
+    },
+}
+
+/// Where the Prometheus endpoint listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    Tcp(std::net::SocketAddr),
+    Unix(PathBuf),
 }
 
 /// The device as the guest sees it.
@@ -106,6 +145,8 @@ pub enum Frontend {
 pub enum Command {
     /// Print capabilities (JSON) and exit.
     PrintCapabilities,
+    /// Print (or watch) a running daemon's counters.
+    Stats { socket: PathBuf, watch: bool },
     /// Serve a device.
     Serve(Config),
 }
@@ -118,6 +159,7 @@ pub struct Config {
     /// `Some` when `--mtu` was given: the tap's MTU is set to it.
     pub tap_mtu: Option<u16>,
     pub stats_socket: Option<PathBuf>,
+    pub prometheus: Option<Endpoint>,
     pub device: DeviceConfig,
 }
 
@@ -138,12 +180,33 @@ pub enum ConfigError {
     Fd(i32),
     #[error("{0} is required (or --print-capabilities)")]
     Missing(&'static str),
+    #[error("--prometheus {0}: expected a loopback address like 127.0.0.1:9717 or [::1]:9717, or unix:/path")]
+    Prometheus(String),
+    #[error("stats: give --stats-socket PATH or --socket-path PATH")]
+    StatsSocket,
 }
 
 impl TryFrom<Args> for Command {
     type Error = ConfigError;
 
     fn try_from(args: Args) -> Result<Self, ConfigError> {
+        if let Some(Sub::Stats {
+            stats_socket,
+            socket_path,
+            watch,
+        }) = args.command
+        {
+            let socket = stats_socket
+                .or_else(|| {
+                    socket_path.map(|p| {
+                        let mut s = p.into_os_string();
+                        s.push(".stats");
+                        PathBuf::from(s)
+                    })
+                })
+                .ok_or(ConfigError::StatsSocket)?;
+            return Ok(Command::Stats { socket, watch });
+        }
         if args.print_capabilities {
             return Ok(Command::PrintCapabilities);
         }
@@ -194,8 +257,10 @@ impl TryFrom<Args> for Config {
             }
             Frontend::ListenFd(_) | Frontend::Connect(_) => None,
         });
+        let prometheus = args.prometheus.as_deref().map(parse_endpoint).transpose()?;
         Ok(Config {
             frontend,
+            prometheus,
             tap,
             tap_mtu,
             stats_socket,
@@ -209,6 +274,20 @@ impl TryFrom<Args> for Config {
             },
         })
     }
+}
+
+/// Parses `--prometheus`: a loopback socket address or `unix:PATH`.
+fn parse_endpoint(text: &str) -> Result<Endpoint, ConfigError> {
+    if let Some(path) = text.strip_prefix("unix:") {
+        if !path.is_empty() {
+            return Ok(Endpoint::Unix(PathBuf::from(path)));
+        }
+    } else if let Ok(addr) = text.parse::<std::net::SocketAddr>() {
+        if addr.ip().is_loopback() {
+            return Ok(Endpoint::Tcp(addr));
+        }
+    }
+    Err(ConfigError::Prometheus(text.to_owned()))
 }
 
 fn valid_tap_name(name: &str) -> bool {
@@ -312,6 +391,43 @@ mod tests {
         assert_eq!(Config::try_from(a).unwrap().frontend, Frontend::ListenFd(3));
         let a = Args::try_parse_from(["vhost-user-net", "--fd", "1", "--tap", "t"]).unwrap();
         assert_eq!(Config::try_from(a), Err(ConfigError::Fd(1)));
+    }
+
+    #[test]
+    fn prometheus_endpoint_is_loopback_or_unix_only() {
+        let c = Config::try_from(args(&["--prometheus", "127.0.0.1:9717"])).unwrap();
+        assert_eq!(
+            c.prometheus,
+            Some(Endpoint::Tcp("127.0.0.1:9717".parse().unwrap()))
+        );
+        let c = Config::try_from(args(&["--prometheus", "unix:/run/p.sock"])).unwrap();
+        assert_eq!(c.prometheus, Some(Endpoint::Unix("/run/p.sock".into())));
+        for bad in ["0.0.0.0:9717", "10.1.2.3:80", "localhost", "unix:"] {
+            let err = Config::try_from(args(&["--prometheus", bad])).unwrap_err();
+            assert!(
+                err.to_string().starts_with(&format!("--prometheus {bad}:")),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn stats_subcommand_finds_the_stats_socket_from_the_socket_path() {
+        let a = Args::try_parse_from([
+            "vhost-user-net",
+            "stats",
+            "--socket-path",
+            "/run/v.sock",
+            "--watch",
+        ])
+        .unwrap();
+        assert_eq!(
+            Command::try_from(a),
+            Ok(Command::Stats {
+                socket: PathBuf::from("/run/v.sock.stats"),
+                watch: true
+            })
+        );
     }
 
     #[test]

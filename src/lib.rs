@@ -21,7 +21,8 @@
 //! | [`tap`] | the tap interface |
 //! | [`sys`] | kernel calls that need `unsafe` |
 //! | [`vring`] | the framework's vring, with kick counting |
-//! | [`stats`] | what is counted |
+//! | [`stats`] | what is counted, and its text format |
+//! | [`stats_client`] | the `stats` command: a running daemon's counters |
 //! | [`driver`] | the guest side of a ring, for tests and the benchmark |
 
 #![deny(unsafe_op_in_unsafe_fn)]
@@ -37,6 +38,7 @@ pub mod ring;
 pub mod rx;
 pub mod server;
 pub mod stats;
+pub mod stats_client;
 pub mod sys;
 pub mod tap;
 pub mod tx;

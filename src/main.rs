@@ -14,6 +14,9 @@ fn main() -> ExitCode {
             println!("{}", server::CAPABILITIES);
             Ok(())
         }
+        Ok(Command::Stats { socket, watch }) => {
+            vhost_user_net::stats_client::run(&socket, watch).map_err(Box::from)
+        }
         Ok(Command::Serve(config)) => server::run(config).map_err(Box::from),
         Err(e) => Err(Box::from(e)),
     };

@@ -24,7 +24,7 @@ use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::backend::NetBackend;
-use crate::config::{format_mac, Config, Frontend};
+use crate::config::{format_mac, Config, Endpoint, Frontend};
 use crate::queue_pair::Listeners;
 use crate::relay;
 use crate::sys;
@@ -103,6 +103,10 @@ pub fn run(config: Config) -> Result<(), Error> {
 
     if let Some(l) = stats_listener {
         spawn_stats_server(l, backend.clone()).map_err(Error::Device)?;
+    }
+    if let Some(endpoint) = &config.prometheus {
+        let path = spawn_prometheus(endpoint, backend.clone())?;
+        sockets.0.extend(path);
     }
     let current: Arc<Mutex<Option<UnixStream>>> = Arc::default();
     let (done_tx, done_rx) = mpsc::channel::<Result<(), Error>>();
@@ -307,6 +311,91 @@ impl relay::Hooks for NetBackend {
     fn num_queues(&self) -> usize {
         vhost_user_backend::VhostUserBackend::num_queues(self)
     }
+}
+
+/// Serves the counters over HTTP (any request gets them) for Prometheus, on
+/// a loopback TCP address or a unix socket. Returns the socket file to
+/// remove on exit, if any.
+fn spawn_prometheus(
+    endpoint: &Endpoint,
+    backend: Arc<NetBackend>,
+) -> Result<Option<PathBuf>, Error> {
+    let (listener, path) = match endpoint {
+        Endpoint::Tcp(addr) => {
+            let l = std::net::TcpListener::bind(addr).map_err(|source| Error::Listen {
+                path: PathBuf::from(addr.to_string()),
+                source,
+            })?;
+            (HttpListener::Tcp(l), None)
+        }
+        Endpoint::Unix(path) => (HttpListener::Unix(bind(path)?), Some(path.clone())),
+    };
+    thread::Builder::new()
+        .name("prometheus".into())
+        .spawn(move || loop {
+            match listener.accept() {
+                Ok(mut c) => {
+                    if let Err(e) = answer_http(&mut *c, &backend.stats().prometheus()) {
+                        log::debug!("prometheus client: {e}");
+                    }
+                }
+                Err(e) => log::warn!("prometheus endpoint: {e}"),
+            }
+        })
+        .map_err(Error::Device)?;
+    log::info!("Prometheus metrics on {endpoint:?}");
+    Ok(path)
+}
+
+/// The Prometheus endpoint's listening socket.
+enum HttpListener {
+    Tcp(std::net::TcpListener),
+    Unix(UnixListener),
+}
+
+impl HttpListener {
+    fn accept(&self) -> io::Result<Box<dyn HttpConn>> {
+        Ok(match self {
+            HttpListener::Tcp(l) => Box::new(l.accept()?.0),
+            HttpListener::Unix(l) => Box::new(l.accept()?.0),
+        })
+    }
+}
+
+/// A connection the Prometheus endpoint answers (TCP or unix).
+trait HttpConn: io::Read + io::Write + Send {
+    fn set_timeout(&self, d: Duration) -> io::Result<()>;
+}
+
+impl HttpConn for std::net::TcpStream {
+    fn set_timeout(&self, d: Duration) -> io::Result<()> {
+        self.set_read_timeout(Some(d))
+    }
+}
+
+impl HttpConn for UnixStream {
+    fn set_timeout(&self, d: Duration) -> io::Result<()> {
+        self.set_read_timeout(Some(d))
+    }
+}
+
+/// Reads the request head (whatever it asks) and answers with `body`.
+fn answer_http(c: &mut dyn HttpConn, body: &str) -> io::Result<()> {
+    c.set_timeout(Duration::from_secs(2))?;
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
+        let n = c.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    write!(
+        c,
+        "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
 }
 
 fn spawn_stats_server(listener: UnixListener, backend: Arc<NetBackend>) -> io::Result<()> {

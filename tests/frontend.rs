@@ -499,3 +499,92 @@ fn held_interrupt_arrives_when_the_coalescing_timer_fires() {
     assert_eq!(s.get("interrupts_deferred_total", 1), 1);
     assert_eq!(s.get("interrupts_sent_total", 1), 1);
 }
+
+#[test]
+#[ignore = "needs root and /dev/net/tun (CI runs it)"]
+fn stats_command_prints_per_queue_counters_policies_and_rates() {
+    let ns = Netns::new();
+    let d = Daemon::start(
+        &ns,
+        &[
+            "--rx-coalesce",
+            "adaptive",
+            "--tx-coalesce",
+            "frames=32,usecs=1000",
+        ],
+    );
+    let mut fe = TestFrontend::connect(&d.socket, 1, 256, 0);
+    for tag in 0..10 {
+        fe.send(0, &eth_frame(default_mac(&d.tap), &marker(tag)));
+    }
+    fe.wait_used(1, 10);
+    let bin = env!("CARGO_BIN_EXE_vhost-user-net");
+    let stats = d.stats_socket.to_str().unwrap();
+
+    let out = std::process::Command::new(bin)
+        .args(["stats", "--stats-socket", stats])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tx = text
+        .lines()
+        .find(|l| l.starts_with("1 "))
+        .expect("queue 1 row");
+    assert!(
+        tx.contains(" tx ") && tx.contains(" 10 ") && tx.ends_with("frames=32,usecs=1000"),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("0 ") && l.ends_with("adaptive,usecs=250")),
+        "{text}"
+    );
+
+    let mut watch = std::process::Command::new(bin)
+        .args(["stats", "--stats-socket", stats, "--watch"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    let _ = watch.kill();
+    let out = watch.wait_with_output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("frames/s"));
+}
+
+/// GET over `conn` and returns the response.
+fn http_get(mut conn: impl std::io::Read + std::io::Write) -> String {
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut resp = String::new();
+    conn.read_to_string(&mut resp).unwrap();
+    resp
+}
+
+#[test]
+#[ignore = "needs root and /dev/net/tun (CI runs it)"]
+fn prometheus_endpoint_serves_http_on_loopback_and_on_a_unix_socket() {
+    let ns = Netns::new();
+    ns.ip(&["link", "set", "lo", "up"]);
+    let dir = tempfile::tempdir().unwrap();
+    let unix = dir.path().join("prom.sock");
+    let d = Daemon::start(&ns, &["--prometheus", "127.0.0.1:9717"]);
+    let d2 = Daemon::start(&ns, &["--prometheus", &format!("unix:{}", unix.display())]);
+
+    let tcp = ns.within(|| http_get(std::net::TcpStream::connect("127.0.0.1:9717").unwrap()));
+    let via_unix = http_get(std::os::unix::net::UnixStream::connect(&unix).unwrap());
+
+    for resp in [&tcp, &via_unix] {
+        assert!(resp.starts_with("HTTP/1.0 200 OK\r\n"), "{resp}");
+        assert!(resp.contains("Content-Type: text/plain; version=0.0.4"));
+        assert!(resp.contains("# TYPE vhost_user_net_frames_total counter"));
+        assert!(resp.contains(
+            "vhost_user_net_coalesce_policy_info{queue=\"0\",dir=\"rx\",policy=\"immediate\"} 1"
+        ));
+    }
+    drop((d, d2));
+}
