@@ -588,3 +588,67 @@ fn prometheus_endpoint_serves_http_on_loopback_and_on_a_unix_socket() {
     }
     drop((d, d2));
 }
+
+#[test]
+#[ignore = "needs root and /dev/net/tun (CI runs it)"]
+fn synthetic_guest_through_a_reflector_keeps_the_counters_consistent() {
+    use common::synthetic::{frame, Guest, Result_, RING, SINK_MAC};
+    let ns = Netns::new();
+    let d = Daemon::start(
+        &ns,
+        &[
+            "--rx-coalesce",
+            "adaptive",
+            "--tx-coalesce",
+            "frames=32,usecs=500",
+        ],
+    );
+    let exec = |args: &[&str]| {
+        let mut all = vec!["netns", "exec", &ns.name];
+        all.extend_from_slice(args);
+        common::run("ip", &all);
+    };
+    exec(&["tc", "qdisc", "add", "dev", &d.tap, "ingress"]);
+    exec(&[
+        "tc", "filter", "add", "dev", &d.tap, "parent", "ffff:", "protocol", "all", "prio", "1",
+        "u32", "match", "u32", "0", "0", "action", "mirred", "egress", "redirect", "dev", &d.tap,
+    ]);
+    let mut g = Guest::new(TestFrontend::connect(&d.socket, 1, RING, 0));
+    g.refill(usize::from(RING));
+    let f = frame(64, SINK_MAC);
+    let (mut sent, mut tx, mut rx) = (0u64, Result_::default(), Result_::default());
+
+    // Half a second of saturating traffic, then let everything drain.
+    let end = std::time::Instant::now() + Duration::from_millis(500);
+    while std::time::Instant::now() < end {
+        g.reclaim(Some(&mut tx), f.len());
+        sent += g.send(32, &f, 128).0 as u64;
+        g.napi_poll(64, &mut rx, common::synthetic::TS_AT);
+    }
+    common::wait_for("every frame to come back", || {
+        g.reclaim(Some(&mut tx), f.len());
+        g.napi_poll(64, &mut rx, common::synthetic::TS_AT);
+        (g.inflight() == 0 && rx.frames == sent).then_some(())
+    });
+
+    let s = d.stats();
+    assert!(sent > 1000, "only {sent} frames in half a second");
+    assert_eq!(
+        s.get("frames_total", 1),
+        sent,
+        "TX frames written = frames sent"
+    );
+    assert_eq!(tx.frames, sent, "every TX frame completed");
+    assert_eq!(
+        s.get("frames_total", 0),
+        rx.frames,
+        "RX frames delivered = received"
+    );
+    for q in 0..2 {
+        assert_eq!(s.get("kicks_total", q), g.kicks[q], "kicks on queue {q}");
+        assert!(
+            s.get("interrupts_sent_total", q) <= s.get("batches_total", q),
+            "at most one interrupt per batch on queue {q}"
+        );
+    }
+}

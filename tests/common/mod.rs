@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod qemu;
+pub mod synthetic;
 
 use std::fs::File;
 use std::io::{Read, Write};

@@ -1,0 +1,343 @@
+//! The benchmark's synthetic guest, shared with the tests: drives a
+//! [`TestFrontend`]'s rings as Linux `virtio_net` does (TX bursts with kick
+//! suppression and lazy reclaim, RX NAPI with a budget of 64), with
+//! timestamps in the payload for latency.
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use vhost_user_net::driver::Buf;
+use vm_memory::{Bytes, GuestAddress};
+
+use super::TestFrontend;
+
+pub const RING: u16 = 256;
+pub const NAPI_BUDGET: usize = 64;
+pub const TX_BURST: usize = 32;
+pub const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+/// Frames sent to this MAC are dropped by the kernel right after the tap.
+pub const SINK_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x01];
+pub const HDR: usize = 12;
+
+/// Offered load: frames per second, or as fast as possible.
+#[derive(Clone, Copy, Debug)]
+pub enum Load {
+    Pps(u64),
+    Max,
+}
+
+impl Load {
+    pub fn label(self) -> String {
+        match self {
+            Load::Pps(p) if p >= 1000 => format!("{}k pps", p / 1000),
+            Load::Pps(p) => format!("{p} pps"),
+            Load::Max => "max".to_owned(),
+        }
+    }
+}
+
+/// One run's results.
+#[derive(Clone, Debug, Default)]
+pub struct Result_ {
+    pub frames: u64,
+    pub bytes: u64,
+    pub secs: f64,
+    pub interrupts: u64,
+    pub kicks: u64,
+    pub lat: Vec<u64>,
+}
+
+impl Result_ {
+    #[allow(clippy::cast_precision_loss)]
+    pub fn mpps(&self) -> f64 {
+        self.frames as f64 / self.secs / 1e6
+    }
+    #[allow(clippy::cast_precision_loss)]
+    pub fn gbps(&self) -> f64 {
+        self.bytes as f64 * 8.0 / self.secs / 1e9
+    }
+    #[allow(clippy::cast_precision_loss)]
+    pub fn per_irq(&self) -> f64 {
+        self.frames as f64 / self.interrupts.max(1) as f64
+    }
+    #[allow(clippy::cast_precision_loss)]
+    pub fn kicks_per(&self) -> f64 {
+        self.kicks as f64 / self.frames.max(1) as f64
+    }
+    pub fn pct(&mut self, p: usize) -> f64 {
+        if self.lat.is_empty() {
+            return f64::NAN;
+        }
+        self.lat.sort_unstable();
+        let i = (self.lat.len() * p / 100).min(self.lat.len() - 1);
+        #[allow(clippy::cast_precision_loss)]
+        let us = self.lat[i] as f64 / 1000.0;
+        us
+    }
+}
+
+/// Nanoseconds since the benchmark's epoch, for payload timestamps.
+pub fn now_ns(epoch: Instant) -> u64 {
+    u64::try_from(epoch.elapsed().as_nanos()).expect("fits")
+}
+
+/// An Ethernet + IPv4 + TCP frame of `len` bytes (payload starts at 54)
+/// with a virtio-net header in front; GSO for frames beyond 1514 bytes.
+pub fn frame(len: usize, dst: [u8; 6]) -> Vec<u8> {
+    let mut f = vec![0u8; HDR + len];
+    if len > 1514 {
+        f[0] = 1; // NEEDS_CSUM
+        f[1] = 1; // GSO TCPV4
+        f[2..4].copy_from_slice(&54u16.to_le_bytes()); // hdr_len
+        f[4..6].copy_from_slice(&1448u16.to_le_bytes()); // gso_size
+        f[6..8].copy_from_slice(&34u16.to_le_bytes()); // csum_start
+        f[8..10].copy_from_slice(&16u16.to_le_bytes()); // csum_offset
+    }
+    let e = &mut f[HDR..];
+    e[..6].copy_from_slice(&dst);
+    e[6..12].copy_from_slice(&GUEST_MAC);
+    e[12..14].copy_from_slice(&[0x08, 0x00]);
+    let ip = &mut e[14..34];
+    ip[0] = 0x45;
+    let total = u16::try_from(len - 14).unwrap_or(u16::MAX);
+    ip[2..4].copy_from_slice(&total.to_be_bytes());
+    ip[8] = 64;
+    ip[9] = 6;
+    ip[12..16].copy_from_slice(&[198, 18, 0, 2]);
+    ip[16..20].copy_from_slice(&[198, 18, 0, 1]);
+    let tcp = &mut e[34..54];
+    tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());
+    tcp[2..4].copy_from_slice(&5001u16.to_be_bytes());
+    tcp[12] = 0x50;
+    tcp[13] = 0x10;
+    f
+}
+
+/// Where the payload timestamp sits in a frame (after the TCP header).
+pub const TS_AT: usize = HDR + 54;
+
+pub struct Guest {
+    pub fe: TestFrontend,
+    pub epoch: Instant,
+    /// Kicks this guest sent, per ring (RX, TX).
+    pub kicks: [u64; 2],
+}
+
+impl Guest {
+    pub fn new(fe: TestFrontend) -> Guest {
+        Guest {
+            fe,
+            epoch: Instant::now(),
+            kicks: [0; 2],
+        }
+    }
+}
+
+impl Guest {
+    /// Reads and resets a ring's interrupt count.
+    pub fn interrupts(&self, q: usize) -> u64 {
+        self.fe.vqs[q].take_interrupts()
+    }
+
+    /// Posts `n` 4 KiB mergeable RX buffers.
+    pub fn refill(&mut self, n: usize) -> bool {
+        if n == 0 {
+            return false;
+        }
+        let vq = &mut self.fe.vqs[0];
+        for _ in 0..n {
+            let addr = next_slot(vq, 4096);
+            let b = Buf {
+                addr,
+                len: 4096,
+                device_writes: true,
+            };
+            let Some(head) = vq.ring.add_chain(&self.fe.mem, &[b]) else {
+                break;
+            };
+            vq.ring.push_avail(&self.fe.mem, head);
+        }
+        let kicked = self.fe.publish_and_kick(0);
+        self.kicks[0] += u64::from(kicked);
+        kicked
+    }
+
+    /// One NAPI poll of RX: up to `budget` frames; returns how many.
+    pub fn napi_poll(&mut self, budget: usize, res: &mut Result_, ts_offset: usize) -> usize {
+        let mut done = 0;
+        let mut bufs = 0;
+        while done < budget {
+            let Some(u) = self.fe.vqs[0].ring.pop_used(&self.fe.mem) else {
+                break;
+            };
+            bufs += 1;
+            let addr = self.buf_addr(0, u.head);
+            let mut h = [0u8; HDR];
+            let _ = self.fe.mem.read_slice(&mut h, addr);
+            let nbuf = u16::from_le_bytes([h[10], h[11]]).max(1);
+            let mut len = u64::from(u.len);
+            let mut ts = [0u8; 8];
+            let _ = self
+                .fe
+                .mem
+                .read_slice(&mut ts, GuestAddress(addr.0 + ts_offset as u64));
+            for _ in 1..nbuf {
+                match self.fe.vqs[0].ring.pop_used(&self.fe.mem) {
+                    Some(more) => {
+                        len += u64::from(more.len);
+                        bufs += 1;
+                    }
+                    None => break,
+                }
+            }
+            let sent = u64::from_le_bytes(ts);
+            let now = now_ns(self.epoch);
+            if sent > 0 && sent <= now && res.lat.len() < 200_000 {
+                res.lat.push(now - sent);
+            }
+            res.frames += 1;
+            res.bytes += len - HDR as u64;
+            done += 1;
+        }
+        self.refill(bufs);
+        done
+    }
+
+    pub fn buf_addr(&self, q: usize, head: u16) -> GuestAddress {
+        let at = GuestAddress(self.fe.vqs[q].ring.desc_addr().0 + 16 * u64::from(head));
+        GuestAddress(u64::from_le(self.fe.mem.read_obj(at).expect("descriptor")))
+    }
+
+    /// Queues up to `n` TX frames (template `f`, timestamped); publishes and
+    /// kicks as Linux does at the end of a burst. Returns frames queued.
+    pub fn send(&mut self, n: usize, f: &[u8], cap: usize) -> (usize, bool) {
+        let epoch = self.epoch;
+        let vq = &mut self.fe.vqs[1];
+        let mut sent = 0;
+        while sent < n && usize::from(RING) - vq.ring.free_descriptors() < cap {
+            let slot = u32::try_from(f.len().next_multiple_of(4096)).expect("frame fits u32");
+            let addr = next_slot(vq, slot);
+            let _ = self.fe.mem.write_slice(f, addr);
+            let ts = now_ns(epoch).to_le_bytes();
+            let _ = self
+                .fe
+                .mem
+                .write_slice(&ts, GuestAddress(addr.0 + TS_AT as u64));
+            let b = Buf {
+                addr,
+                len: u32::try_from(f.len()).expect("frame fits u32"),
+                device_writes: false,
+            };
+            let Some(head) = vq.ring.add_chain(&self.fe.mem, &[b]) else {
+                break;
+            };
+            vq.ring.push_avail(&self.fe.mem, head);
+            sent += 1;
+        }
+        let kicked = sent > 0 && self.fe.publish_and_kick(1);
+        self.kicks[1] += u64::from(kicked);
+        (sent, kicked)
+    }
+
+    /// Reclaims TX completions; returns how many, and records completion
+    /// latency from the payload timestamp.
+    pub fn reclaim(&mut self, res: Option<&mut Result_>, frame_len: usize) -> usize {
+        let mut n = 0;
+        let mut lat = Vec::new();
+        while let Some(u) = self.fe.vqs[1].ring.pop_used(&self.fe.mem) {
+            if res.is_some() && n % 16 == 0 {
+                let addr = self.buf_addr(1, u.head);
+                let mut ts = [0u8; 8];
+                let _ = self
+                    .fe
+                    .mem
+                    .read_slice(&mut ts, GuestAddress(addr.0 + TS_AT as u64));
+                lat.push(u64::from_le_bytes(ts));
+            }
+            n += 1;
+        }
+        if let Some(res) = res {
+            let now = now_ns(self.epoch);
+            res.lat.extend(
+                lat.into_iter()
+                    .filter(|&t| t > 0 && t <= now)
+                    .map(|t| now - t),
+            );
+            res.frames += n as u64;
+            res.bytes += (n * (frame_len - HDR)) as u64;
+        }
+        n
+    }
+
+    /// TX chains the device has not completed.
+    pub fn inflight(&self) -> usize {
+        usize::from(RING) - self.fe.vqs[1].ring.free_descriptors()
+    }
+
+    /// Linux's `virtqueue_enable_cb_delayed`: interrupt after 3/4 of the
+    /// outstanding TX buffers are used.
+    pub fn tx_enable_cb_delayed(&self) {
+        let inflight = self.inflight();
+        let vq = &self.fe.vqs[1];
+        let at = vq
+            .ring
+            .last_used()
+            .wrapping_add(u16::try_from(inflight * 3 / 4).expect("small"));
+        vq.ring.set_used_event(&self.fe.mem, at);
+    }
+
+    /// RX: `virtqueue_enable_cb_prepare` (interrupt at the next used entry);
+    /// returns true if more work already arrived.
+    pub fn rx_enable_cb(&self) -> bool {
+        let vq = &self.fe.vqs[0];
+        vq.ring.set_used_event(&self.fe.mem, vq.ring.last_used());
+        std::sync::atomic::fence(Ordering::SeqCst);
+        vq.ring.used_idx(&self.fe.mem) != vq.ring.last_used()
+    }
+}
+
+pub fn next_slot(vq: &mut super::Vq, size: u32) -> GuestAddress {
+    vq.set_buf_size(size);
+    vq.next_buffer()
+}
+
+/// Waits for an interrupt on any of `qs` (up to `ms`).
+pub fn wait_irq(g: &Guest, qs: &[usize], ms: i32) {
+    let fds: Vec<_> = qs.iter().map(|&q| g.fe.vqs[q].call.as_raw_fd()).collect();
+    let _ = vhost_user_net::sys::wait_readable(&fds, ms);
+}
+
+/// Paces a sender at `load`.
+pub struct Pacer {
+    start: Instant,
+    pub sent: u64,
+    pps: Option<u64>,
+}
+
+impl Pacer {
+    pub fn new(load: Load) -> Self {
+        Pacer {
+            start: Instant::now(),
+            sent: 0,
+            pps: match load {
+                Load::Pps(p) => Some(p),
+                Load::Max => None,
+            },
+        }
+    }
+
+    /// Frames that may be sent now (up to `max`).
+    pub fn allowed(&self, max: usize) -> usize {
+        match self.pps {
+            None => max,
+            Some(pps) => {
+                let due = u64::try_from(self.start.elapsed().as_micros()).expect("fits") * pps
+                    / 1_000_000;
+                usize::try_from(due.saturating_sub(self.sent))
+                    .unwrap_or(max)
+                    .min(max)
+            }
+        }
+    }
+}
