@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use common::synthetic::{
     frame, now_ns, wait_irq, Guest, Load, Pacer, Result_, GUEST_MAC, HDR, NAPI_BUDGET, RING,
-    SINK_MAC, TS_AT, TX_BURST,
+    SINK_MAC, TS_AT,
 };
 use common::{Daemon, Netns, TestFrontend};
 
@@ -101,20 +101,7 @@ struct Setup {
 fn setup(policy: &str) -> Setup {
     let ns = Netns::new();
     let daemon = Daemon::start(&ns, &["--rx-coalesce", policy, "--tx-coalesce", policy]);
-    let tap = daemon.tap.clone();
-    ns.ip(&["addr", "add", "198.18.0.1/24", "dev", &tap]);
-    let mac = vhost_user_net::config::format_mac(&GUEST_MAC);
-    ns.ip(&[
-        "neigh",
-        "replace",
-        "198.18.0.2",
-        "lladdr",
-        &mac,
-        "dev",
-        &tap,
-        "nud",
-        "permanent",
-    ]);
+    ns.route_to_guest(&daemon.tap, GUEST_MAC);
     let fe = TestFrontend::connect(&daemon.socket, 1, RING, 0);
     let mut guest = Guest::new(fe);
     guest.refill(usize::from(RING));
@@ -169,12 +156,7 @@ fn run_tx(s: &mut Setup, len: usize, load: Load, secs: f64) -> Result_ {
     let end = start + Duration::from_secs_f64(secs);
     while Instant::now() < end {
         g.reclaim(Some(&mut res), f.len());
-        let n = pacer.allowed(TX_BURST);
-        if n > 0 && g.inflight() < cap {
-            let (sent, _) = g.send(n, &f, cap);
-            pacer.sent += sent as u64;
-        } else if g.inflight() >= cap {
-            g.tx_enable_cb_delayed();
+        if g.transmit(&mut pacer, &f, cap) {
             wait_irq(g, &[1], 10);
         } else if matches!(load, Load::Pps(_)) {
             std::hint::spin_loop();
@@ -291,13 +273,7 @@ fn run_loop(s: &mut Setup, len: usize, load: Load, secs: f64) -> Result_ {
     let mut pacer = Pacer::new(load);
     let res = napi_loop(s, secs, &[0, 1], |g, _| {
         g.reclaim(None, f.len());
-        let n = pacer.allowed(TX_BURST);
-        if n > 0 && g.inflight() < cap {
-            let (sent, _) = g.send(n, &f, cap);
-            pacer.sent += sent as u64;
-        } else if g.inflight() >= cap {
-            g.tx_enable_cb_delayed();
-        }
+        g.transmit(&mut pacer, &f, cap);
     });
     reflector(&s.ns, &tap, false);
     drain_rx(&mut s.guest);
@@ -344,19 +320,7 @@ fn floor(ns: &Netns, dir: Dir, len: usize, secs: f64) -> f64 {
 }
 
 fn rx_floor(ns: &Netns, tap: &str, q: &std::fs::File, len: usize, secs: f64) -> f64 {
-    ns.ip(&["addr", "add", "198.18.0.1/24", "dev", tap]);
-    let mac = vhost_user_net::config::format_mac(&GUEST_MAC);
-    ns.ip(&[
-        "neigh",
-        "replace",
-        "198.18.0.2",
-        "lladdr",
-        &mac,
-        "dev",
-        tap,
-        "nud",
-        "permanent",
-    ]);
+    ns.route_to_guest(tap, GUEST_MAC);
     let sock = ns.udp_socket();
     let stop = Arc::new(AtomicBool::new(false));
     let payload = len.saturating_sub(42).max(18);

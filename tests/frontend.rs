@@ -31,22 +31,9 @@ fn has_marker(frame: &[u8], tag: u32) -> bool {
     frame.windows(m.len()).any(|w| w == m.as_slice())
 }
 
-/// Sets the namespace up for UDP from the namespace to the "guest":
-/// tap address 198.18.0.1/24, a static neighbour for 198.18.0.2.
+/// Lets UDP from the namespace reach the "guest" (see `route_to_guest`).
 fn address_tap(ns: &Netns, d: &Daemon) {
-    let mac = vhost_user_net::config::format_mac(&default_mac(&d.tap));
-    ns.ip(&["addr", "add", "198.18.0.1/24", "dev", &d.tap]);
-    ns.ip(&[
-        "neigh",
-        "replace",
-        "198.18.0.2",
-        "lladdr",
-        &mac,
-        "dev",
-        &d.tap,
-        "nud",
-        "permanent",
-    ]);
+    ns.route_to_guest(&d.tap, default_mac(&d.tap));
 }
 
 /// Sends UDP datagrams carrying `marker(tag)` from the namespace to the guest.

@@ -78,6 +78,25 @@ impl Netns {
         run("ip", &all);
     }
 
+    /// Addresses `tap` as 198.18.0.1/24 and adds a permanent neighbour entry
+    /// for the guest (198.18.0.2 at `guest_mac`), so traffic from the
+    /// namespace reaches the guest without ARP.
+    pub fn route_to_guest(&self, tap: &str, guest_mac: [u8; 6]) {
+        let mac = vhost_user_net::config::format_mac(&guest_mac);
+        self.ip(&["addr", "add", "198.18.0.1/24", "dev", tap]);
+        self.ip(&[
+            "neigh",
+            "replace",
+            "198.18.0.2",
+            "lladdr",
+            &mac,
+            "dev",
+            tap,
+            "nud",
+            "permanent",
+        ]);
+    }
+
     /// Runs `f` on a thread that has entered the namespace (sockets it
     /// creates live in the namespace).
     pub fn within<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
@@ -559,18 +578,8 @@ impl TestFrontend {
             "frame too large for a TX buffer"
         );
         self.mem.write_slice(&bytes, addr).expect("write frame");
-        let head = vq
-            .ring
-            .add_chain(
-                &self.mem,
-                &[Buf {
-                    addr,
-                    len: u32::try_from(bytes.len()).expect("small"),
-                    device_writes: false,
-                }],
-            )
-            .expect("TX descriptors available");
-        vq.ring.push_avail(&self.mem, head);
+        let len = u32::try_from(bytes.len()).expect("small");
+        push_one(&self.mem, vq, addr, len, false);
     }
 
     /// Publishes queued chains of queue `q`; kicks if the device asks.
@@ -590,18 +599,7 @@ impl TestFrontend {
         vq.buf_size = size;
         for _ in 0..count {
             let addr = vq.next_buffer();
-            let head = vq
-                .ring
-                .add_chain(
-                    &self.mem,
-                    &[Buf {
-                        addr,
-                        len: size,
-                        device_writes: true,
-                    }],
-                )
-                .expect("RX descriptors available");
-            vq.ring.push_avail(&self.mem, head);
+            push_one(&self.mem, vq, addr, size, true);
         }
         self.publish_and_kick(2 * pair);
     }
@@ -641,6 +639,18 @@ impl TestFrontend {
             .expect("descriptor");
         (u64::from_le(addr), u32::from_le(len))
     }
+}
+
+/// Adds a one-buffer chain to `vq` and puts it in the avail ring (not yet
+/// published).
+fn push_one(mem: &GuestMem, vq: &mut Vq, addr: GuestAddress, len: u32, device_writes: bool) {
+    let buf = Buf {
+        addr,
+        len,
+        device_writes,
+    };
+    let head = vq.ring.add_chain(mem, &[buf]).expect("free descriptors");
+    vq.ring.push_avail(mem, head);
 }
 
 /// An Ethernet frame: broadcast destination, `src` MAC, ethertype 0x88b5

@@ -270,6 +270,22 @@ impl Guest {
         n
     }
 
+    /// One transmit opportunity: sends what `pacer` allows (up to a burst),
+    /// or, with `cap` chains in flight, asks for an interrupt after 3/4 of
+    /// them and returns true (the caller may wait for it).
+    pub fn transmit(&mut self, pacer: &mut Pacer, f: &[u8], cap: usize) -> bool {
+        let n = pacer.allowed(TX_BURST);
+        if self.inflight() >= cap {
+            self.tx_enable_cb_delayed();
+            return true;
+        }
+        if n > 0 {
+            let (sent, _) = self.send(n, f, cap);
+            pacer.sent += sent as u64;
+        }
+        false
+    }
+
     /// TX chains the device has not completed.
     pub fn inflight(&self) -> usize {
         usize::from(RING) - self.fe.vqs[1].ring.free_descriptors()
