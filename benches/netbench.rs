@@ -425,6 +425,7 @@ fn main() {
         .map(|(d, l)| (d, l, floor(&ns, d, l, o.secs)))
         .collect();
     print!("{}", report(&mut rows, &floors));
+    print!("{}", targets(&mut rows, &floors));
     if let Some(path) = &o.svg {
         std::fs::write(path, svg(&rows)).expect("write svg");
         eprintln!("plot written to {path}");
@@ -487,6 +488,89 @@ fn report(rows: &mut [Row], floors: &[(Dir, usize, f64)]) -> String {
                 r.res.kicks_per(),
                 p50,
                 p99,
+            );
+        }
+    }
+    out
+}
+
+/// The targets, judged on this run's rows (64-byte frames).
+fn targets(rows: &mut [Row], floors: &[(Dir, usize, f64)]) -> String {
+    let mut out = String::from("\ntargets (64 B, this run):\n");
+    let find = |rows: &[Row], dir: Dir, policy: &str, max: bool| {
+        rows.iter().position(|r| {
+            r.dir == dir && r.policy == policy && r.len == 64 && matches!(r.load, Load::Max) == max
+        })
+    };
+    let mut line = |text: String, ok: bool| {
+        let _ = writeln!(out, "  [{}] {text}", if ok { "met" } else { "MISSED" });
+    };
+    for dir in [Dir::Tx, Dir::Rx] {
+        let floor = floors
+            .iter()
+            .find(|(d, l, _)| *d == dir && *l == 64)
+            .map(|f| f.2);
+        if let (Some(i), Some(f)) = (find(rows, dir, "immediate", true), floor) {
+            let ratio = rows[i].res.mpps() / f;
+            line(
+                format!("{} at >= 0.95x the syscall floor: {ratio:.2}x", dir.name()),
+                ratio >= 0.95,
+            );
+        }
+    }
+    let sat: Vec<&Row> = rows
+        .iter()
+        .filter(|r| matches!(r.load, Load::Max) && r.len == 64)
+        .collect();
+    let worst_kicks = sat.iter().map(|r| r.res.kicks_per()).fold(0.0, f64::max);
+    line(
+        format!("<= 0.02 kicks per packet at saturation: worst {worst_kicks:.3}"),
+        worst_kicks <= 0.02,
+    );
+    for r in sat
+        .iter()
+        .filter(|r| r.dir != Dir::Tx && r.res.interrupts > 0)
+    {
+        let ppi = r.res.per_irq();
+        line(
+            format!(
+                "{} {} >= 64 packets per interrupt at saturation: {ppi:.1}",
+                r.dir.name(),
+                r.policy
+            ),
+            ppi >= 64.0 - 0.5,
+        );
+    }
+    for dir in [Dir::Tx, Dir::Rx, Dir::Loop] {
+        let low = |rows: &mut [Row], policy: &str| {
+            let i = rows.iter().position(|r| {
+                r.dir == dir
+                    && r.policy == policy
+                    && r.len == 64
+                    && matches!(r.load, Load::Pps(10_000))
+            })?;
+            Some(rows[i].res.pct(50))
+        };
+        if let (Some(a), Some(b)) = (low(rows, "adaptive"), low(rows, "immediate")) {
+            line(
+                format!(
+                    "{} adaptive p50 at 10k pps <= 1.05x immediate: {a:.0} vs {b:.0} us",
+                    dir.name()
+                ),
+                a <= b * 1.05,
+            );
+        }
+        if let (Some(a), Some(b)) = (
+            find(rows, dir, "adaptive", true),
+            find(rows, dir, "immediate", true),
+        ) {
+            let (ta, tb) = (rows[a].res.mpps(), rows[b].res.mpps());
+            line(
+                format!(
+                    "{} adaptive throughput >= immediate: {ta:.3} vs {tb:.3} Mpps",
+                    dir.name()
+                ),
+                ta >= tb,
             );
         }
     }
