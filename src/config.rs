@@ -87,6 +87,24 @@ pub struct Args {
     #[arg(long, value_name = "ADDR")]
     pub prometheus: Option<String>,
 
+    /// Permissions of the sockets the daemon creates, in octal.
+    #[arg(long, value_name = "MODE", default_value = "0600")]
+    pub socket_mode: String,
+
+    /// Group (name or number) to give the sockets the daemon creates, so
+    /// e.g. `--socket-mode 0660 --socket-group kvm` lets that group connect.
+    #[arg(long, value_name = "GROUP")]
+    pub socket_group: Option<String>,
+
+    /// After opening the tap and binding the sockets, drop privileges to
+    /// this user (name or number)...
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+
+    /// ... and this group (default: the user's primary group).
+    #[arg(long, value_name = "GROUP")]
+    pub group: Option<String>,
+
     /// Unix socket serving the counters as Prometheus text
     /// [default: SOCKET_PATH.stats when listening on --socket-path; none otherwise].
     #[arg(long, value_name = "PATH")]
@@ -160,6 +178,11 @@ pub struct Config {
     pub tap_mtu: Option<u16>,
     pub stats_socket: Option<PathBuf>,
     pub prometheus: Option<Endpoint>,
+    /// Mode and group of the sockets we create.
+    pub socket_mode: u32,
+    pub socket_gid: Option<u32>,
+    /// Privileges to drop to once set up: `(uid, gid)`.
+    pub drop_to: Option<(u32, u32)>,
     pub device: DeviceConfig,
 }
 
@@ -184,6 +207,17 @@ pub enum ConfigError {
     Prometheus(String),
     #[error("stats: give --stats-socket PATH or --socket-path PATH")]
     StatsSocket,
+    #[error("--socket-mode {0}: expected octal permissions like 0600 or 0660")]
+    SocketMode(String),
+    #[error("{flag} {name}: no such {what} in /etc/{file} (give a name or a number)")]
+    UnknownId {
+        flag: &'static str,
+        name: String,
+        what: &'static str,
+        file: &'static str,
+    },
+    #[error("--group needs --user (to drop only the group, give --user root)")]
+    GroupWithoutUser,
 }
 
 impl TryFrom<Args> for Command {
@@ -258,9 +292,33 @@ impl TryFrom<Args> for Config {
             Frontend::ListenFd(_) | Frontend::Connect(_) => None,
         });
         let prometheus = args.prometheus.as_deref().map(parse_endpoint).transpose()?;
+        let socket_mode = u32::from_str_radix(args.socket_mode.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .ok_or_else(|| ConfigError::SocketMode(args.socket_mode.clone()))?;
+        let socket_gid = args
+            .socket_group
+            .as_deref()
+            .map(|g| lookup_group("--socket-group", g))
+            .transpose()?;
+        let drop_to = match (&args.user, &args.group) {
+            (None, None) => None,
+            (None, Some(_)) => return Err(ConfigError::GroupWithoutUser),
+            (Some(u), g) => {
+                let (uid, primary) = lookup_user(u)?;
+                let gid = g
+                    .as_deref()
+                    .map(|g| lookup_group("--group", g))
+                    .transpose()?;
+                Some((uid, gid.unwrap_or(primary)))
+            }
+        };
         Ok(Config {
             frontend,
             prometheus,
+            socket_mode,
+            socket_gid,
+            drop_to,
             tap,
             tap_mtu,
             stats_socket,
@@ -274,6 +332,45 @@ impl TryFrom<Args> for Config {
             },
         })
     }
+}
+
+/// Finds a group by number or by name in `/etc/group`.
+fn lookup_group(flag: &'static str, name: &str) -> Result<u32, ConfigError> {
+    if let Ok(gid) = name.parse() {
+        return Ok(gid);
+    }
+    let text = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    text.lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.first() == Some(&name))
+        .and_then(|f| f.get(2)?.parse().ok())
+        .ok_or(ConfigError::UnknownId {
+            flag,
+            name: name.to_owned(),
+            what: "group",
+            file: "group",
+        })
+}
+
+/// Finds a user (uid, primary gid) by number or by name in `/etc/passwd`.
+fn lookup_user(name: &str) -> Result<(u32, u32), ConfigError> {
+    let text = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let entry = |f: &Vec<&str>| Some((f.get(2)?.parse().ok()?, f.get(3)?.parse().ok()?));
+    let by_field = |i: usize| {
+        text.lines()
+            .map(|l| l.split(':').collect::<Vec<_>>())
+            .find(|f| f.get(i) == Some(&name))
+            .and_then(|f| entry(&f))
+    };
+    by_field(0)
+        .or_else(|| by_field(2))
+        .or_else(|| name.parse().ok().map(|uid| (uid, uid)))
+        .ok_or(ConfigError::UnknownId {
+            flag: "--user",
+            name: name.to_owned(),
+            what: "user",
+            file: "passwd",
+        })
 }
 
 /// Parses `--prometheus`: a loopback socket address or `unix:PATH`.
@@ -428,6 +525,40 @@ mod tests {
                 watch: true
             })
         );
+    }
+
+    #[test]
+    fn sockets_are_private_by_default_and_ids_resolve_by_name_or_number() {
+        let c = Config::try_from(args(&[])).unwrap();
+        assert_eq!(
+            (c.socket_mode, c.socket_gid, c.drop_to),
+            (0o600, None, None)
+        );
+        let c = Config::try_from(args(&[
+            "--socket-mode",
+            "0660",
+            "--socket-group",
+            "root",
+            "--user",
+            "0",
+        ]))
+        .unwrap();
+        assert_eq!(
+            (c.socket_mode, c.socket_gid, c.drop_to),
+            (0o660, Some(0), Some((0, 0)))
+        );
+        let err = Config::try_from(args(&["--user", "no-such-user-here"])).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("--user no-such-user-here: no such user"),
+            "{err}"
+        );
+        assert_eq!(
+            Config::try_from(args(&["--group", "0"])),
+            Err(ConfigError::GroupWithoutUser)
+        );
+        let err = Config::try_from(args(&["--socket-mode", "999"])).unwrap_err();
+        assert!(err.to_string().starts_with("--socket-mode 999:"), "{err}");
     }
 
     #[test]

@@ -57,6 +57,14 @@ pub enum Error {
     Accept(#[source] io::Error),
     #[error("cannot wait for signals")]
     Signals(#[source] io::Error),
+    #[error("cannot set the permissions of {path} (--socket-mode/--socket-group)")]
+    Permissions {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot drop privileges (--user/--group)")]
+    DropPrivileges(#[source] io::Error),
 }
 
 /// Runs the daemon until SIGINT or SIGTERM. Prints the counters on exit and
@@ -68,6 +76,7 @@ pub fn run(config: Config) -> Result<(), Error> {
         Frontend::Listen(path) => {
             let l = bind(path)?;
             sockets.0.push(path.clone());
+            restrict(path, &config)?;
             Source::Listener(l)
         }
         Frontend::ListenFd(fd) => Source::Listener(
@@ -80,6 +89,7 @@ pub fn run(config: Config) -> Result<(), Error> {
         Some(path) => {
             let l = bind(path)?;
             sockets.0.push(path.clone());
+            restrict(path, &config)?;
             Some(l)
         }
         None => None,
@@ -106,7 +116,16 @@ pub fn run(config: Config) -> Result<(), Error> {
     }
     if let Some(endpoint) = &config.prometheus {
         let path = spawn_prometheus(endpoint, backend.clone())?;
+        if let Some(p) = &path {
+            restrict(p, &config)?;
+        }
         sockets.0.extend(path);
+    }
+    // Everything that needs privileges is done: the tap is open (the fds
+    // keep working), the sockets are bound.
+    if let Some((uid, gid)) = config.drop_to {
+        sys::drop_privileges(uid, gid).map_err(Error::DropPrivileges)?;
+        log::info!("running as uid {uid}, gid {gid}");
     }
     let current: Arc<Mutex<Option<UnixStream>>> = Arc::default();
     let (done_tx, done_rx) = mpsc::channel::<Result<(), Error>>();
@@ -195,6 +214,19 @@ impl Source {
             }
         }
     }
+}
+
+/// Applies `--socket-mode` and `--socket-group` to a socket we created.
+fn restrict(path: &Path, config: &Config) -> Result<(), Error> {
+    use std::os::unix::fs::PermissionsExt;
+    let err = |source| Error::Permissions {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(gid) = config.socket_gid {
+        sys::chgrp(path, gid).map_err(err)?;
+    }
+    fs::set_permissions(path, fs::Permissions::from_mode(config.socket_mode)).map_err(err)
 }
 
 /// Socket files we created, removed when the daemon stops (or fails to start).

@@ -245,6 +245,22 @@ pub fn wait_readable(fds: &[RawFd], timeout_ms: i32) -> io::Result<usize> {
     Ok(usize::try_from(ret).expect("non-negative"))
 }
 
+/// Drops root: supplementary groups cleared, then gid, then uid (in that
+/// order: after setuid we could no longer change groups).
+pub fn drop_privileges(uid: u32, gid: u32) -> io::Result<()> {
+    // SAFETY: setgroups(0, NULL) reads no memory; the others take plain ids.
+    check(unsafe { libc::setgroups(0, std::ptr::null()) })?;
+    // SAFETY: as above.
+    check(unsafe { libc::setgid(gid) })?;
+    // SAFETY: as above.
+    check(unsafe { libc::setuid(uid) })
+}
+
+/// Changes the group of `path` (owner unchanged).
+pub fn chgrp(path: &std::path::Path, gid: u32) -> io::Result<()> {
+    std::os::unix::fs::chown(path, None, Some(gid))
+}
+
 /// Upper bound on descriptors one vhost-user message carries
 /// (`VHOST_MEMORY_MAX_NREGIONS` in the protocol).
 pub const MAX_ATTACHED_FDS: usize = 32;

@@ -639,3 +639,44 @@ fn synthetic_guest_through_a_reflector_keeps_the_counters_consistent() {
         );
     }
 }
+
+#[test]
+#[ignore = "needs root and /dev/net/tun (CI runs it)"]
+fn sockets_are_created_0600_by_default_and_socket_mode_widens_them() {
+    use std::os::unix::fs::PermissionsExt;
+    let ns = Netns::new();
+    let d = Daemon::start(&ns, &[]);
+    let d2 = Daemon::start(&ns, &["--socket-mode", "0660", "--socket-group", "0"]);
+
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&d.socket), 0o600);
+    assert_eq!(mode(&d.stats_socket), 0o600);
+    assert_eq!(mode(&d2.socket), 0o660);
+}
+
+#[test]
+#[ignore = "needs root and /dev/net/tun (CI runs it)"]
+fn daemon_dropped_to_nobody_still_moves_frames_and_serves_a_reconnect() {
+    let ns = Netns::new();
+    let d = Daemon::start(&ns, &["--user", "nobody"]);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", d.pid())).unwrap();
+    let uid = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .unwrap()
+        .to_owned();
+    assert!(
+        uid.split_whitespace().skip(1).all(|id| id == "65534"),
+        "{uid}"
+    );
+    let cap = ns.packet_socket();
+    let src = default_mac(&d.tap);
+
+    let mut fe = TestFrontend::connect(&d.socket, 1, 256, 0);
+    fe.send(0, &eth_frame(src, &marker(1)));
+    assert!(capture(&cap, common::TIMEOUT, |f| has_marker(f, 1)).is_some());
+    drop(fe);
+    let mut fe = TestFrontend::connect(&d.socket, 1, 256, 0);
+    fe.send(0, &eth_frame(src, &marker(2)));
+    assert!(capture(&cap, common::TIMEOUT, |f| has_marker(f, 2)).is_some());
+}
