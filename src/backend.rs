@@ -103,6 +103,9 @@ pub struct NetBackend {
     tap_ctl: File,
     stats: Arc<Stats>,
     acked_features: AtomicU64,
+    /// Exit-event fds handed to vhost-user-backend, which never closes them;
+    /// closed after each connection ([`NetBackend::close_abandoned_fds`]).
+    abandoned_fds: Mutex<Vec<std::os::fd::RawFd>>,
 }
 
 impl NetBackend {
@@ -133,6 +136,7 @@ impl NetBackend {
             tap_ctl,
             stats,
             acked_features: AtomicU64::new(0),
+            abandoned_fds: Mutex::default(),
         })
     }
 
@@ -175,6 +179,18 @@ impl NetBackend {
             self.pair(i).disconnect();
         }
         self.acked_features.store(0, Ordering::Relaxed);
+    }
+
+    /// Closes the exit-event fds vhost-user-backend abandoned. Call after the
+    /// connection's `VhostUserDaemon` has been dropped.
+    pub fn close_abandoned_fds(&self) {
+        let fds = std::mem::take(
+            &mut *self
+                .abandoned_fds
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        crate::sys::close_abandoned(fds);
     }
 
     /// The frontend (re)configured vring `queue`: clear its error state.
@@ -276,7 +292,13 @@ impl VhostUserBackend for NetBackend {
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
         match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
-            Ok(pair) => Some(pair),
+            Ok(pair) => {
+                self.abandoned_fds
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(std::os::fd::AsRawFd::as_raw_fd(&pair.0));
+                Some(pair)
+            }
             Err(e) => {
                 log::error!("cannot create a worker exit event: {e}");
                 None

@@ -322,6 +322,7 @@ pub fn serve_connection(backend: &Arc<NetBackend>, frontend: UnixStream) -> Resu
         let _ = r.join();
     }
     drop(daemon);
+    backend.close_abandoned_fds();
     match result {
         Ok(()) => Ok(()),
         Err(vhost_user_backend::Error::HandleRequest(

@@ -261,6 +261,22 @@ pub fn chgrp(path: &std::path::Path, gid: u32) -> io::Result<()> {
     std::os::unix::fs::chown(path, None, Some(gid))
 }
 
+/// Closes descriptors that their owner abandoned with `into_raw_fd` and
+/// never closes: vhost-user-backend does that with the exit-event fd we give
+/// each worker (registered in the worker's epoll, then forgotten), one fd
+/// per worker per connection. Call only once that connection's daemon, and
+/// with it every epoll handler and worker, has been dropped.
+pub fn close_abandoned(fds: Vec<RawFd>) {
+    for fd in fds {
+        // SAFETY: vhost-user-backend gave up ownership of `fd` (into_raw_fd)
+        // and only ever passed it to epoll_ctl on an epoll that is closed by
+        // now; it never closes it, and nothing else in this process knows the
+        // number, so taking ownership here cannot double-close or close a
+        // descriptor someone else uses.
+        drop(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
+    }
+}
+
 /// Upper bound on descriptors one vhost-user message carries
 /// (`VHOST_MEMORY_MAX_NREGIONS` in the protocol).
 pub const MAX_ATTACHED_FDS: usize = 32;

@@ -680,3 +680,67 @@ fn daemon_dropped_to_nobody_still_moves_frames_and_serves_a_reconnect() {
     fe.send(0, &eth_frame(src, &marker(2)));
     assert!(capture(&cap, common::TIMEOUT, |f| has_marker(f, 2)).is_some());
 }
+
+/// `(open fds, RSS in KiB)` of process `pid`.
+fn fds_and_rss(pid: nix::unistd::Pid) -> (usize, u64) {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    (fds, rss)
+}
+
+#[test]
+#[ignore = "long: 100 connection cycles; needs root and /dev/net/tun (CI runs it)"]
+fn soak_100_connect_traffic_disconnect_cycles_leak_no_fds_or_memory() {
+    let ns = Netns::new();
+    let d = Daemon::start(&ns, &["--queue-pairs", "2"]);
+    let src = default_mac(&d.tap);
+    let cycle = |n: u32| {
+        let mut fe = TestFrontend::connect(&d.socket, 2, 256, 0);
+        for tag in 0..10 {
+            fe.send((tag % 2) as usize, &eth_frame(src, &marker(n * 100 + tag)));
+        }
+        fe.wait_used(1, 5);
+        fe.wait_used(3, 5);
+    };
+    // Warm up (thread stacks, allocator arenas), then take the baseline
+    // once the daemon has torn the last connection down.
+    for n in 0..5 {
+        cycle(n);
+    }
+    let settled = |expect_fds: Option<usize>| {
+        common::wait_for("the daemon to release the connection", || {
+            let (fds, rss) = fds_and_rss(d.pid());
+            let idle = d.log().matches("waiting for the next one").count();
+            (expect_fds.is_none_or(|e| fds <= e) && idle >= 1).then_some((fds, rss))
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let (fds0, rss0) = settled(None);
+
+    for n in 5..105 {
+        cycle(n);
+    }
+
+    let (fds1, rss1) = settled(Some(fds0));
+    let s = d.stats();
+    eprintln!("after 100 cycles: fds {fds0} -> {fds1}, RSS {rss0} -> {rss1} KiB");
+    assert_eq!(fds1, fds0, "open fds grew");
+    assert!(rss1 <= rss0 + 2048, "RSS grew from {rss0} to {rss1} KiB");
+    assert_eq!(
+        s.get("frames_total", 1) + s.get("frames_total", 3),
+        105 * 10
+    );
+    assert_eq!(
+        s.get("bad_chains_total", 1) + s.get("bad_chains_total", 3),
+        0
+    );
+    assert_eq!(d.log().matches("frontend connected").count(), 105);
+}
