@@ -45,6 +45,8 @@ pub mod tx;
 pub mod vring;
 
 #[cfg(test)]
+mod proptests;
+#[cfg(test)]
 mod testutil;
 
 /// Length of `virtio_net_hdr_v1`, the header in front of every frame on
