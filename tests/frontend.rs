@@ -744,3 +744,79 @@ fn soak_100_connect_traffic_disconnect_cycles_leak_no_fds_or_memory() {
     );
     assert_eq!(d.log().matches("frontend connected").count(), 105);
 }
+
+#[test]
+#[ignore = "needs root and /dev/net/tun (CI runs it)"]
+fn frontend_that_disconnects_mid_message_or_sends_unknown_requests_does_not_stop_the_daemon() {
+    use std::io::Write;
+    let ns = Netns::new();
+    let d = Daemon::start(&ns, &[]);
+    let cap = ns.packet_socket();
+
+    // Half a header, then gone.
+    let mut s = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+    s.write_all(&[1, 0, 0, 0, 1, 0]).unwrap();
+    drop(s);
+    // A request code the protocol does not have.
+    let mut s = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+    let mut msg = 999u32.to_le_bytes().to_vec();
+    msg.extend_from_slice(&1u32.to_le_bytes());
+    msg.extend_from_slice(&0u32.to_le_bytes());
+    s.write_all(&msg).unwrap();
+    s.set_read_timeout(Some(common::TIMEOUT)).unwrap();
+    let mut buf = [0u8; 1];
+    assert_eq!(
+        std::io::Read::read(&mut s, &mut buf).unwrap_or(0),
+        0,
+        "the daemon closes it"
+    );
+    drop(s);
+    // A 5 MiB payload claim.
+    let mut s = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+    let mut msg = 1u32.to_le_bytes().to_vec();
+    msg.extend_from_slice(&1u32.to_le_bytes());
+    msg.extend_from_slice(&(5u32 << 20).to_le_bytes());
+    s.write_all(&msg).unwrap();
+    drop(s);
+
+    let mut fe = TestFrontend::connect(&d.socket, 1, 256, 0);
+    fe.send(0, &eth_frame(default_mac(&d.tap), &marker(7)));
+    assert!(capture(&cap, common::TIMEOUT, |f| has_marker(f, 7)).is_some());
+}
+
+#[test]
+#[ignore = "needs root and /dev/net/tun (CI runs it)"]
+fn guest_memory_removed_and_added_back_under_traffic_then_rings_set_up_again() {
+    use vhost::vhost_user::VhostUserFrontend;
+    use vm_memory::GuestMemoryBackend;
+    let ns = Netns::new();
+    let d = Daemon::start(&ns, &[]);
+    let cap = ns.packet_socket();
+    let src = default_mac(&d.tap);
+    let mut fe = TestFrontend::connect(&d.socket, 1, 256, 0);
+    let region = fe
+        .mem
+        .find_region(vm_memory::GuestAddress(common::GUEST_BASE))
+        .unwrap();
+    let info = vhost::VhostUserMemoryRegionInfo::from_guest_region(region).unwrap();
+
+    // A burst in flight while the memory goes away and comes back.
+    for tag in 0..64 {
+        fe.queue_tx(0, &eth_frame(src, &marker(tag)));
+    }
+    fe.publish_and_kick(1);
+    fe.fe.remove_mem_region(&info).expect("REM_MEM_REG");
+    fe.fe.add_mem_region(&info).expect("ADD_MEM_REG");
+    // Whatever the daemon made of the burst, it answers the next request,
+    // and a frontend that sets its rings up again gets traffic through.
+    vhost::VhostBackend::get_features(&fe.fe).expect("daemon still answers");
+    std::thread::sleep(Duration::from_millis(100));
+    let done = fe.used(1).len();
+    for q in 0..2 {
+        fe.setup_vring(q);
+    }
+    fe.send(0, &eth_frame(src, &marker(999)));
+
+    assert!(capture(&cap, common::TIMEOUT, |f| has_marker(f, 999)).is_some());
+    eprintln!("{done} of 64 burst frames completed across the swap");
+}

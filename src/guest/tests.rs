@@ -1,3 +1,4 @@
+use virtio_queue::QueueT;
 use vm_memory::GuestAddress;
 
 use super::*;
@@ -248,4 +249,61 @@ fn write_at_crosses_descriptor_boundaries() {
     let a: u8 = vm_memory::Bytes::read_obj(&mem, GuestAddress(buf_addr(0, 64).0 + 10)).unwrap();
     let b: u8 = vm_memory::Bytes::read_obj(&mem, buf_addr(1, 64)).unwrap();
     assert_eq!((a, b), (0xaa, 0xbb));
+}
+
+#[test]
+fn chain_of_zero_length_descriptors_has_length_zero() {
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 16, true);
+    let head = r
+        .add_chain(
+            &mem,
+            &[readable(buf_addr(0, 64), 0), readable(buf_addr(1, 64), 0)],
+        )
+        .unwrap();
+    r.push_avail(&mem, head);
+    r.publish(&mem);
+    let mut buf = IoVecBuf::default();
+    let mut iov = buf.bind(&mem);
+    assert_eq!(
+        push_first(&mem, &mut q, &mut iov, Access::DeviceReads, 1000),
+        Ok(0)
+    );
+    assert_eq!(iov.segments(), 0, "no iovec for an empty buffer");
+}
+
+#[test]
+fn indirect_table_whose_length_is_not_a_multiple_of_16_is_a_broken_table() {
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 16, true);
+    r.write_desc(
+        &mem,
+        0,
+        Desc {
+            addr: buf_addr(10, 4096).0,
+            len: 20,
+            flags: DESC_F_INDIRECT,
+            next: 0,
+        },
+    );
+    r.push_avail(&mem, 0);
+    r.publish(&mem);
+    let mut buf = IoVecBuf::default();
+    let mut iov = buf.bind(&mem);
+    let err = push_first(&mem, &mut q, &mut iov, Access::DeviceReads, 1000).unwrap_err();
+    assert_eq!(err, ChainError::BrokenTable);
+}
+
+#[test]
+fn used_ring_in_unmapped_memory_is_an_error_not_a_crash() {
+    let mem = memory();
+    let (r, mut q) = ring(&mem, 16, true);
+    let _ = r;
+    q.try_set_used_ring_address(GuestAddress(0x4000_0000))
+        .unwrap();
+    let stats = QueueStats::default();
+    assert!(matches!(
+        Batch::begin(&mut q, &mem, &stats, 0),
+        Err(crate::ring::RingError::RingAccess(_))
+    ));
 }
