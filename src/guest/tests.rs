@@ -1,4 +1,3 @@
-use virtio_queue::QueueT;
 use vm_memory::GuestAddress;
 
 use super::*;
