@@ -103,9 +103,14 @@ proptest! {
         if bogus {
             prop_assert!(result.is_err());
         } else {
-            result.unwrap();
+            let end = result.unwrap();
             let used: Vec<u16> = std::iter::from_fn(|| r.pop_used(&mem)).map(|u| u.head).collect();
-            prop_assert_eq!(used, heads);
+            if end == crate::ring::End::TapBlocked {
+                // The tap stand-in filled up: the rest waits in the ring.
+                prop_assert!(heads.starts_with(&used));
+            } else {
+                prop_assert_eq!(used, heads);
+            }
         }
     }
 
