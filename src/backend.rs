@@ -106,11 +106,18 @@ pub struct NetBackend {
     /// Exit-event fds handed to vhost-user-backend, which never closes them;
     /// closed after each connection ([`NetBackend::close_abandoned_fds`]).
     abandoned_fds: Mutex<Vec<std::os::fd::RawFd>>,
+    /// Syscall filter each worker installs on its first event.
+    worker_filter: Option<seccompiler::BpfProgram>,
 }
 
 impl NetBackend {
-    /// A device serving `tap`'s queues with `config`.
-    pub fn new(config: DeviceConfig, tap: Tap) -> io::Result<Self> {
+    /// A device serving `tap`'s queues with `config`; workers install
+    /// `worker_filter` (see [`crate::seccomp`]).
+    pub fn new(
+        config: DeviceConfig,
+        tap: Tap,
+        worker_filter: Option<seccompiler::BpfProgram>,
+    ) -> io::Result<Self> {
         let num_queues = 2 * config.queue_pairs;
         let policies = [
             config.rx_coalesce.to_string(),
@@ -137,6 +144,7 @@ impl NetBackend {
             stats,
             acked_features: AtomicU64::new(0),
             abandoned_fds: Mutex::default(),
+            worker_filter,
         })
     }
 
@@ -313,6 +321,7 @@ impl VhostUserBackend for NetBackend {
         vrings: &[NetVring],
         thread_id: usize,
     ) -> io::Result<()> {
+        crate::seccomp::apply_once(self.worker_filter.as_ref());
         let Some(event) = Event::from_id(device_event, self.num_queues()) else {
             log::warn!("pair {thread_id}: unknown event id {device_event} ({evset:?})");
             return Ok(());

@@ -105,6 +105,11 @@ pub struct Args {
     #[arg(long, value_name = "GROUP")]
     pub group: Option<String>,
 
+    /// Syscall filter of the worker threads: on (forbidden syscalls fail
+    /// with EPERM), log (allowed, logged by the kernel's audit), off.
+    #[arg(long, value_name = "MODE", default_value = "on")]
+    pub seccomp: crate::seccomp::Mode,
+
     /// Unix socket serving the counters as Prometheus text
     /// [default: SOCKET_PATH.stats when listening on --socket-path; none otherwise].
     #[arg(long, value_name = "PATH")]
@@ -183,6 +188,7 @@ pub struct Config {
     pub socket_gid: Option<u32>,
     /// Privileges to drop to once set up: `(uid, gid)`.
     pub drop_to: Option<(u32, u32)>,
+    pub seccomp: crate::seccomp::Mode,
     pub device: DeviceConfig,
 }
 
@@ -319,6 +325,7 @@ impl TryFrom<Args> for Config {
             socket_mode,
             socket_gid,
             drop_to,
+            seccomp: args.seccomp,
             tap,
             tap_mtu,
             stats_socket,

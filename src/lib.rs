@@ -20,6 +20,7 @@
 //! | [`guest`] | guest buffers as iovecs (the only guest-memory `unsafe`) |
 //! | [`tap`] | the tap interface |
 //! | [`sys`] | kernel calls that need `unsafe` |
+//! | [`seccomp`] | what the worker threads may ask of the kernel |
 //! | [`vring`] | the framework's vring, with kick counting |
 //! | [`stats`] | what is counted, and its text format |
 //! | [`stats_client`] | the `stats` command: a running daemon's counters |
@@ -36,6 +37,7 @@ pub mod queue_pair;
 pub mod relay;
 pub mod ring;
 pub mod rx;
+pub mod seccomp;
 pub mod server;
 pub mod stats;
 pub mod stats_client;

@@ -65,6 +65,8 @@ pub enum Error {
     },
     #[error("cannot drop privileges (--user/--group)")]
     DropPrivileges(#[source] io::Error),
+    #[error("cannot build the worker syscall filter (--seccomp off to run without)")]
+    Seccomp(#[source] seccompiler::BackendError),
 }
 
 /// Runs the daemon until SIGINT or SIGTERM. Prints the counters on exit and
@@ -95,8 +97,10 @@ pub fn run(config: Config) -> Result<(), Error> {
         None => None,
     };
 
+    let filter = crate::seccomp::worker_filter(config.seccomp).map_err(Error::Seccomp)?;
     let tap = Tap::open(&config.tap, config.device.queue_pairs, config.tap_mtu)?;
-    let backend = Arc::new(NetBackend::new(config.device.clone(), tap).map_err(Error::Device)?);
+    let backend =
+        Arc::new(NetBackend::new(config.device.clone(), tap, filter).map_err(Error::Device)?);
     let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(Error::Signals)?;
     log::info!(
         "{}, tap {}, {} queue pair(s), MAC {}{}",

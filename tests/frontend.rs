@@ -820,3 +820,47 @@ fn guest_memory_removed_and_added_back_under_traffic_then_rings_set_up_again() {
     assert!(capture(&cap, common::TIMEOUT, |f| has_marker(f, 999)).is_some());
     eprintln!("{done} of 64 burst frames completed across the swap");
 }
+
+/// The `Seccomp:` field (0 none, 2 filter) of each worker thread of `pid`.
+fn worker_seccomp_modes(pid: nix::unistd::Pid) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| {
+            let dir = t.ok()?.path();
+            let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
+            (comm.trim() == "vring_worker").then(|| {
+                let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
+                status
+                    .lines()
+                    .find(|l| l.starts_with("Seccomp:"))
+                    .map(|l| l.split_whitespace().nth(1).unwrap_or("?").to_owned())
+                    .unwrap_or_default()
+            })
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "needs root and /dev/net/tun (CI runs it)"]
+fn workers_run_under_the_seccomp_filter_by_default_and_traffic_flows() {
+    let ns = Netns::new();
+    let d = Daemon::start(&ns, &["--queue-pairs", "2"]);
+    let off = Daemon::start(&ns, &["--seccomp", "off"]);
+    let cap = ns.packet_socket();
+    let mut fe = TestFrontend::connect(&d.socket, 2, 256, 0);
+    let mut fe_off = TestFrontend::connect(&off.socket, 1, 256, 0);
+
+    fe.send(0, &eth_frame(default_mac(&d.tap), &marker(1)));
+    fe.send(1, &eth_frame(default_mac(&d.tap), &marker(2)));
+    fe_off.send(0, &eth_frame(default_mac(&off.tap), &marker(3)));
+
+    for tag in 1..=3 {
+        assert!(capture(&cap, common::TIMEOUT, |f| has_marker(f, tag)).is_some());
+    }
+    assert_eq!(
+        worker_seccomp_modes(d.pid()),
+        ["2", "2"],
+        "both workers filtered"
+    );
+    assert_eq!(worker_seccomp_modes(off.pid()), ["0"]);
+}

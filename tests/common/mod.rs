@@ -231,12 +231,12 @@ impl Daemon {
         let socket = self.socket.to_str().expect("utf-8 path").to_owned();
         let stats = self.stats_socket.to_str().expect("utf-8 path").to_owned();
         let fd_text;
-        let mut args = vec![
-            "netns",
-            "exec",
-            &ns.name,
-            env!("CARGO_BIN_EXE_vhost-user-net"),
-        ];
+        // VUN_DAEMON_WRAP (e.g. "strace -ff -o /tmp/t") runs the daemon
+        // under a tool; a debugging aid, unset in CI.
+        let wrap = std::env::var("VUN_DAEMON_WRAP").unwrap_or_default();
+        let mut args = vec!["netns", "exec", &ns.name];
+        args.extend(wrap.split_whitespace());
+        args.push(env!("CARGO_BIN_EXE_vhost-user-net"));
         match self.mode {
             Mode::Listen => args.extend(["--socket-path", &socket]),
             Mode::Client => args.extend(["--socket-path", &socket, "--client"]),
