@@ -108,6 +108,8 @@ pub struct NetBackend {
     abandoned_fds: Mutex<Vec<std::os::fd::RawFd>>,
     /// Syscall filter each worker installs on its first event.
     worker_filter: Option<seccompiler::BpfProgram>,
+    /// The tap interface's name (to re-attach after it is re-created).
+    tap_name: String,
 }
 
 impl NetBackend {
@@ -119,6 +121,7 @@ impl NetBackend {
         worker_filter: Option<seccompiler::BpfProgram>,
     ) -> io::Result<Self> {
         let num_queues = 2 * config.queue_pairs;
+        let tap_name = tap.name().to_owned();
         let policies = [
             config.rx_coalesce.to_string(),
             config.tx_coalesce.to_string(),
@@ -145,6 +148,7 @@ impl NetBackend {
             acked_features: AtomicU64::new(0),
             abandoned_fds: Mutex::default(),
             worker_filter,
+            tap_name,
         })
     }
 
@@ -187,6 +191,25 @@ impl NetBackend {
             self.pair(i).disconnect();
         }
         self.acked_features.store(0, Ordering::Relaxed);
+    }
+
+    /// Re-attaches the queues whose tap interface was deleted, if it exists
+    /// again (called periodically by the server, outside the workers'
+    /// syscall filter). Returns how many queues came back.
+    pub fn reattach_gone_taps(&self) -> usize {
+        let offloads = tap::offload_flags(self.acked_features());
+        let mut back = 0;
+        for i in 0..self.pairs.len() {
+            let mut pair = self.pair(i);
+            if !pair.tap_gone() || !tap::exists(&self.tap_name) {
+                continue;
+            }
+            match pair.reattach(&self.tap_name, offloads) {
+                Ok(()) => back += 1,
+                Err(e) => log::debug!("pair {i}: cannot re-attach tap {}: {e}", self.tap_name),
+            }
+        }
+        back
     }
 
     /// Closes the exit-event fds vhost-user-backend abandoned. Call after the

@@ -137,6 +137,10 @@ pub struct QueuePair {
     timers: [Timer; 2],
     /// Whether our tap queue is attached (receives frames from the kernel).
     tap_attached: bool,
+    /// The tap's interface was deleted: our fd is detached until
+    /// [`QueuePair::reattach`]. TX drops frames, RX does not watch the fd
+    /// (it would report an error forever).
+    tap_gone: bool,
     conn: Option<Connection>,
     tx_iov: IoVecBuf,
     rx_iov: IoVecBuf,
@@ -170,6 +174,7 @@ impl QueuePair {
             policies,
             timers: [Timer::new()?, Timer::new()?],
             tap_attached: true,
+            tap_gone: false,
             conn: None,
             tx_iov: IoVecBuf::with_capacity(IOV_MAX),
             rx_iov: IoVecBuf::with_capacity(IOV_MAX),
@@ -198,6 +203,35 @@ impl QueuePair {
             }
             Err(e) => log::error!("pair {}: cannot change the tap queue: {e}", self.index),
         }
+    }
+
+    /// Whether the tap's interface went away under us.
+    pub fn tap_gone(&self) -> bool {
+        self.tap_gone
+    }
+
+    fn mark_tap_gone(&mut self) {
+        if !self.tap_gone {
+            log::warn!(
+                "pair {}: the tap interface is gone; dropping frames until it is back",
+                self.index
+            );
+            self.tap_gone = true;
+        }
+    }
+
+    /// Re-attaches our fd to the re-created tap `name` with `offloads`, and
+    /// gets both directions moving again.
+    pub fn reattach(&mut self, name: &str, offloads: u32) -> io::Result<()> {
+        crate::tap::reattach(&self.tap, name, offloads)?;
+        self.tap_gone = false;
+        self.tap_attached = true;
+        log::info!("pair {}: tap {name} is back", self.index);
+        if let Some(conn) = self.conn.as_mut() {
+            conn.pending = [true, true];
+            self.resume.write(1)?;
+        }
+        Ok(())
     }
 
     /// Sets what RX may expect from the tap (at SET_FEATURES).
@@ -305,13 +339,18 @@ impl QueuePair {
         let queue_index = 2 * self.index + TX;
         let (tap, iov) = (&self.tap, &mut self.tx_iov);
         let coalescer = &mut self.conn.as_mut().expect("caller checked").coalescers[TX];
+        let mut tap_failed = false;
         let result = (|| {
             let mut batch = Batch::begin(state.get_queue_mut(), &mem, stats, queue_index)?;
             let end = batch.drain(BUDGET_FRAMES, |b| tx::step(b, iov, tap))?;
+            tap_failed = batch.tap_failed();
             Ok((end, batch.finish(coalescer)?))
         })();
         let end = self.conclude(result, &state, TX);
         drop(state);
+        if tap_failed {
+            self.mark_tap_gone();
+        }
         match end {
             Some(End::TapBlocked) => self.set_tap_out(true),
             Some(End::BudgetSpent) => self.resume_later(TX),
@@ -323,7 +362,7 @@ impl QueuePair {
         let conn = self.conn.as_ref().expect("caller checked");
         let mem = conn.mem.memory();
         let mut state = vring.get_mut();
-        if conn.broken[RX] || !state.is_enabled() || !state.get_queue().ready() {
+        if self.tap_gone || conn.broken[RX] || !state.is_enabled() || !state.get_queue().ready() {
             drop(state);
             self.set_tap_in(false);
             return;
@@ -337,16 +376,23 @@ impl QueuePair {
             iovecs: &mut iovecs,
         };
         let coalescer = &mut self.conn.as_mut().expect("caller checked").coalescers[RX];
+        let mut tap_failed = false;
         let result = (|| {
             let mut batch = Batch::begin(state.get_queue_mut(), &mem, stats, queue_index)?;
             let end = batch.drain(BUDGET_FRAMES, |b| rx::step(b, &mut window, tap, params));
             window.give_back(&mut batch);
+            tap_failed = batch.tap_failed();
             let end = end?;
             Ok((end, batch.finish(coalescer)?))
         })();
         drop(iovecs);
         let end = self.conclude(result, &state, RX);
         drop(state);
+        if tap_failed {
+            self.mark_tap_gone();
+            self.set_tap_in(false);
+            return;
+        }
         match end {
             Some(End::TapBlocked) => self.set_tap_in(true),
             Some(End::RingEmpty) | None => self.set_tap_in(false),

@@ -73,6 +73,7 @@ pub struct Batch<'q> {
     warned: bool,
     queue_index: usize,
     started: Instant,
+    tap_failed: bool,
 }
 
 impl<'q> Batch<'q> {
@@ -102,6 +103,7 @@ impl<'q> Batch<'q> {
             warned: false,
             queue_index,
             started: Instant::now(),
+            tap_failed: false,
         })
     }
 
@@ -168,6 +170,22 @@ impl<'q> Batch<'q> {
             );
         }
         self.complete(head, 0)
+    }
+
+    /// Notes that the tap failed with `err` (not EAGAIN): counted; the
+    /// worker learns it from [`Batch::tap_failed`]. A tap whose interface
+    /// was deleted (EBADFD) is "gone" until it is re-attached.
+    pub fn note_tap_error(&mut self, err: &std::io::Error) {
+        QueueStats::add(&self.stats.tap_errors, 1);
+        if err.raw_os_error() == Some(libc::EBADFD) {
+            self.tap_failed = true;
+        }
+        log::debug!("queue {}: tap I/O failed: {err}", self.queue_index);
+    }
+
+    /// Whether the tap's interface went away during this batch.
+    pub fn tap_failed(&self) -> bool {
+        self.tap_failed
     }
 
     /// Counts one frame moved, of `bytes` bytes (header excluded).

@@ -131,8 +131,7 @@ pub fn step(
             return Ok(Step::TapBlocked);
         }
         Err(e) => {
-            QueueStats::add(&stats.tap_errors, 1);
-            log::debug!("tap read failed: {e}");
+            batch.note_tap_error(&e);
             return Ok(Step::TapBlocked);
         }
     };

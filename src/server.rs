@@ -131,6 +131,16 @@ pub fn run(config: Config) -> Result<(), Error> {
         sys::drop_privileges(uid, gid).map_err(Error::DropPrivileges)?;
         log::info!("running as uid {uid}, gid {gid}");
     }
+    {
+        let backend = backend.clone();
+        thread::Builder::new()
+            .name("tap-watch".into())
+            .spawn(move || loop {
+                thread::sleep(TAP_WATCH_INTERVAL);
+                backend.reattach_gone_taps();
+            })
+            .map_err(Error::Device)?;
+    }
     let current: Arc<Mutex<Option<UnixStream>>> = Arc::default();
     let (done_tx, done_rx) = mpsc::channel::<Result<(), Error>>();
     {
@@ -171,6 +181,9 @@ enum Source {
     Listener(UnixListener),
     Connect(PathBuf),
 }
+
+/// How often a deleted tap interface is looked for again.
+const TAP_WATCH_INTERVAL: Duration = Duration::from_millis(500);
 
 /// How long client mode waits between attempts to reach the frontend.
 const RECONNECT_INTERVAL: Duration = Duration::from_millis(100);

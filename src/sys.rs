@@ -66,12 +66,18 @@ pub fn tun_set_iff(name: &str, flags: i16) -> io::Result<File> {
         .write(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open("/dev/net/tun")?;
+    tun_attach(&file, name, flags)?;
+    Ok(file)
+}
+
+/// Binds an open tun fd to tap `name` (again, e.g. after the interface was
+/// deleted and re-created: the kernel then detached the fd).
+pub fn tun_attach(file: &File, name: &str, flags: i16) -> io::Result<()> {
     let mut req = IfReq::with_name(name)?;
     req.set_short(flags);
     // SAFETY: `file` is an open tun fd; TUNSETIFF reads and writes one
     // `struct ifreq`, and `req` is a live, correctly sized `IfReq`.
-    check(unsafe { ioctl_with_mut_ref(&file, libc::TUNSETIFF, &mut req) })?;
-    Ok(file)
+    check(unsafe { ioctl_with_mut_ref(file, libc::TUNSETIFF, &mut req) })
 }
 
 /// Tells the tap how long the virtio-net header in front of each frame is.

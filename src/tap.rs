@@ -71,9 +71,8 @@ impl Tap {
     /// Attaches `pairs` queues to tap `name`, creating it (and setting its
     /// link up) if it does not exist. With `mtu`, sets the interface MTU.
     pub fn open(name: &str, pairs: usize, mtu: Option<u16>) -> Result<Tap, TapError> {
-        let existed = Path::new("/sys/class/net").join(name).exists();
-        let flags = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR | libc::IFF_MULTI_QUEUE;
-        let flags = i16::try_from(flags).expect("IFF_* flags fit in a short");
+        let existed = exists(name);
+        let flags = queue_flags();
         let mut queues = Vec::with_capacity(pairs);
         for queue in 0..pairs {
             let file = sys::tun_set_iff(name, flags).map_err(|source| TapError::Open {
@@ -82,8 +81,7 @@ impl Tap {
                 hint: open_hint(&source, existed),
                 source,
             })?;
-            let hdr = i32::try_from(VNET_HDR_LEN).expect("12 fits");
-            sys::tun_set_vnet_hdr_size(&file, hdr).map_err(|source| TapError::Configure {
+            set_vnet_hdr_size(&file).map_err(|source| TapError::Configure {
                 name: name.to_owned(),
                 what: "set the virtio-net header size",
                 source,
@@ -138,6 +136,31 @@ impl Tap {
         set_offloads(&self.queues[0], flags)
             .map_err(|source| self.configure_error("set offloads", source))
     }
+}
+
+/// `TUNSETIFF` flags of every queue: tap, no packet info, virtio-net
+/// header, multiqueue.
+fn queue_flags() -> i16 {
+    let flags = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR | libc::IFF_MULTI_QUEUE;
+    i16::try_from(flags).expect("IFF_* flags fit in a short")
+}
+
+fn set_vnet_hdr_size(queue: &File) -> io::Result<()> {
+    sys::tun_set_vnet_hdr_size(queue, i32::try_from(VNET_HDR_LEN).expect("12 fits"))
+}
+
+/// Whether interface `name` exists.
+pub fn exists(name: &str) -> bool {
+    Path::new("/sys/class/net").join(name).exists()
+}
+
+/// Re-attaches a queue fd to tap `name` after the interface was deleted and
+/// re-created (the kernel detached our fd), with the header size and
+/// `offloads` it had.
+pub fn reattach(queue: &File, name: &str, offloads: u32) -> io::Result<()> {
+    sys::tun_attach(queue, name, queue_flags())?;
+    set_vnet_hdr_size(queue)?;
+    set_offloads(queue, offloads)
 }
 
 /// Applies `flags` to the tap behind `queue`. If the kernel refuses UFO

@@ -50,11 +50,11 @@ pub fn step(batch: &mut Batch<'_>, iov: &mut IoVecBuf, tap: &File) -> Result<Ste
             Ok(Step::TapBlocked)
         }
         Err(e) => {
-            // The tap is down (EIO), the frame is malformed for the kernel
-            // (EINVAL), or similar: drop this frame, keep the queue moving.
-            QueueStats::add(&stats.tap_errors, 1);
-            log::debug!("tap write failed: {e}");
+            // The tap is down (EIO) or gone (EBADFD), the frame is malformed
+            // for the kernel (EINVAL), or similar: drop this frame, keep the
+            // queue moving (nothing piles up in the guest's ring).
             drop(iovecs);
+            batch.note_tap_error(&e);
             batch.complete(head, 0)?;
             Ok(Step::Progress)
         }

@@ -864,3 +864,80 @@ fn workers_run_under_the_seccomp_filter_by_default_and_traffic_flows() {
     );
     assert_eq!(worker_seccomp_modes(off.pid()), ["0"]);
 }
+
+/// CPU time (user + system, clock ticks) the process has used.
+fn cpu_ticks(pid: nix::unistd::Pid) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+#[test]
+#[ignore = "needs root and /dev/net/tun (CI runs it)"]
+fn tap_deleted_under_traffic_drops_frames_without_spinning_and_recovers_when_recreated() {
+    let ns = Netns::new();
+    let d = Daemon::start(&ns, &[]);
+    address_tap(&ns, &d);
+    let mut fe = TestFrontend::connect(&d.socket, 1, 256, 0);
+    fe.post_rx(0, 64, 4096);
+    let src = default_mac(&d.tap);
+    send_udp_to_guest(&ns, &[(9000, 1)]);
+    fe.wait_used(0, 1);
+
+    ns.ip(&["link", "del", &d.tap]);
+    for tag in 10..20 {
+        fe.send(0, &eth_frame(src, &marker(tag)));
+    }
+    let used = fe.wait_used(1, 10);
+    assert!(
+        used.iter().all(|u| u.len == 0),
+        "frames dropped, chains returned"
+    );
+    common::wait_for("the tap to be declared gone", || {
+        d.log().contains("tap interface is gone").then_some(())
+    });
+    let before = cpu_ticks(d.pid());
+    std::thread::sleep(Duration::from_secs(1));
+    let spent = cpu_ticks(d.pid()) - before;
+    assert!(
+        spent < 20,
+        "the daemon used {spent} ticks in 1 s with the tap gone: spinning?"
+    );
+    assert_eq!(
+        d.log().matches("tap interface is gone").count(),
+        1,
+        "logged once"
+    );
+    assert!(d.stats().get("tap_errors_total", 1) >= 10);
+
+    ns.ip(&[
+        "tuntap",
+        "add",
+        "dev",
+        &d.tap,
+        "mode",
+        "tap",
+        "multi_queue",
+        "vnet_hdr",
+    ]);
+    ns.ip(&["link", "set", &d.tap, "up"]);
+    address_tap(&ns, &d);
+    let back = format!("tap {} is back", d.tap);
+    common::wait_for("the tap to be re-attached", || {
+        d.log().contains(&back).then_some(())
+    });
+    let cap = ns.packet_socket();
+    fe.send(0, &eth_frame(src, &marker(30)));
+    assert!(
+        capture(&cap, common::TIMEOUT, |f| has_marker(f, 30)).is_some(),
+        "TX resumed"
+    );
+    send_udp_to_guest(&ns, &[(9000, 31)]);
+    let rx = common::wait_for("RX to resume", || {
+        fe.used(0)
+            .into_iter()
+            .find(|u| has_marker(&fe.rx_buffer(0, *u), 31))
+    });
+    assert!(rx.len > 0);
+}
