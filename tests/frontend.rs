@@ -941,3 +941,101 @@ fn tap_deleted_under_traffic_drops_frames_without_spinning_and_recovers_when_rec
     });
     assert!(rx.len > 0);
 }
+
+#[test]
+#[ignore = "needs root and /dev/net/tun (CI runs it)"]
+fn every_kind_of_broken_chain_is_returned_and_counted_while_the_other_pair_moves() {
+    use vhost_user_net::driver::{DESC_F_INDIRECT, DESC_F_NEXT};
+    let ns = Netns::new();
+    let d = Daemon::start(&ns, &["--queue-pairs", "2"]);
+    let cap = ns.packet_socket();
+    let mut fe = TestFrontend::connect(&d.socket, 2, 256, 0);
+    let src = default_mac(&d.tap);
+    let mem = fe.mem.clone();
+    let end = common::GUEST_BASE + common::GUEST_SIZE as u64;
+    let buf = common::GUEST_BASE + (120 << 20);
+    let table = buf + 0x1_0000;
+    // The inner table of the nested case: one indirect descriptor.
+    mem.write_slice(
+        &[table.to_le_bytes(), [16, 0, 0, 0, 4, 0, 0, 0]].concat(),
+        GuestAddress(table),
+    )
+    .unwrap();
+    let hostile = [
+        Desc {
+            addr: end - 20,
+            len: 100,
+            flags: 0,
+            next: 0,
+        }, // straddles the end
+        Desc {
+            addr: buf,
+            len: 0,
+            flags: 0,
+            next: 0,
+        }, // zero length
+        Desc {
+            addr: buf,
+            len: 200_000,
+            flags: 0,
+            next: 0,
+        }, // longer than any frame
+        Desc {
+            addr: table,
+            len: 16,
+            flags: DESC_F_INDIRECT,
+            next: 0,
+        }, // nested indirect
+        Desc {
+            addr: table,
+            len: 20,
+            flags: DESC_F_INDIRECT,
+            next: 0,
+        }, // table length % 16
+        Desc {
+            addr: buf,
+            len: 64,
+            flags: DESC_F_NEXT,
+            next: 300,
+        }, // next beyond the ring
+    ];
+    let vq = &mut fe.vqs[1];
+    for (i, desc) in hostile.iter().enumerate() {
+        let index = 200 + u16::try_from(i).unwrap();
+        vq.ring.write_desc(&mem, index, *desc);
+        vq.ring.push_avail(&mem, index);
+    }
+    fe.publish_and_kick(1);
+    fe.send(1, &eth_frame(src, &marker(77)));
+
+    let used = fe.wait_used(1, hostile.len());
+    assert!(used.iter().all(|u| u.len == 0), "{used:?}");
+    assert!(
+        capture(&cap, common::TIMEOUT, |f| has_marker(f, 77)).is_some(),
+        "pair 1 moves"
+    );
+    let s = d.stats();
+    assert_eq!(s.get("bad_chains_total", 1), hostile.len() as u64);
+    assert_eq!(s.get("frames_total", 3), 1);
+    fe.send(0, &eth_frame(src, &marker(78)));
+    assert!(
+        capture(&cap, common::TIMEOUT, |f| has_marker(f, 78)).is_some(),
+        "pair 0 still moves"
+    );
+}
+
+#[test]
+#[ignore = "needs root and /dev/net/tun (CI runs it)"]
+fn a_flood_of_requests_is_answered_and_traffic_still_flows() {
+    let ns = Netns::new();
+    let d = Daemon::start(&ns, &[]);
+    let cap = ns.packet_socket();
+    let mut fe = TestFrontend::connect(&d.socket, 1, 256, 0);
+
+    for _ in 0..20_000 {
+        vhost::VhostBackend::get_features(&fe.fe).expect("answered");
+    }
+
+    fe.send(0, &eth_frame(default_mac(&d.tap), &marker(5)));
+    assert!(capture(&cap, common::TIMEOUT, |f| has_marker(f, 5)).is_some());
+}
