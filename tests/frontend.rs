@@ -911,17 +911,7 @@ fn tap_deleted_under_traffic_drops_frames_without_spinning_and_recovers_when_rec
     );
     assert!(d.stats().get("tap_errors_total", 1) >= 10);
 
-    ns.ip(&[
-        "tuntap",
-        "add",
-        "dev",
-        &d.tap,
-        "mode",
-        "tap",
-        "multi_queue",
-        "vnet_hdr",
-    ]);
-    ns.ip(&["link", "set", &d.tap, "up"]);
+    ns.add_tap(&d.tap);
     address_tap(&ns, &d);
     let back = format!("tap {} is back", d.tap);
     common::wait_for("the tap to be re-attached", || {

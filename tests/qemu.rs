@@ -377,17 +377,7 @@ fn killed_daemon_restarted_on_the_same_socket_and_tap_brings_the_guest_back() {
     let ns = Netns::new();
     let mut d = Daemon::paths();
     // A tap made by the administrator outlives the daemon, addresses included.
-    ns.ip(&[
-        "tuntap",
-        "add",
-        "dev",
-        &d.tap,
-        "mode",
-        "tap",
-        "multi_queue",
-        "vnet_hdr",
-    ]);
-    ns.ip(&["link", "set", &d.tap, "up"]);
+    ns.add_tap(&d.tap);
     address_tap(&ns, &d.tap);
     d.spawn(&ns, &[]);
     let (_qemu, mut g) = Qemu::boot("restart-daemon", &d.socket, GUEST_CIDR, &Options::default());

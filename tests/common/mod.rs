@@ -78,6 +78,22 @@ impl Netns {
         run("ip", &all);
     }
 
+    /// Creates a persistent multiqueue tap with a virtio-net header, as an
+    /// administrator would (`ip tuntap add`), and sets it up.
+    pub fn add_tap(&self, name: &str) {
+        self.ip(&[
+            "tuntap",
+            "add",
+            "dev",
+            name,
+            "mode",
+            "tap",
+            "multi_queue",
+            "vnet_hdr",
+        ]);
+        self.ip(&["link", "set", name, "up"]);
+    }
+
     /// Addresses `tap` as 198.18.0.1/24 and adds a permanent neighbour entry
     /// for the guest (198.18.0.2 at `guest_mac`), so traffic from the
     /// namespace reaches the guest without ARP.
