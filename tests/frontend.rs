@@ -31,6 +31,20 @@ fn has_marker(frame: &[u8], tag: u32) -> bool {
     frame.windows(m.len()).any(|w| w == m.as_slice())
 }
 
+/// Waits until frames with all `tags` were seen, in any order (frames sent
+/// on different queue pairs can overtake each other). Returns the missing.
+fn capture_all(cap: &std::os::fd::OwnedFd, tags: &[u32]) -> Vec<u32> {
+    let mut missing: Vec<u32> = tags.to_vec();
+    let deadline = std::time::Instant::now() + common::TIMEOUT;
+    while !missing.is_empty() && std::time::Instant::now() < deadline {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if let Some(f) = capture(cap, left, |f| missing.iter().any(|t| has_marker(f, *t))) {
+            missing.retain(|t| !has_marker(&f, *t));
+        }
+    }
+    missing
+}
+
 /// Lets UDP from the namespace reach the "guest" (see `route_to_guest`).
 fn address_tap(ns: &Netns, d: &Daemon) {
     ns.route_to_guest(&d.tap, default_mac(&d.tap));
@@ -58,10 +72,11 @@ fn handshake_in_qemu_order_then_tx_frames_appear_on_the_tap() {
         fe.send(0, &eth_frame(src, &marker(tag)));
     }
 
-    for tag in 0..3 {
-        let got = capture(&cap, common::TIMEOUT, |f| has_marker(f, tag));
-        assert!(got.is_some(), "frame {tag} never reached the tap");
-    }
+    assert_eq!(
+        capture_all(&cap, &[0, 1, 2]),
+        Vec::<u32>::new(),
+        "frames never reached the tap"
+    );
     let used = fe.wait_used(1, 3);
     assert!(
         used.iter().all(|u| u.len == 0),
@@ -139,8 +154,11 @@ fn two_queue_pairs_carry_traffic_independently() {
     let src = default_mac(&d.tap);
     fe.send(0, &eth_frame(src, &marker(100)));
     fe.send(1, &eth_frame(src, &marker(101)));
-    assert!(capture(&cap, common::TIMEOUT, |f| has_marker(f, 100)).is_some());
-    assert!(capture(&cap, common::TIMEOUT, |f| has_marker(f, 101)).is_some());
+    assert_eq!(
+        capture_all(&cap, &[100, 101]),
+        Vec::<u32>::new(),
+        "frames never seen"
+    );
     // 64 flows: the tap spreads them over its queues by flow hash.
     let flows: Vec<(u16, u32)> = (0..64).map(|i| (9000 + i, 200 + u32::from(i))).collect();
     send_udp_to_guest(&ns, &flows);
@@ -854,9 +872,11 @@ fn workers_run_under_the_seccomp_filter_by_default_and_traffic_flows() {
     fe.send(1, &eth_frame(default_mac(&d.tap), &marker(2)));
     fe_off.send(0, &eth_frame(default_mac(&off.tap), &marker(3)));
 
-    for tag in 1..=3 {
-        assert!(capture(&cap, common::TIMEOUT, |f| has_marker(f, tag)).is_some());
-    }
+    assert_eq!(
+        capture_all(&cap, &[1, 2, 3]),
+        Vec::<u32>::new(),
+        "frames never seen"
+    );
     assert_eq!(
         worker_seccomp_modes(d.pid()),
         ["2", "2"],

@@ -14,6 +14,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -265,6 +266,8 @@ impl Daemon {
         args.extend_from_slice(extra);
         let child = Command::new("ip")
             .args(&args)
+            // Its own process group: kill() takes down a wrapper's children too.
+            .process_group(0)
             .env("RUST_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -317,9 +320,12 @@ impl Daemon {
         }
     }
 
-    /// Kills the process hard (no cleanup), as a crash would.
+    /// Kills the process (and its process group, e.g. a wrapper's child)
+    /// hard, with no cleanup, as a crash would.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
+            let group = i32::try_from(child.id()).expect("pid fits i32");
+            let _ = kill(Pid::from_raw(-group), Signal::SIGKILL);
             let _ = child.kill();
             let _ = child.wait();
         }
