@@ -831,7 +831,7 @@ fn guest_memory_removed_and_added_back_under_traffic_then_rings_set_up_again() {
     std::thread::sleep(Duration::from_millis(100));
     let done = fe.used(1).len();
     for q in 0..2 {
-        fe.setup_vring(q);
+        fe.restart_vring(q);
     }
     fe.send(0, &eth_frame(src, &marker(999)));
 

@@ -535,6 +535,18 @@ impl TestFrontend {
 
     /// Per-queue NUM, BASE, ADDR, KICK, CALL, as QEMU sends them.
     pub fn setup_vring(&mut self, q: usize) {
+        let base = self.vqs[q].ring.last_used();
+        self.setup_vring_at(q, base);
+    }
+
+    /// Stops ring `q` (GET_VRING_BASE) and sets it up again from where the
+    /// device stopped, as QEMU does when it restarts a device.
+    pub fn restart_vring(&mut self, q: usize) {
+        let base = self.fe.get_vring_base(q).expect("GET_VRING_BASE");
+        self.setup_vring_at(q, u16::try_from(base).expect("a ring index"));
+    }
+
+    fn setup_vring_at(&mut self, q: usize, base: u16) {
         let vq = &self.vqs[q];
         let host = |a: GuestAddress| {
             self.mem
@@ -552,9 +564,7 @@ impl TestFrontend {
             log_addr: None,
         };
         self.fe.set_vring_num(q, size).expect("SET_VRING_NUM");
-        self.fe
-            .set_vring_base(q, vq.ring.last_used())
-            .expect("SET_VRING_BASE");
+        self.fe.set_vring_base(q, base).expect("SET_VRING_BASE");
         self.fe.set_vring_addr(q, &cfg).expect("SET_VRING_ADDR");
         self.fe.set_vring_kick(q, &vq.kick).expect("SET_VRING_KICK");
         self.fe.set_vring_call(q, &vq.call).expect("SET_VRING_CALL");
