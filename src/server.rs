@@ -115,9 +115,6 @@ pub fn run(config: Config) -> Result<(), Error> {
             .unwrap_or_default()
     );
 
-    if let Some(l) = stats_listener {
-        spawn_stats_server(l, backend.clone()).map_err(Error::Device)?;
-    }
     if let Some(endpoint) = &config.prometheus {
         let path = spawn_prometheus(endpoint, backend.clone())?;
         if let Some(p) = &path {
@@ -130,6 +127,10 @@ pub fn run(config: Config) -> Result<(), Error> {
     if let Some((uid, gid)) = config.drop_to {
         sys::drop_privileges(uid, gid).map_err(Error::DropPrivileges)?;
         log::info!("running as uid {uid}, gid {gid}");
+    }
+    // The stats socket answers once setup is complete (a readiness signal).
+    if let Some(l) = stats_listener {
+        spawn_stats_server(l, backend.clone()).map_err(Error::Device)?;
     }
     {
         let backend = backend.clone();

@@ -276,7 +276,15 @@ impl Daemon {
             .expect("spawn daemon");
         self.child = Some(child);
         let deadline = Instant::now() + TIMEOUT;
-        while UnixStream::connect(&self.stats_socket).is_err() {
+        // Ready when the stats socket answers: the daemon serves it only
+        // once its setup (tap, sockets, privilege drop) is complete.
+        let answers = |path: &Path| {
+            let mut text = String::new();
+            UnixStream::connect(path)
+                .and_then(|mut s| s.read_to_string(&mut text))
+                .is_ok_and(|n| n > 0)
+        };
+        while !answers(&self.stats_socket) {
             if let Some(status) = self
                 .child
                 .as_mut()
