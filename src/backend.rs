@@ -226,10 +226,8 @@ impl NetBackend {
 
     /// The frontend (re)configured vring `queue`: clear its error state.
     pub fn vring_reset(&self, queue: usize) {
-        if let Some(pair) = self.pairs.get(queue / 2) {
-            pair.lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .ring_reset(queue % 2);
+        if queue / 2 < self.pairs.len() {
+            self.pair(queue / 2).ring_reset(queue % 2);
         }
     }
 

@@ -213,46 +213,31 @@ impl GuestIoVecs<'_, '_> {
 
     /// One `writev` of all iovecs to `file` (the device reads guest memory).
     pub fn write_to(&self, file: &File) -> io::Result<usize> {
-        let count = libc::c_int::try_from(self.buf.iovecs.len()).expect("at most IOV_MAX iovecs");
-        // SAFETY: every iovec was made by `push_range` from a bounds-checked
-        // slice of `self.mem`, which `'m` keeps mapped for the whole call; the
-        // kernel only reads through them. A guest racing on the same memory
-        // can change the bytes, not the validity of the pointers.
-        // The raw syscall skips libc's cancellation-point wrapper (~4% of a
-        // worker at 64-byte line rate); we never use thread cancellation.
-        let n = unsafe {
-            libc::syscall(
-                libc::SYS_writev,
-                file.as_raw_fd(),
-                self.buf.iovecs.as_ptr(),
-                count,
-            )
-        };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(usize::try_from(n).expect("writev returned a non-negative count"))
+        self.vectored(libc::SYS_writev, file)
     }
 
     /// One `readv` from `file` into all iovecs (the device writes guest memory).
     pub fn read_from(&self, file: &File) -> io::Result<usize> {
+        self.vectored(libc::SYS_readv, file)
+    }
+
+    /// `readv` or `writev` (`nr`) of all iovecs on `file`, as a raw syscall:
+    /// that skips libc's cancellation-point wrapper (~4% of a worker at
+    /// 64-byte line rate); we never use thread cancellation.
+    fn vectored(&self, nr: libc::c_long, file: &File) -> io::Result<usize> {
         let count = libc::c_int::try_from(self.buf.iovecs.len()).expect("at most IOV_MAX iovecs");
-        // SAFETY: as in `write_to`: the iovecs cover only validated, mapped
-        // guest memory kept alive by `'m`. The kernel writes at most their
-        // total length; guest memory is shared with the guest by design, so
-        // no Rust reference to it exists that this write could invalidate.
-        let n = unsafe {
-            libc::syscall(
-                libc::SYS_readv,
-                file.as_raw_fd(),
-                self.buf.iovecs.as_ptr(),
-                count,
-            )
-        };
+        // SAFETY: every iovec was made by `push_range` from a bounds-checked
+        // slice of `self.mem`, which `'m` keeps mapped for the whole call.
+        // `nr` is only ever SYS_readv or SYS_writev (private fn, two callers):
+        // the kernel reads or writes at most the iovecs' total length. Guest
+        // memory is shared with the guest by design, so no Rust reference to
+        // it exists that a write could invalidate, and a guest racing on it
+        // changes bytes, not the validity of the pointers.
+        let n = unsafe { libc::syscall(nr, file.as_raw_fd(), self.buf.iovecs.as_ptr(), count) };
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok(usize::try_from(n).expect("readv returned a non-negative count"))
+        Ok(usize::try_from(n).expect("the kernel returned a non-negative count"))
     }
 
     /// Writes `bytes` at byte `offset` of the area the iovecs describe,
