@@ -137,7 +137,12 @@ impl NetBackend {
             .enumerate()
             .map(|(i, q)| {
                 let policies = [config.rx_coalesce, config.tx_coalesce];
-                QueuePair::new(i, num_queues, q, stats.clone(), policies).map(Mutex::new)
+                let mut pair = QueuePair::new(i, num_queues, q, stats.clone(), policies)?;
+                // No frontend yet: the kernel must neither queue frames for
+                // nobody nor steer flows to us (another backend may share
+                // the tap). Attached again when a frontend enables the ring.
+                pair.set_tap_attached(false);
+                Ok(Mutex::new(pair))
             })
             .collect::<io::Result<Vec<_>>>()?;
         Ok(NetBackend {
@@ -178,14 +183,14 @@ impl NetBackend {
     ) -> io::Result<()> {
         self.acked_features.store(0, Ordering::Relaxed);
         for (i, l) in listeners.into_iter().enumerate().take(self.pairs.len()) {
-            let mut pair = self.pair(i);
-            pair.set_tap_attached(true);
-            pair.connect(mem.clone(), l)?;
+            self.pair(i).connect(mem.clone(), l)?;
         }
         Ok(())
     }
 
-    /// Forgets the connection (its workers are stopping).
+    /// Forgets the connection (its workers are stopping): held interrupts
+    /// are signalled and every tap queue is detached until the next
+    /// frontend enables its rings.
     pub fn disconnect(&self) {
         for i in 0..self.pairs.len() {
             self.pair(i).disconnect();
@@ -224,7 +229,8 @@ impl NetBackend {
         crate::sys::close_abandoned(fds);
     }
 
-    /// The frontend (re)configured vring `queue`: clear its error state.
+    /// The frontend (re)configured vring `queue`: resolve a held interrupt,
+    /// clear its error state.
     pub fn vring_reset(&self, queue: usize) {
         if queue / 2 < self.pairs.len() {
             self.pair(queue / 2).ring_reset(queue % 2);
@@ -295,6 +301,27 @@ impl VhostUserBackend for NetBackend {
 
     fn set_event_idx(&self, _enabled: bool) {
         // Each ring's Queue knows; the data path asks it.
+    }
+
+    /// GET_VRING_BASE: the framework calls this before it drops the ring's
+    /// call fd, so a held interrupt is signalled now, not into nothing.
+    fn stop_vring(&self, queue: u32) -> io::Result<()> {
+        let queue = queue as usize;
+        if queue / 2 < self.pairs.len() {
+            self.pair(queue / 2).ring_stopped(queue % 2);
+        }
+        Ok(())
+    }
+
+    /// RESET_DEVICE: every ring stops (held interrupts are signalled) and is
+    /// disabled, so the tap queues are detached until enabled again.
+    fn reset_device(&self) {
+        for i in 0..self.pairs.len() {
+            let mut pair = self.pair(i);
+            pair.ring_stopped(0);
+            pair.ring_stopped(1);
+            pair.set_tap_attached(false);
+        }
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {

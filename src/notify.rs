@@ -11,6 +11,17 @@
 //! (bounded in count and time). It never signals what the guest did not ask
 //! for, never holds an interrupt past the policy's time bound, and never holds
 //! one while more than half the ring is completed but unsignalled.
+//!
+//! Two rules make sure no interrupt is ever lost across a ring's life:
+//! - a held interrupt is resolved (signalled) when the ring stops, the
+//!   device resets, the frontend goes away or the timer cannot be armed:
+//!   [`Coalescer::take_held`] hands it to the caller, who still has the call fd;
+//! - the first decision after the ring (re)starts signals if entries were
+//!   published on the ring before it, whatever the guest's `used_event` says: the
+//!   guest may be waiting on an entry whose interrupt went to a previous
+//!   call fd or a previous daemon, and the formula over the new batch alone
+//!   would never be satisfied again (the kernel's vhost and DPDK clear
+//!   `signalled_used_valid` on restart for the same reason).
 
 use std::fmt;
 use std::num::Wrapping;
@@ -170,6 +181,9 @@ pub struct Coalescer {
     unsignalled: u32,
     /// When the guest first asked for the interrupt being held.
     first_unsignalled: Option<Instant>,
+    /// No decision since the ring (re)started: the next one signals if
+    /// anything was ever published on the ring.
+    fresh: bool,
     last_batch_end: Option<Instant>,
     mean_gap_ns: f64,
     mean_service_ns: f64,
@@ -183,6 +197,7 @@ impl Coalescer {
             latest: Wrapping(0),
             unsignalled: 0,
             first_unsignalled: None,
+            fresh: true,
             last_batch_end: None,
             mean_gap_ns: 0.0,
             mean_service_ns: 0.0,
@@ -198,9 +213,22 @@ impl Coalescer {
         self.first_unsignalled.is_some()
     }
 
-    /// Forgets any state (the ring was set up again).
+    /// Forgets any state (the ring was set up again); the next decision is
+    /// a fresh start's. A held interrupt must have been taken with
+    /// [`Coalescer::take_held`] first, or it is handed to that decision.
     pub fn reset(&mut self) {
         *self = Coalescer::new(self.policy);
+    }
+
+    /// Takes the held interrupt, if any: the caller signals it now (the ring
+    /// is stopping, the device resetting, the frontend leaving, or the timer
+    /// could not be armed). `true`: the caller must signal.
+    pub fn take_held(&mut self) -> bool {
+        let held = self.deferred();
+        if held {
+            self.settle();
+        }
+        held
     }
 
     /// Decides after a batch that published `completed` entries, leaving the
@@ -222,6 +250,17 @@ impl Coalescer {
             self.unsignalled = self.unsignalled.saturating_add(u32::from(completed));
         }
         self.latest = Wrapping(new);
+        let before_start = Wrapping(new) - Wrapping(completed);
+        if std::mem::take(&mut self.fresh) && before_start.0 != 0 {
+            // First decision since the ring (re)started, and entries were
+            // published on it before: the guest may be waiting for an
+            // interrupt it never got, and `used_event` judged over this
+            // batch alone may never fire. One spurious interrupt is
+            // harmless; a lost one stops the queue for good. (A ring that
+            // starts at index 0 has no such past: the formula is exact.)
+            self.settle();
+            return Verdict::Signal;
+        }
         if completed == 0 && !self.deferred() {
             return Verdict::Suppress;
         }
@@ -502,6 +541,42 @@ mod tests {
         assert!(
             deferred > 150,
             "dense traffic was deferred only {deferred} times"
+        );
+    }
+
+    #[test]
+    fn first_decision_after_a_reset_signals_once_for_a_ring_with_a_past() {
+        for policy in ["immediate", "frames=64,usecs=100000", "adaptive"] {
+            let mut c = Coalescer::new(policy.parse().unwrap());
+            let t0 = Instant::now();
+            let never = |_: u16, _: u16| false;
+            assert_eq!(c.after_batch(t0, 10, 10, 256, US, never), Verdict::Suppress);
+            c.reset();
+            // Restarted at used 10 with nothing new: the guest may still
+            // wait for entries it was never interrupted for.
+            assert_eq!(
+                c.after_batch(t0, 0, 10, 256, US, never),
+                Verdict::Signal,
+                "{policy}"
+            );
+            assert_eq!(c.after_batch(t0, 1, 11, 256, US, never), Verdict::Suppress);
+        }
+    }
+
+    #[test]
+    fn a_held_interrupt_is_handed_over_once() {
+        let mut c = frames_32_1ms();
+        let t0 = Instant::now();
+        assert!(matches!(
+            c.after_batch(t0, 5, 5, 256, US, ALWAYS),
+            Verdict::Defer(_)
+        ));
+        assert!(c.take_held());
+        assert!(!c.deferred());
+        assert!(!c.take_held());
+        assert_eq!(
+            c.on_timer(t0 + Duration::from_millis(2), 256, ALWAYS),
+            Verdict::Suppress
         );
     }
 }

@@ -10,6 +10,11 @@
 //! wait for the tap to be readable; when it runs dry we stop listening (a
 //! level-triggered tap would otherwise spin) and wait for the guest's refill
 //! kick. TX waits for "tap writable" only after a write returned EAGAIN.
+//!
+//! Fairness: a direction that spends its budget with work left gets its
+//! next turn from the resume event, which runs TX then RX once each; RX
+//! stops watching the tap meanwhile, so neither direction gets two turns
+//! for the other's one.
 
 use std::fs::File;
 use std::io;
@@ -120,6 +125,10 @@ struct Connection {
     coalescers: [Coalescer; 2],
     /// The deadline each ring's timer is armed for.
     timer_deadline: [Option<Instant>; 2],
+    /// This pair's `[rx, tx]` vrings, kept from the first event so a held
+    /// interrupt can be signalled from outside the worker (ring stop,
+    /// device reset, disconnect) while the call fd is still there.
+    vrings: Option<[NetVring; 2]>,
 }
 
 /// One queue pair: RX is ring 0 of the pair, TX ring 1.
@@ -137,6 +146,8 @@ pub struct QueuePair {
     timers: [Timer; 2],
     /// Whether our tap queue is attached (receives frames from the kernel).
     tap_attached: bool,
+    /// Whether it should be: a frontend has this pair's RX ring enabled.
+    tap_wanted: bool,
     /// The tap's interface was deleted: our fd is detached until
     /// [`QueuePair::reattach`]. TX drops frames, RX does not watch the fd
     /// (it would report an error forever).
@@ -174,6 +185,7 @@ impl QueuePair {
             policies,
             timers: [Timer::new()?, Timer::new()?],
             tap_attached: true,
+            tap_wanted: true,
             tap_gone: false,
             conn: None,
             tx_iov: IoVecBuf::with_capacity(IOV_MAX),
@@ -189,6 +201,7 @@ impl QueuePair {
 
     /// Attaches or detaches this pair's tap queue (`TUNSETQUEUE`).
     pub fn set_tap_attached(&mut self, attached: bool) {
+        self.tap_wanted = attached;
         if self.tap_attached == attached {
             return;
         }
@@ -227,6 +240,9 @@ impl QueuePair {
         self.tap_gone = false;
         self.tap_attached = true;
         log::info!("pair {}: tap {name} is back", self.index);
+        if !self.tap_wanted {
+            self.set_tap_attached(false);
+        }
         if let Some(conn) = self.conn.as_mut() {
             conn.pending = [true, true];
             self.resume.write(1)?;
@@ -259,34 +275,72 @@ impl QueuePair {
             pending: [false; 2],
             coalescers: self.policies.map(Coalescer::new),
             timer_deadline: [None; 2],
+            vrings: None,
         });
         Ok(())
     }
 
-    /// Stops serving the connection (the frontend went away). Its epoll is
-    /// being torn down with it, so nothing needs unregistering.
+    /// Stops serving the connection (the frontend went away): held
+    /// interrupts are signalled (a reconnecting frontend such as QEMU keeps
+    /// its call fds), and the tap queue is detached so the kernel queues no
+    /// frames for nobody. The connection's epoll is being torn down with it,
+    /// so nothing needs unregistering.
     pub fn disconnect(&mut self) {
+        for ring in [RX, TX] {
+            self.ring_stopped(ring);
+        }
         self.conn = None;
+        self.set_tap_attached(false);
     }
 
     /// The frontend set ring `ring` (0 RX, 1 TX) up again: forget that it
-    /// was broken.
+    /// was broken; the next interrupt decision is a fresh start's.
     pub fn ring_reset(&mut self, ring: usize) {
-        if let Some(conn) = self.conn.as_mut() {
-            if let Some(b) = conn.broken.get_mut(ring) {
-                *b = false;
+        self.ring_stopped(ring);
+        if let Some(b) = self.conn.as_mut().and_then(|c| c.broken.get_mut(ring)) {
+            *b = false;
+        }
+    }
+
+    /// Ring `ring` stops (GET_VRING_BASE, a device reset, a disconnect, or
+    /// it is set up again): signal its held interrupt while the call fd is
+    /// still there, disarm its timer, and make the next decision a fresh
+    /// start's (which signals if the guest may still be waiting).
+    pub fn ring_stopped(&mut self, ring: usize) {
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        let (Some(coalescer), Some(deadline)) = (
+            conn.coalescers.get_mut(ring),
+            conn.timer_deadline.get_mut(ring),
+        ) else {
+            return;
+        };
+        let held = coalescer.take_held();
+        coalescer.reset();
+        if deadline.take().is_some() {
+            if let Err(e) = self.timers[ring].set(None) {
+                log::warn!(
+                    "pair {}: cannot disarm the interrupt timer: {e}",
+                    self.index
+                );
             }
-            if let Some(c) = conn.coalescers.get_mut(ring) {
-                c.reset();
-            }
+        }
+        let vring = conn.vrings.as_ref().map(|v| v[ring].clone());
+        if let (true, Some(vring)) = (held, vring) {
+            self.signal(ring, &vring);
         }
     }
 
     /// Handles one event; `vrings` are this pair's `[rx, tx]`.
     pub fn handle(&mut self, event: Event, vrings: &[NetVring]) {
-        if self.conn.is_none() || vrings.len() != 2 {
+        let Some(conn) = self.conn.as_mut() else {
             return;
-        }
+        };
+        let [rx, tx] = vrings else {
+            return;
+        };
+        conn.vrings.get_or_insert_with(|| [rx.clone(), tx.clone()]);
         for (ring, vring) in vrings.iter().enumerate() {
             let kicks = vring.take_kicks();
             if kicks > 0 {
@@ -396,7 +450,12 @@ impl QueuePair {
         match end {
             Some(End::TapBlocked) => self.set_tap_in(true),
             Some(End::RingEmpty) | None => self.set_tap_in(false),
-            Some(End::BudgetSpent) => self.resume_later(RX),
+            Some(End::BudgetSpent) => {
+                // The resume event gives RX its next turn, after TX's: a
+                // level-triggered tap watch would give it a second one.
+                self.set_tap_in(false);
+                self.resume_later(RX);
+            }
         }
     }
 
@@ -435,14 +494,7 @@ impl QueuePair {
         state: &VringState<GuestMemoryAtomic<GuestMem>>,
     ) {
         match verdict {
-            Verdict::Signal => {
-                if let Err(e) = state.signal_used_queue() {
-                    log::warn!(
-                        "queue {}: cannot signal the guest: {e}",
-                        2 * self.index + ring
-                    );
-                }
-            }
+            Verdict::Signal => self.signal_state(ring, state),
             Verdict::Suppress => {}
             Verdict::Defer(deadline) => {
                 let Some(conn) = self.conn.as_mut() else {
@@ -455,10 +507,33 @@ impl QueuePair {
                 match self.timers[ring].set(Some(after)) {
                     Ok(()) => conn.timer_deadline[ring] = Some(deadline),
                     Err(e) => {
-                        log::error!("pair {}: cannot arm the interrupt timer: {e}", self.index)
+                        // Nothing would ever fire: signal now rather than
+                        // leave the guest waiting.
+                        log::error!("pair {}: cannot arm the interrupt timer: {e}", self.index);
+                        if conn.coalescers[ring].take_held() {
+                            QueueStats::add(&self.queue_stats(ring).interrupts_sent, 1);
+                            self.signal_state(ring, state);
+                        }
                     }
                 }
             }
+        }
+    }
+
+    /// Signals a held interrupt of `ring` from outside a batch (counted
+    /// here: batches count their own verdicts).
+    fn signal(&self, ring: usize, vring: &NetVring) {
+        QueueStats::add(&self.queue_stats(ring).interrupts_sent, 1);
+        self.signal_state(ring, &vring.get_ref());
+    }
+
+    /// Writes the ring's call eventfd.
+    fn signal_state(&self, ring: usize, state: &VringState<GuestMemoryAtomic<GuestMem>>) {
+        if let Err(e) = state.signal_used_queue() {
+            log::warn!(
+                "queue {}: cannot signal the guest: {e}",
+                2 * self.index + ring
+            );
         }
     }
 
@@ -527,30 +602,4 @@ enum Watch {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn event_ids_avoid_the_framework_reserved_range() {
-        for queues in [2, 4, 16] {
-            for e in [Event::TapReadable, Event::TapWritable, Event::Resume] {
-                assert!(e.id(queues) > queues as u64, "{e:?} with {queues} queues");
-            }
-            for e in [
-                Event::RxKick,
-                Event::TxKick,
-                Event::TapReadable,
-                Event::TapWritable,
-                Event::Resume,
-            ] {
-                let id = u16::try_from(e.id(queues)).unwrap();
-                assert_eq!(Event::from_id(id, queues), Some(e));
-            }
-        }
-    }
-
-    #[test]
-    fn reserved_exit_id_is_not_one_of_our_events() {
-        assert_eq!(Event::from_id(4, 4), None);
-    }
-}
+mod tests;

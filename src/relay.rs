@@ -272,9 +272,14 @@ fn forward_requests(
                     log::debug!("relay: replaying SET_VRING_ENABLE for ring {ring}");
                     enable.write(back)?;
                 }
+            } else {
+                // Without PROTOCOL_FEATURES the backend enables every ring
+                // at SET_FEATURES, as the spec says, and the held enables
+                // are moot; the backend hears of it as of an enable.
+                for q in 0..hooks.num_queues() {
+                    hooks.vring_enabled(q, true);
+                }
             }
-            // Without PROTOCOL_FEATURES the backend enables every ring at
-            // SET_FEATURES, as the spec says, and the held enables are moot.
         }
     }
     Ok(())

@@ -256,7 +256,10 @@ impl<'q> Batch<'q> {
             now.saturating_duration_since(self.started),
             wants(self.queue, self.mem),
         );
-        if completed > 0 {
+        // Every interrupt sent is counted, including a fresh start's with
+        // nothing new; suppressed and deferred only for batches that
+        // completed something.
+        if completed > 0 || verdict == Verdict::Signal {
             count(self.stats, verdict);
         }
         Ok(verdict)

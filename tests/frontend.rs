@@ -1022,7 +1022,8 @@ fn every_kind_of_broken_chain_is_returned_and_counted_while_the_other_pair_moves
     assert!(used.iter().all(|u| u.len == 0), "{used:?}");
     assert!(
         capture(&cap, common::TIMEOUT, |f| has_marker(f, 77)).is_some(),
-        "pair 1 moves"
+        "pair 1 moves: {}",
+        d.log()
     );
     let s = d.stats();
     assert_eq!(s.get("bad_chains_total", 1), hostile.len() as u64);
