@@ -55,14 +55,24 @@ apt_update() {
     fi
 }
 
+# bookworm_mirror: the Debian mirror this machine's apt sources already use.
+# shellcheck source=.ci/apt-sources.sh
+source "$REPO_ROOT/.ci/apt-sources.sh"
+
 ensure_backports_source() {
     if grep -rqsE '^[^#]*bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
         return 0
     fi
-    log "adding $BACKPORTS_FILE"
-    cat >"$BACKPORTS_FILE" <<'EOF'
+    local mirror
+    mirror=$(bookworm_mirror | head -n1)
+    if [[ -z $mirror ]]; then
+        mirror=http://deb.debian.org/debian
+        log "no bookworm source found in /etc/apt; using $mirror for backports"
+    fi
+    log "adding $BACKPORTS_FILE (bookworm-backports from $mirror)"
+    cat >"$BACKPORTS_FILE" <<EOF
 Types: deb
-URIs: http://deb.debian.org/debian
+URIs: $mirror
 Suites: bookworm-backports
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
