@@ -4,7 +4,8 @@
 # it touches no network and finishes in well under a second.
 #
 # What it provides:
-#   * host tools from Debian: iproute2, busybox-static, cpio, ethtool,
+#   * host tools from Debian: iproute2, busybox-static, cpio, ethtool, systemd
+#     (systemd-socket-activate, systemd-analyze), util-linux (setpriv),
 #     iputils-ping, socat, procps, kmod, xz-utils, zstd
 #   * QEMU 10 (qemu-system-x86 from bookworm-backports), installed normally
 #     (/usr/bin/qemu-system-x86_64)
@@ -33,7 +34,7 @@ die() { printf '[install-deps] ERROR: %s\n' "$*" >&2; exit 1; }
 [[ $(id -u) -eq 0 ]] || die "must run as root"
 command -v apt-get >/dev/null || die "needs a Debian system (apt-get)"
 
-APT_PKGS=(iproute2 busybox-static cpio ethtool iputils-ping socat procps kmod
+APT_PKGS=(iproute2 busybox-static cpio ethtool iputils-ping socat procps kmod systemd util-linux
           xz-utils zstd gzip ca-certificates debian-archive-keyring)
 BACKPORTS_FILE=/etc/apt/sources.list.d/bookworm-backports.sources
 

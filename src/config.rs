@@ -30,8 +30,9 @@ pub struct Args {
     pub command: Option<Sub>,
 
     /// Unix socket to listen on for the vhost-user frontend (QEMU, ...);
-    /// with --client, the frontend's socket to connect to.
-    #[arg(long, value_name = "PATH", required_unless_present_any = ["fd", "print_capabilities"])]
+    /// with --client, the frontend's socket to connect to. Not needed under
+    /// systemd socket activation (LISTEN_FDS), which passes the socket.
+    #[arg(long, value_name = "PATH")]
     pub socket_path: Option<PathBuf>,
 
     /// An already listening unix socket, inherited from a manager, to accept
@@ -157,7 +158,8 @@ pub struct DeviceConfig {
 pub enum Frontend {
     /// Listen on a socket it creates at this path.
     Listen(PathBuf),
-    /// Accept on an inherited, already listening socket.
+    /// Accept on an inherited, already listening socket (`--fd`, or the one
+    /// systemd passed with socket activation).
     ListenFd(i32),
     /// Connect to the frontend's socket at this path.
     Connect(PathBuf),
@@ -209,6 +211,8 @@ pub enum ConfigError {
     Fd(i32),
     #[error("{0} is required (or --print-capabilities)")]
     Missing(&'static str),
+    #[error("systemd socket activation: {0}")]
+    Activation(String),
     #[error("--prometheus {0}: expected a loopback address like 127.0.0.1:9717 or [::1]:9717, or unix:/path")]
     Prometheus(String),
     #[error("stats: give --stats-socket PATH or --socket-path PATH")]
@@ -250,7 +254,13 @@ impl TryFrom<Args> for Command {
         if args.print_capabilities {
             return Ok(Command::PrintCapabilities);
         }
-        Config::try_from(args).map(Command::Serve)
+        let activated = match (&args.socket_path, args.fd) {
+            (None, None) => {
+                crate::systemd::listen_fd().map_err(|e| ConfigError::Activation(e.to_string()))?
+            }
+            _ => None,
+        };
+        Config::from_args(args, activated).map(Command::Serve)
     }
 }
 
@@ -258,12 +268,27 @@ impl TryFrom<Args> for Config {
     type Error = ConfigError;
 
     fn try_from(args: Args) -> Result<Self, ConfigError> {
+        Config::from_args(args, None)
+    }
+}
+
+impl Config {
+    /// Validates `args`; `activated` is the listening socket systemd passed
+    /// (used when neither --socket-path nor --fd is given).
+    pub fn from_args(args: Args, activated: Option<i32>) -> Result<Self, ConfigError> {
         let frontend = match (&args.socket_path, args.fd, args.client) {
             (_, Some(fd), _) if fd < 3 => return Err(ConfigError::Fd(fd)),
             (_, Some(fd), _) => Frontend::ListenFd(fd),
             (Some(path), None, true) => Frontend::Connect(path.clone()),
             (Some(path), None, false) => Frontend::Listen(path.clone()),
-            (None, None, _) => return Err(ConfigError::Missing("--socket-path or --fd")),
+            (None, None, _) => match activated {
+                Some(fd) => Frontend::ListenFd(fd),
+                None => {
+                    return Err(ConfigError::Missing(
+                        "--socket-path or --fd (or a socket from systemd socket activation)",
+                    ))
+                }
+            },
         };
         let tap = args.tap.clone().ok_or(ConfigError::Missing("--tap"))?;
         if args.queue_pairs == 0 || args.queue_pairs > MAX_QUEUE_PAIRS {

@@ -24,6 +24,7 @@
 //! | [`vring`] | the framework's vring, with kick counting |
 //! | [`stats`] | what is counted, and its text format |
 //! | [`stats_client`] | the `stats` command: a running daemon's counters |
+//! | [`systemd`] | socket activation and readiness under systemd |
 //! | [`driver`] | the guest side of a ring, for tests and the benchmark |
 
 #![deny(unsafe_op_in_unsafe_fn)]
@@ -42,6 +43,7 @@ pub mod server;
 pub mod stats;
 pub mod stats_client;
 pub mod sys;
+pub mod systemd;
 pub mod tap;
 pub mod tx;
 pub mod vring;

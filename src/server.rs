@@ -162,8 +162,12 @@ pub fn run(config: Config) -> Result<(), Error> {
             }
         })
         .map_err(Error::Device)?;
+    // Everything is set up and frontends are being accepted (or connected
+    // to): tell a `Type=notify` service manager.
+    crate::systemd::ready(&format!("serving tap {}", config.tap));
 
     let result = done_rx.recv().unwrap_or(Ok(()));
+    crate::systemd::stopping();
     if let Some(conn) = current.lock().unwrap_or_else(|e| e.into_inner()).take() {
         let _ = conn.shutdown(std::net::Shutdown::Both);
     }

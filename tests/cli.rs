@@ -107,3 +107,15 @@ fn missing_tap_is_reported_by_name() {
     assert!(!ok);
     assert!(err.contains("--tap"), "{err}");
 }
+
+#[test]
+fn no_socket_at_all_names_the_flags_and_socket_activation() {
+    let (ok, err) = daemon(&["--tap", "t0"]);
+    assert!(!ok);
+    assert!(
+        err.contains(
+            "--socket-path or --fd (or a socket from systemd socket activation) is required"
+        ),
+        "{err}"
+    );
+}

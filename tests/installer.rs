@@ -23,7 +23,10 @@ fn mirror_of(files: &[(&str, &str)]) -> String {
         .output()
         .expect("bash");
     assert!(out.status.success(), "{out:?}");
-    String::from_utf8(out.stdout).expect("utf-8").trim().to_owned()
+    String::from_utf8(out.stdout)
+        .expect("utf-8")
+        .trim()
+        .to_owned()
 }
 
 #[test]
