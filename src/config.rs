@@ -219,12 +219,17 @@ pub enum ConfigError {
     StatsSocket,
     #[error("--socket-mode {0}: expected octal permissions like 0600 or 0660")]
     SocketMode(String),
-    #[error("{flag} {name}: no such {what} in /etc/{file} (give a name or a number)")]
+    #[error("{flag} {name}: no such {what} in the system's user database (give an existing name or a number)")]
     UnknownId {
         flag: &'static str,
         name: String,
         what: &'static str,
-        file: &'static str,
+    },
+    #[error("{flag} {name}: cannot look it up in the system's user database: {cause}")]
+    Lookup {
+        flag: &'static str,
+        name: String,
+        cause: String,
     },
     #[error("--group needs --user (to drop only the group, give --user root)")]
     GroupWithoutUser,
@@ -366,43 +371,48 @@ impl Config {
     }
 }
 
-/// Finds a group by number or by name in `/etc/group`.
+/// Finds a group by number or by name, through the system's user database
+/// (NSS: `/etc/group`, LDAP, sssd, systemd-userdb, ...).
 fn lookup_group(flag: &'static str, name: &str) -> Result<u32, ConfigError> {
     if let Ok(gid) = name.parse() {
         return Ok(gid);
     }
-    let text = std::fs::read_to_string("/etc/group").unwrap_or_default();
-    text.lines()
-        .map(|l| l.split(':').collect::<Vec<_>>())
-        .find(|f| f.first() == Some(&name))
-        .and_then(|f| f.get(2)?.parse().ok())
-        .ok_or(ConfigError::UnknownId {
+    match nix::unistd::Group::from_name(name) {
+        Ok(Some(g)) => Ok(g.gid.as_raw()),
+        Ok(None) => Err(unknown(flag, name, "group")),
+        Err(e) => Err(ConfigError::Lookup {
             flag,
             name: name.to_owned(),
-            what: "group",
-            file: "group",
-        })
+            cause: e.desc().to_owned(),
+        }),
+    }
 }
 
-/// Finds a user (uid, primary gid) by number or by name in `/etc/passwd`.
+/// Finds a user (uid, primary gid) by name or number through the system's
+/// user database (NSS). A number without an entry is taken as uid and gid.
 fn lookup_user(name: &str) -> Result<(u32, u32), ConfigError> {
-    let text = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-    let entry = |f: &Vec<&str>| Some((f.get(2)?.parse().ok()?, f.get(3)?.parse().ok()?));
-    let by_field = |i: usize| {
-        text.lines()
-            .map(|l| l.split(':').collect::<Vec<_>>())
-            .find(|f| f.get(i) == Some(&name))
-            .and_then(|f| entry(&f))
+    use nix::unistd::{Uid, User};
+    let lookup_error = |e: nix::errno::Errno| ConfigError::Lookup {
+        flag: "--user",
+        name: name.to_owned(),
+        cause: e.desc().to_owned(),
     };
-    by_field(0)
-        .or_else(|| by_field(2))
-        .or_else(|| name.parse().ok().map(|uid| (uid, uid)))
-        .ok_or(ConfigError::UnknownId {
-            flag: "--user",
-            name: name.to_owned(),
-            what: "user",
-            file: "passwd",
-        })
+    if let Ok(uid) = name.parse::<u32>() {
+        let user = User::from_uid(Uid::from_raw(uid)).map_err(lookup_error)?;
+        return Ok(user.map_or((uid, uid), |u| (uid, u.gid.as_raw())));
+    }
+    match User::from_name(name).map_err(lookup_error)? {
+        Some(u) => Ok((u.uid.as_raw(), u.gid.as_raw())),
+        None => Err(unknown("--user", name, "user")),
+    }
+}
+
+fn unknown(flag: &'static str, name: &str, what: &'static str) -> ConfigError {
+    ConfigError::UnknownId {
+        flag,
+        name: name.to_owned(),
+        what,
+    }
 }
 
 /// Parses `--prometheus`: a loopback socket address or `unix:PATH`.
@@ -585,6 +595,10 @@ mod tests {
                 .starts_with("--user no-such-user-here: no such user"),
             "{err}"
         );
+        // Names go through the system's user database (NSS), not a parse
+        // of /etc/passwd: nobody is 65534 on Debian.
+        let c = Config::try_from(args(&["--user", "nobody", "--group", "nogroup"])).unwrap();
+        assert_eq!(c.drop_to, Some((65534, 65534)));
         assert_eq!(
             Config::try_from(args(&["--group", "0"])),
             Err(ConfigError::GroupWithoutUser)

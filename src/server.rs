@@ -41,6 +41,8 @@ pub enum Error {
     NotASocket(PathBuf),
     #[error("{0} is in use by another process (a live socket answers there)")]
     SocketInUse(PathBuf),
+    #[error("cannot listen on {path}: the directory {dir} does not exist (create it, e.g. mkdir -p {dir}, or choose another path)")]
+    NoDirectory { path: PathBuf, dir: PathBuf },
     #[error("cannot listen on {path}")]
     Listen {
         path: PathBuf,
@@ -277,9 +279,21 @@ pub fn bind(path: &Path) -> Result<UnixListener, Error> {
         }
         Err(_) => {}
     }
-    UnixListener::bind(path).map_err(|source| Error::Listen {
-        path: path.to_owned(),
-        source,
+    UnixListener::bind(path).map_err(|source| match path.parent() {
+        Some(dir)
+            if source.kind() == io::ErrorKind::NotFound
+                && !dir.as_os_str().is_empty()
+                && !dir.exists() =>
+        {
+            Error::NoDirectory {
+                path: path.to_owned(),
+                dir: dir.to_owned(),
+            }
+        }
+        _ => Error::Listen {
+            path: path.to_owned(),
+            source,
+        },
     })
 }
 

@@ -181,8 +181,8 @@ fn open_hint(e: &io::Error, existed: bool) -> &'static str {
             "needs CAP_NET_ADMIN, or a tap owned by this user"
         }
         Some(libc::EINVAL) if existed => {
-            "the existing tap lacks multi_queue or vnet_hdr: recreate it with \
-             `ip tuntap add dev NAME mode tap multi_queue vnet_hdr`"
+            "the existing tap is not multi_queue: recreate it with \
+             `ip link del NAME; ip tuntap add dev NAME mode tap multi_queue vnet_hdr`"
         }
         Some(libc::EBUSY) => "another process holds the tap without multi_queue",
         Some(libc::ENOENT) | Some(libc::ENODEV) => "/dev/net/tun is missing: load the tun module",

@@ -119,3 +119,32 @@ fn no_socket_at_all_names_the_flags_and_socket_activation() {
         "{err}"
     );
 }
+
+#[test]
+fn socket_directory_that_does_not_exist_is_named_with_the_fix() {
+    let (ok, err) = daemon(&["--socket-path", "/nonexistent/vun/x.sock", "--tap", "t0"]);
+    assert!(!ok);
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(
+        err.contains("the directory /nonexistent/vun does not exist (create it, e.g. mkdir -p /nonexistent/vun"),
+        "{err}"
+    );
+}
+
+#[test]
+fn user_that_does_not_exist_is_named_with_the_fix() {
+    let (ok, err) = daemon(&[
+        "--socket-path",
+        "/nonexistent/x",
+        "--tap",
+        "t0",
+        "--user",
+        "no-such-user-anywhere",
+    ]);
+    assert!(!ok);
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(
+        err.contains("--user no-such-user-anywhere: no such user in the system's user database (give an existing name or a number)"),
+        "{err}"
+    );
+}
