@@ -18,7 +18,7 @@ use crate::driver::{Desc, SplitRing, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE}
 use crate::guest::{GuestMem, IoVecBuf};
 use crate::notify::{Coalescer, Policy};
 use crate::ring::Batch;
-use crate::rx::{self, RxChain, RxParams, Window};
+use crate::rx::{self, Bounce, RxChain, RxParams, Window};
 use crate::stats::QueueStats;
 use crate::testutil::tap_pair;
 
@@ -134,8 +134,9 @@ proptest! {
         let mut buf = IoVecBuf::default();
         let mut iovecs = buf.bind(&mem);
         let mut chains: Vec<RxChain> = Vec::new();
-        let mut window = Window { chains: &mut chains, iovecs: &mut iovecs };
-        let params = RxParams { mergeable, max_frame: 3000 };
+        let mut bounce = Bounce::default();
+        let mut window = Window { chains: &mut chains, iovecs: &mut iovecs, bounce: &mut bounce };
+        let params = RxParams { mergeable, max_frame: 3000, max_plain_frame: 3000 };
         let mut batch = Batch::begin(&mut q, &mem, &stats, 0).unwrap();
         // A guest whose buffers overlap its own ring can corrupt it through
         // our writes; the daemon must then report it, not crash.

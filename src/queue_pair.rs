@@ -26,7 +26,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::guest::{GuestMem, IoVecBuf, IOV_MAX};
 use crate::notify::{Coalescer, Policy, Verdict};
 use crate::ring::{self, Batch, End, RingError};
-use crate::rx::{self, RxChain, RxParams, Window};
+use crate::rx::{self, Bounce, RxChain, RxParams, Window};
 use crate::stats::{QueueStats, Stats};
 use crate::sys::Timer;
 use crate::tx;
@@ -145,6 +145,7 @@ pub struct QueuePair {
     tx_iov: IoVecBuf,
     rx_iov: IoVecBuf,
     rx_window: Vec<RxChain>,
+    rx_bounce: Bounce,
 }
 
 const RX: usize = 0;
@@ -170,6 +171,7 @@ impl QueuePair {
             rx_params: RxParams {
                 mergeable: false,
                 max_frame: 0,
+                max_plain_frame: 0,
             },
             policies,
             timers: [Timer::new()?, Timer::new()?],
@@ -179,6 +181,7 @@ impl QueuePair {
             tx_iov: IoVecBuf::with_capacity(IOV_MAX),
             rx_iov: IoVecBuf::with_capacity(IOV_MAX),
             rx_window: Vec::with_capacity(usize::from(u16::MAX)),
+            rx_bounce: Bounce::default(),
         })
     }
 
@@ -374,6 +377,7 @@ impl QueuePair {
         let mut window = Window {
             chains: &mut self.rx_window,
             iovecs: &mut iovecs,
+            bounce: &mut self.rx_bounce,
         };
         let coalescer = &mut self.conn.as_mut().expect("caller checked").coalescers[RX];
         let mut tap_failed = false;

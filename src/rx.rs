@@ -8,6 +8,12 @@
 //! needed stay in the window for the next frame, and are given back to the
 //! ring when the batch ends. The loop around this step is
 //! [`crate::ring::Batch::drain`].
+//!
+//! A tap's `read` silently cuts a frame to the buffers it is given, so the
+//! `readv` goes on past the guest's buffers into a host buffer
+//! ([`Bounce`]): a frame with bytes there did not fit, and a frame longer
+//! than the guest may receive ([`RxParams`]) is dropped and counted, never
+//! delivered cut.
 
 use std::fs::File;
 use std::io;
@@ -32,19 +38,53 @@ pub struct RxChain {
     segments: usize,
 }
 
+/// `gso_type` is the second byte of the virtio-net header.
+const GSO_TYPE_OFFSET: usize = 1;
+/// `VIRTIO_NET_HDR_GSO_ECN`: a flag on top of a GSO type, not a type.
+const GSO_ECN: u8 = 0x80;
+
+/// Length of a [`Bounce`] buffer: one byte more than the largest header +
+/// frame any negotiation allows (a 64 KiB GSO frame, or a 65535-byte MTU,
+/// with an Ethernet and VLAN header), so a frame longer than that always
+/// leaves bytes in it.
+pub const BOUNCE_LEN: usize = VNET_HDR_LEN + 65535 + 18 + 1;
+
 /// What the negotiated features say about RX.
 #[derive(Clone, Copy, Debug)]
 pub struct RxParams {
     /// `VIRTIO_NET_F_MRG_RXBUF` acked: a frame may span several chains.
     pub mergeable: bool,
-    /// Largest header + frame the tap may hand us with the offloads in force.
+    /// Largest header + frame the guest may receive: a GSO frame with the
+    /// receive offloads it acked, else one MTU-sized frame. Longer frames
+    /// (a tap whose MTU is above the guest's) are dropped and counted.
     pub max_frame: usize,
+    /// Largest header + frame whose header says "no GSO": the MTU the guest
+    /// was told (`VIRTIO_NET_F_MTU`) bounds it even when GSO frames may be
+    /// longer. Equal to `max_frame` when no such promise was made.
+    pub max_plain_frame: usize,
 }
 
-/// Buffers popped for RX in the current batch and the iovecs covering them.
+/// A worker's host-side frame buffer. The tap's `readv` goes on into it
+/// after the guest's buffers: bytes landing here belong to a frame the
+/// guest's buffers could not hold.
+pub struct Bounce {
+    buf: Box<[u8]>,
+}
+
+impl Default for Bounce {
+    fn default() -> Self {
+        Bounce {
+            buf: vec![0u8; BOUNCE_LEN].into_boxed_slice(),
+        }
+    }
+}
+
+/// Buffers popped for RX in the current batch, the iovecs covering them,
+/// and the worker's host-side [`Bounce`] buffer.
 pub struct Window<'a, 'b, 'm> {
     pub chains: &'a mut Vec<RxChain>,
     pub iovecs: &'a mut GuestIoVecs<'b, 'm>,
+    pub bounce: &'a mut Bounce,
 }
 
 impl Window<'_, '_, '_> {
@@ -113,6 +153,30 @@ impl Window<'_, '_, '_> {
     }
 }
 
+/// What to do with a frame of `n` bytes (as the tap reported it) read into
+/// a window of `capacity` bytes.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    /// It fits: complete the chains it filled.
+    Deliver,
+    /// Longer than the guest may receive: drop, count as oversize.
+    Oversize,
+    /// Shorter than a header, or longer than the guest's buffers: drop.
+    Unfit,
+}
+
+fn judge(n: usize, capacity: usize, params: RxParams, gso_type: impl FnOnce() -> u8) -> Verdict {
+    if n < VNET_HDR_LEN {
+        Verdict::Unfit
+    } else if n > params.max_frame || (n > params.max_plain_frame && gso_type() & !GSO_ECN == 0) {
+        Verdict::Oversize
+    } else if n > capacity {
+        Verdict::Unfit
+    } else {
+        Verdict::Deliver
+    }
+}
+
 /// Moves one frame from `tap` into the guest's RX buffers.
 pub fn step(
     batch: &mut Batch<'_>,
@@ -124,7 +188,7 @@ pub fn step(
         return Ok(Step::RingEmpty);
     }
     let stats = batch.stats();
-    let n = match window.iovecs.read_from(tap) {
+    let n = match window.iovecs.read_from(tap, &mut window.bounce.buf) {
         Ok(n) => n,
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
             QueueStats::add(&stats.tap_eagain, 1);
@@ -136,11 +200,25 @@ pub fn step(
         }
     };
     let capacity = window.capacity();
-    if n < VNET_HDR_LEN || (n == capacity && capacity < params.max_frame) {
-        // Nothing usable, or possibly cut short by buffers smaller than the
-        // largest frame: drop it, keep the buffers for the next frame.
-        QueueStats::add(&stats.rx_dropped_frames, 1);
-        return Ok(Step::Progress);
+    let iovecs = &*window.iovecs;
+    let gso_type = || {
+        let mut b = [0u8];
+        // The header sits in the first chain, which is at least a header
+        // long; an unreadable byte reads as "no GSO" (the stricter limit).
+        iovecs.read_at(GSO_TYPE_OFFSET, &mut b).map_or(0, |()| b[0])
+    };
+    match judge(n, capacity, params, gso_type) {
+        Verdict::Deliver => {}
+        Verdict::Oversize => {
+            // The buffers keep nothing of it that the guest will see: they
+            // stay in the window for the next frame.
+            QueueStats::add(&stats.rx_dropped_oversize_frames, 1);
+            return Ok(Step::Progress);
+        }
+        Verdict::Unfit => {
+            QueueStats::add(&stats.rx_dropped_frames, 1);
+            return Ok(Step::Progress);
+        }
     }
     let mut left = n;
     let mut used = 0;

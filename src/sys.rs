@@ -48,6 +48,10 @@ impl IfReq {
     fn set_int(&mut self, v: i32) {
         self.data[..4].copy_from_slice(&v.to_ne_bytes());
     }
+
+    fn int(&self) -> i32 {
+        i32::from_ne_bytes([self.data[0], self.data[1], self.data[2], self.data[3]])
+    }
 }
 
 fn check(ret: libc::c_int) -> io::Result<()> {
@@ -141,6 +145,15 @@ pub fn set_mtu(name: &str, mtu: u16) -> io::Result<()> {
     req.set_int(i32::from(mtu));
     // SAFETY: SIOCSIFMTU reads one `struct ifreq`; `req` is live and sized.
     check(unsafe { ioctl_with_ref(&sock, libc::SIOCSIFMTU, &req) })
+}
+
+/// The MTU of interface `name`.
+pub fn mtu(name: &str) -> io::Result<u32> {
+    let sock = inet_socket()?;
+    let mut req = IfReq::with_name(name)?;
+    // SAFETY: SIOCGIFMTU fills in one `struct ifreq`; `req` is live and sized.
+    check(unsafe { ioctl_with_mut_ref(&sock, libc::SIOCGIFMTU, &mut req) })?;
+    u32::try_from(req.int()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
 }
 
 /// Reads and resets an eventfd's (or timerfd's) counter: the number of

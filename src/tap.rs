@@ -42,6 +42,7 @@ pub struct Tap {
     name: String,
     queues: Vec<File>,
     created: bool,
+    mtu: u32,
 }
 
 /// `TUN_F_*` offload flags the kernel may use for frames it gives us, from
@@ -88,14 +89,16 @@ impl Tap {
             })?;
             queues.push(file);
         }
-        let tap = Tap {
+        let mut tap = Tap {
             name: name.to_owned(),
             queues,
             created: !existed,
+            mtu: 0,
         };
         if let Some(mtu) = mtu {
             sys::set_mtu(name, mtu).map_err(|source| tap.configure_error("set the MTU", source))?;
         }
+        tap.mtu = sys::mtu(name).map_err(|source| tap.configure_error("read the MTU", source))?;
         if tap.created {
             sys::set_link_up(name)
                 .map_err(|source| tap.configure_error("set the link up", source))?;
@@ -119,6 +122,32 @@ impl Tap {
     /// The interface name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The interface's MTU when it was opened (after `--mtu` was applied).
+    pub fn mtu(&self) -> u32 {
+        self.mtu
+    }
+
+    /// What to tell the user when the tap's MTU is not the `guest_mtu`
+    /// offered to the guest; `None` when they agree.
+    pub fn mtu_mismatch(&self, guest_mtu: u16) -> Option<String> {
+        let (tap, guest) = (self.mtu, u32::from(guest_mtu));
+        let name = &self.name;
+        let consequence = if tap > guest {
+            format!(
+                "frames longer than {guest} bytes from the tap will be dropped and counted \
+                 in rx_dropped_oversize_frames_total"
+            )
+        } else if tap < guest {
+            format!("frames longer than {tap} bytes from the guest may be dropped by the host")
+        } else {
+            return None;
+        };
+        Some(format!(
+            "tap {name} has MTU {tap} but the guest is offered MTU {guest}: {consequence}; \
+             give --mtu {tap} to offer the tap's MTU (or change the tap's)"
+        ))
     }
 
     /// Whether this process created the interface (it goes away with us).
@@ -198,6 +227,32 @@ mod tests {
     fn guest_offloads_map_to_tun_flags() {
         let f = (1 << VIRTIO_NET_F_GUEST_CSUM) | (1 << VIRTIO_NET_F_GUEST_TSO4);
         assert_eq!(offload_flags(f), libc::TUN_F_CSUM | libc::TUN_F_TSO4);
+    }
+
+    fn tap_with_mtu(mtu: u32) -> Tap {
+        Tap {
+            name: "tap0".into(),
+            queues: Vec::new(),
+            created: false,
+            mtu,
+        }
+    }
+
+    #[test]
+    fn mtu_mismatch_names_both_mtus_the_consequence_and_the_fix() {
+        let jumbo = tap_with_mtu(9000).mtu_mismatch(1500).unwrap();
+        assert!(
+            jumbo.contains("MTU 9000") && jumbo.contains("MTU 1500"),
+            "{jumbo}"
+        );
+        assert!(
+            jumbo.contains("rx_dropped_oversize_frames_total"),
+            "{jumbo}"
+        );
+        assert!(jumbo.contains("--mtu 9000"), "{jumbo}");
+        let small = tap_with_mtu(1400).mtu_mismatch(1500).unwrap();
+        assert!(small.contains("--mtu 1400"), "{small}");
+        assert_eq!(tap_with_mtu(1500).mtu_mismatch(1500), None);
     }
 
     #[test]

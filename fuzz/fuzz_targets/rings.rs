@@ -20,7 +20,7 @@ use vhost_user_net::driver::{Desc, SplitRing};
 use vhost_user_net::guest::{GuestMem, IoVecBuf};
 use vhost_user_net::notify::{Coalescer, Policy};
 use vhost_user_net::ring::{Batch, End, RingError};
-use vhost_user_net::rx::{self, RxChain, RxParams, Window};
+use vhost_user_net::rx::{self, Bounce, RxChain, RxParams, Window};
 use vhost_user_net::stats::QueueStats;
 use vhost_user_net::tx;
 use virtio_queue::{Queue, QueueT};
@@ -142,8 +142,9 @@ fuzz_target!(|input: &[u8]| {
     let mut buf = IoVecBuf::default();
     let mut iovecs = buf.bind(&mem);
     let mut chains: Vec<RxChain> = Vec::new();
-    let mut window = Window { chains: &mut chains, iovecs: &mut iovecs };
-    let params = RxParams { mergeable, max_frame: 1800 };
+    let mut bounce = Bounce::default();
+    let mut window = Window { chains: &mut chains, iovecs: &mut iovecs, bounce: &mut bounce };
+    let params = RxParams { mergeable, max_frame: 1800, max_plain_frame: 1800 };
     let Ok(mut batch) = Batch::begin(&mut q, &mem, &stats, 0) else {
         return;
     };

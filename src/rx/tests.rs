@@ -13,10 +13,17 @@ use crate::testutil::{add_rx_buffers, buf_addr, memory, ring, tap_pair};
 const SMALL: RxParams = RxParams {
     mergeable: false,
     max_frame: 12 + 1518,
+    max_plain_frame: 12 + 1518,
 };
 const MRG_64K: RxParams = RxParams {
     mergeable: true,
     max_frame: 12 + 65553,
+    max_plain_frame: 12 + 65553,
+};
+const MRG_1500: RxParams = RxParams {
+    mergeable: true,
+    max_frame: 12 + 1518,
+    max_plain_frame: 12 + 1518,
 };
 
 /// Runs one RX batch with an unlimited budget, as the worker does.
@@ -30,9 +37,11 @@ fn run_batch(
     let mut buf = IoVecBuf::default();
     let mut iovecs = buf.bind(mem);
     let mut chains = Vec::new();
+    let mut bounce = Bounce::default();
     let mut window = Window {
         chains: &mut chains,
         iovecs: &mut iovecs,
+        bounce: &mut bounce,
     };
     let mut batch = Batch::begin(queue, mem, stats, 0).unwrap();
     let end = batch
@@ -226,4 +235,104 @@ fn frame_larger_than_a_small_buffer_is_dropped_and_counted() {
         Some(62),
         "next frame got the buffer"
     );
+}
+
+// Bug 1: a frame larger than the guest may receive is never delivered cut.
+
+#[test]
+fn frame_above_the_largest_frame_is_dropped_not_delivered_cut_into_a_bigger_buffer() {
+    // The tap's MTU went above the guest's: a 4000-byte frame meets
+    // 2048-byte buffers (bigger than the guest's largest frame).
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 16, true);
+    let (tap, mut peer) = tap_pair();
+    add_rx_buffers(&mem, &mut r, 2, 2048);
+    peer.write_all(&tap_frame(4000, 1)).unwrap();
+    peer.write_all(&tap_frame(60, 2)).unwrap();
+    let stats = QueueStats::default();
+
+    run_batch(&mem, &mut q, &stats, &tap, SMALL);
+
+    let used: Vec<Used> = std::iter::from_fn(|| r.pop_used(&mem)).collect();
+    assert_eq!(used.len(), 1, "only the frame that fits arrived: {used:?}");
+    assert_eq!(used[0].len, 72);
+    assert_eq!(QueueStats::get(&stats.frames), 1);
+    assert_eq!(
+        QueueStats::get(&stats.bytes),
+        60,
+        "bytes of delivered frames only"
+    );
+    assert_eq!(QueueStats::get(&stats.rx_dropped_oversize_frames), 1);
+    assert_eq!(QueueStats::get(&stats.rx_dropped_frames), 0);
+}
+
+#[test]
+fn mergeable_frame_above_the_largest_frame_is_dropped_even_when_the_buffers_could_hold_it() {
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 16, true);
+    let (tap, mut peer) = tap_pair();
+    add_rx_buffers(&mem, &mut r, 4, 4096);
+    peer.write_all(&tap_frame(4000, 1)).unwrap();
+    peer.write_all(&tap_frame(60, 2)).unwrap();
+    let stats = QueueStats::default();
+
+    run_batch(&mem, &mut q, &stats, &tap, MRG_1500);
+
+    let used: Vec<Used> = std::iter::from_fn(|| r.pop_used(&mem)).collect();
+    assert_eq!(
+        used.len(),
+        1,
+        "only the frame within the MTU arrived: {used:?}"
+    );
+    assert_eq!(used[0].len, 72);
+    assert_eq!(QueueStats::get(&stats.bytes), 60);
+    assert_eq!(QueueStats::get(&stats.rx_dropped_oversize_frames), 1);
+}
+
+/// A tap frame whose header carries `gso_type`.
+fn tap_frame_gso(payload_len: usize, gso_type: u8) -> Vec<u8> {
+    let mut f = tap_frame(payload_len, 4);
+    f[1] = gso_type;
+    f
+}
+
+#[test]
+fn frame_without_gso_above_the_mtu_is_dropped_while_a_gso_frame_of_that_size_arrives() {
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 64, true);
+    let (tap, mut peer) = tap_pair();
+    add_rx_buffers(&mem, &mut r, 40, 4096);
+    peer.write_all(&tap_frame_gso(4000, 0)).unwrap(); // GSO_NONE
+    peer.write_all(&tap_frame_gso(4000, 0x80)).unwrap(); // ECN alone: no GSO
+    peer.write_all(&tap_frame_gso(4000, 1)).unwrap(); // GSO_TCPV4
+    let stats = QueueStats::default();
+    let told_1500 = RxParams {
+        max_plain_frame: 12 + 1518,
+        ..MRG_64K
+    };
+
+    run_batch(&mem, &mut q, &stats, &tap, told_1500);
+
+    let used: Vec<Used> = std::iter::from_fn(|| r.pop_used(&mem)).collect();
+    assert_eq!(
+        used,
+        vec![Used { head: 0, len: 4012 }],
+        "only the GSO frame"
+    );
+    assert_eq!(QueueStats::get(&stats.rx_dropped_oversize_frames), 2);
+}
+
+#[test]
+fn frame_that_exactly_fills_a_buffer_is_delivered() {
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 16, true);
+    let (tap, mut peer) = tap_pair();
+    add_rx_buffers(&mem, &mut r, 1, 1000);
+    peer.write_all(&tap_frame(988, 5)).unwrap();
+    let stats = QueueStats::default();
+
+    run_batch(&mem, &mut q, &stats, &tap, SMALL);
+
+    assert_eq!(r.pop_used(&mem).map(|u| u.len), Some(1000));
+    assert_eq!(QueueStats::get(&stats.rx_dropped_frames), 0);
 }
