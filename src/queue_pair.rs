@@ -267,8 +267,11 @@ impl QueuePair {
     }
 
     /// Stops serving the connection (the frontend went away). Its epoll is
-    /// being torn down with it, so nothing needs unregistering.
+    /// being torn down with it, so nothing needs unregistering. A frame
+    /// held for the guest's RX buffers is dropped (and counted).
     pub fn disconnect(&mut self) {
+        self.rx_bounce
+            .drop_held(&self.stats.queues[2 * self.index + RX]);
         self.conn = None;
     }
 

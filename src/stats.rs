@@ -38,7 +38,8 @@ pub struct QueueStats {
     /// Batch sizes, one counter per bucket of [`BATCH_BUCKETS`].
     pub batch_frames_hist: [AtomicU64; BATCH_BUCKETS.len()],
     /// RX frames read from the tap that the guest's buffers could not hold
-    /// (or shorter than the virtio-net header), dropped.
+    /// (or shorter than the virtio-net header, or held for more mergeable
+    /// buffers when the connection ended), dropped.
     pub rx_dropped_frames: AtomicU64,
     /// RX frames read from the tap that were longer than the guest may
     /// receive (its MTU, or a 64 KiB GSO frame), dropped, never delivered

@@ -1170,3 +1170,85 @@ fn daemon_warns_at_start_when_the_tap_mtu_differs_from_the_mtu_offered_to_the_gu
         "the log names both MTUs and the fix: {log}"
     );
 }
+
+#[test]
+#[ignore = "needs root and /dev/net/tun (CI runs it)"]
+fn small_frame_is_delivered_into_a_few_small_mergeable_buffers() {
+    let ns = Netns::new();
+    let d = Daemon::start(&ns, &[]);
+    address_tap(&ns, &d);
+    let mut fe = TestFrontend::connect(&d.socket, 1, 256, 0);
+    // Four 256-byte buffers: far less than a 64 KiB GSO frame.
+    fe.post_rx(0, 4, 256);
+
+    send_udp_to_guest(&ns, &[(9000, 4)]);
+
+    let used = used_until_marker(&mut fe, 4);
+    assert_eq!(used.len(), 1);
+    assert_eq!(used[0].len, 12 + 14 + 20 + 8 + 64);
+    let buf = fe.rx_buffer(0, used[0]);
+    assert_eq!(u16::from_le_bytes([buf[10], buf[11]]), 1, "num_buffers");
+    assert_eq!(&buf[udp_payload_at(12)..], marker(4).as_slice());
+}
+
+#[test]
+#[ignore = "needs root and /dev/net/tun (CI runs it)"]
+fn frame_larger_than_the_posted_mergeable_buffers_waits_for_more_and_arrives_whole() {
+    let ns = Netns::new();
+    let d = Daemon::start(&ns, &[]);
+    address_tap(&ns, &d);
+    let mut fe = TestFrontend::connect(&d.socket, 1, 256, 0);
+    fe.post_rx(0, 4, 256);
+    let payload = long_payload(5, 1400);
+    let total: usize = 12 + 14 + 20 + 8 + 1400;
+
+    send_udp_payload(&ns, 9000, &payload);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(fe.used(0).is_empty(), "1024 bytes posted: nothing yet");
+    fe.post_rx(0, 4, 256);
+
+    let used = fe.wait_used(0, total.div_ceil(256));
+    assert_eq!(used.len(), 6, "{used:?}");
+    let mut frame = Vec::new();
+    for u in &used {
+        frame.extend(fe.rx_buffer(0, *u));
+    }
+    assert_eq!(frame.len(), total);
+    assert_eq!(u16::from_le_bytes([frame[10], frame[11]]), 6, "num_buffers");
+    assert_eq!(
+        &frame[udp_payload_at(12)..],
+        payload.as_slice(),
+        "byte-exact"
+    );
+    let s = d.stats();
+    assert_eq!(s.get("frames_total", 0), 1);
+    assert_eq!(s.get("rx_dropped_frames_total", 0), 0);
+}
+
+#[test]
+#[ignore = "needs root and /dev/net/tun (CI runs it)"]
+fn frame_held_for_mergeable_buffers_is_dropped_and_counted_when_the_frontend_goes_away() {
+    let ns = Netns::new();
+    let d = Daemon::start(&ns, &[]);
+    address_tap(&ns, &d);
+    let mut first = TestFrontend::connect(&d.socket, 1, 256, 0);
+    first.post_rx(0, 2, 256);
+    send_udp_payload(&ns, 9000, &long_payload(8, 1000));
+    common::wait_for("the frame to be read and held", || {
+        (d.stats().get("kicks_total", 0) >= 1 && first.used(0).is_empty()).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    drop(first);
+
+    let mut second = TestFrontend::connect(&d.socket, 1, 256, 0);
+    second.post_rx(0, 64, 4096);
+    send_udp_to_guest(&ns, &[(9000, 9)]);
+
+    let used = used_until_marker(&mut second, 9);
+    assert_eq!(
+        used.len(),
+        1,
+        "the old guest's frame is not delivered: {used:?}"
+    );
+    assert_eq!(d.stats().get("rx_dropped_frames_total", 0), 1);
+}

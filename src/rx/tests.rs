@@ -34,14 +34,25 @@ fn run_batch(
     tap: &File,
     params: RxParams,
 ) -> End {
+    run_batch_with(&mut Bounce::default(), mem, queue, stats, tap, params)
+}
+
+/// [`run_batch`] with the worker's `bounce` buffer, which outlives batches.
+fn run_batch_with(
+    bounce: &mut Bounce,
+    mem: &crate::guest::GuestMem,
+    queue: &mut virtio_queue::Queue,
+    stats: &QueueStats,
+    tap: &File,
+    params: RxParams,
+) -> End {
     let mut buf = IoVecBuf::default();
     let mut iovecs = buf.bind(mem);
     let mut chains = Vec::new();
-    let mut bounce = Bounce::default();
     let mut window = Window {
         chains: &mut chains,
         iovecs: &mut iovecs,
-        bounce: &mut bounce,
+        bounce,
     };
     let mut batch = Batch::begin(queue, mem, stats, 0).unwrap();
     let end = batch
@@ -163,24 +174,6 @@ fn empty_rx_ring_does_not_read_the_tap() {
         "frame still queued"
     );
     assert_eq!(QueueStats::get(&stats.rx_dropped_frames), 0);
-}
-
-#[test]
-fn too_few_mergeable_buffers_for_a_64k_frame_wait_for_more() {
-    let mem = memory();
-    let (mut r, mut q) = ring(&mem, 64, true);
-    let (tap, mut peer) = tap_pair();
-    add_rx_buffers(&mem, &mut r, 3, 4096);
-    peer.write_all(&tap_frame(60, 1)).unwrap();
-    let stats = QueueStats::default();
-
-    let end = run_batch(&mem, &mut q, &stats, &tap, MRG_64K);
-
-    assert_eq!(end, End::RingEmpty);
-    assert_eq!(q.next_avail(), 0, "held buffers were given back");
-    assert_eq!(r.pop_used(&mem), None);
-    // The guest is asked to kick when it adds its next buffer.
-    assert!(r.needs_kick(&mem, true, 3, 4));
 }
 
 #[test]
@@ -335,4 +328,244 @@ fn frame_that_exactly_fills_a_buffer_is_delivered() {
 
     assert_eq!(r.pop_used(&mem).map(|u| u.len), Some(1000));
     assert_eq!(QueueStats::get(&stats.rx_dropped_frames), 0);
+}
+
+// Bug 2: mergeable RX delivers by the frame's real size.
+
+#[test]
+fn small_frame_is_delivered_into_a_few_small_mergeable_buffers() {
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 256, true);
+    let (tap, mut peer) = tap_pair();
+    let heads = add_rx_buffers(&mem, &mut r, 4, 256);
+    peer.write_all(&tap_frame(52, 7)).unwrap();
+    let stats = QueueStats::default();
+
+    run_batch(&mem, &mut q, &stats, &tap, MRG_64K);
+
+    assert_eq!(
+        r.pop_used(&mem),
+        Some(Used {
+            head: heads[0],
+            len: 64
+        })
+    );
+    assert_eq!(num_buffers(&mem, buf_addr(0, 256)), 1);
+    assert_eq!(q.next_avail(), 1, "the other buffers stay available");
+}
+
+#[test]
+fn small_frame_is_delivered_into_multi_descriptor_chains_short_of_the_largest_frame() {
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 256, true);
+    let (tap, mut peer) = tap_pair();
+    let head = r
+        .add_chain(
+            &mem,
+            &[
+                Buf {
+                    addr: buf_addr(0, 128),
+                    len: 16,
+                    device_writes: true,
+                },
+                Buf {
+                    addr: buf_addr(1, 128),
+                    len: 128,
+                    device_writes: true,
+                },
+            ],
+        )
+        .unwrap();
+    r.push_avail(&mem, head);
+    r.publish(&mem);
+    peer.write_all(&tap_frame(100, 3)).unwrap();
+    let stats = QueueStats::default();
+
+    run_batch(&mem, &mut q, &stats, &tap, MRG_64K);
+
+    assert_eq!(r.pop_used(&mem), Some(Used { head, len: 112 }));
+    let tail: u8 = mem.read_obj(GuestAddress(buf_addr(1, 128).0 + 95)).unwrap();
+    assert_eq!(tail, 3, "the frame continues in the second descriptor");
+}
+
+/// Frame bytes of `used` entries (buffers of one descriptor at `buf_addr(i, size)`
+/// for head `i`), concatenated.
+fn gather(mem: &crate::guest::GuestMem, used: &[Used], size: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    for u in used {
+        let mut part = vec![0u8; u.len as usize];
+        mem.read_slice(&mut part, buf_addr(usize::from(u.head), size))
+            .unwrap();
+        out.extend(part);
+    }
+    out
+}
+
+/// A tap frame whose payload counts, so a cut or shifted copy shows.
+fn counting_frame(payload_len: usize) -> Vec<u8> {
+    let mut f = vec![0u8; 12];
+    f.extend((0..payload_len).map(|i| u8::try_from(i % 251).unwrap()));
+    f
+}
+
+#[test]
+fn frame_larger_than_the_posted_buffers_waits_for_more_and_is_delivered_first_and_whole() {
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 256, true);
+    let (tap, mut peer) = tap_pair();
+    add_rx_buffers(&mem, &mut r, 4, 256);
+    let big = counting_frame(1100);
+    peer.write_all(&big).unwrap();
+    peer.write_all(&tap_frame(60, 9)).unwrap();
+    let stats = QueueStats::default();
+    let mut bounce = Bounce::default();
+
+    let end = run_batch_with(&mut bounce, &mem, &mut q, &stats, &tap, MRG_64K);
+
+    assert_eq!(end, End::RingEmpty, "waits for the guest's buffers");
+    assert_eq!(r.pop_used(&mem), None, "nothing delivered cut");
+    assert_eq!(q.next_avail(), 0, "the buffers were given back");
+    assert!(
+        r.needs_kick(&mem, true, 4, 5),
+        "the guest's refill kick is wanted"
+    );
+
+    // The guest refills: four more 256-byte buffers (slots 4..8).
+    for i in 4..8 {
+        let h = r
+            .add_chain(
+                &mem,
+                &[Buf {
+                    addr: buf_addr(i, 256),
+                    len: 256,
+                    device_writes: true,
+                }],
+            )
+            .unwrap();
+        r.push_avail(&mem, h);
+    }
+    r.publish(&mem);
+    run_batch_with(&mut bounce, &mem, &mut q, &stats, &tap, MRG_64K);
+
+    let used: Vec<Used> = std::iter::from_fn(|| r.pop_used(&mem)).collect();
+    assert_eq!(
+        used.len(),
+        6,
+        "5 buffers for 1112 bytes, then 1 for the small frame"
+    );
+    assert_eq!(num_buffers(&mem, buf_addr(0, 256)), 5);
+    let mut got = gather(&mem, &used[..5], 256);
+    got[10..12].copy_from_slice(&[0, 0]);
+    assert_eq!(got, big, "delivered whole and byte-exact");
+    assert_eq!(used[5].len, 72, "the next frame follows");
+    assert_eq!(QueueStats::get(&stats.frames), 2);
+    assert_eq!(QueueStats::get(&stats.rx_dropped_frames), 0);
+}
+
+#[test]
+fn tap_is_not_read_while_a_frame_is_held_for_buffers() {
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 256, true);
+    let (tap, mut peer) = tap_pair();
+    add_rx_buffers(&mem, &mut r, 2, 256);
+    peer.write_all(&counting_frame(600)).unwrap();
+    peer.write_all(&tap_frame(60, 1)).unwrap();
+    let stats = QueueStats::default();
+    let mut bounce = Bounce::default();
+    run_batch_with(&mut bounce, &mem, &mut q, &stats, &tap, MRG_64K);
+
+    // A kick without new buffers (or any later batch) does not read on.
+    let end = run_batch_with(&mut bounce, &mem, &mut q, &stats, &tap, MRG_64K);
+
+    assert_eq!(end, End::RingEmpty);
+    assert!(bounce.holds_frame());
+    assert_eq!(r.pop_used(&mem), None);
+    let mut buf = [0u8; 100];
+    assert_eq!(
+        std::io::Read::read(&mut &tap, &mut buf).unwrap(),
+        72,
+        "the next frame is still queued in the tap"
+    );
+}
+
+#[test]
+fn held_gso_frame_of_60k_is_delivered_once_the_guest_has_posted_enough() {
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 64, true);
+    let (tap, mut peer) = tap_pair();
+    add_rx_buffers(&mem, &mut r, 10, 4096);
+    let big = counting_frame(60_000);
+    peer.write_all(&big).unwrap();
+    let stats = QueueStats::default();
+    let mut bounce = Bounce::default();
+    run_batch_with(&mut bounce, &mem, &mut q, &stats, &tap, MRG_64K);
+    assert_eq!(r.pop_used(&mem), None, "40 KiB posted: the frame waits");
+
+    for i in 10..20 {
+        let h = r
+            .add_chain(
+                &mem,
+                &[Buf {
+                    addr: buf_addr(i, 4096),
+                    len: 4096,
+                    device_writes: true,
+                }],
+            )
+            .unwrap();
+        r.push_avail(&mem, h);
+    }
+    r.publish(&mem);
+    run_batch_with(&mut bounce, &mem, &mut q, &stats, &tap, MRG_64K);
+
+    let used: Vec<Used> = std::iter::from_fn(|| r.pop_used(&mem)).collect();
+    assert_eq!(used.len(), big.len().div_ceil(4096));
+    assert_eq!(
+        usize::from(num_buffers(&mem, buf_addr(0, 4096))),
+        used.len()
+    );
+    let mut got = gather(&mem, &used, 4096);
+    got[10..12].copy_from_slice(&[0, 0]);
+    assert!(got == big, "delivered whole and byte-exact");
+    assert_eq!(q.next_avail(), 15, "the other 5 buffers stay available");
+}
+
+#[test]
+fn frame_longer_than_the_whole_ring_can_hold_is_dropped_not_held_forever() {
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 4, true);
+    let (tap, mut peer) = tap_pair();
+    add_rx_buffers(&mem, &mut r, 4, 256);
+    peer.write_all(&counting_frame(1100)).unwrap();
+    peer.write_all(&tap_frame(60, 1)).unwrap();
+    let stats = QueueStats::default();
+    let mut bounce = Bounce::default();
+
+    run_batch_with(&mut bounce, &mem, &mut q, &stats, &tap, MRG_64K);
+
+    assert!(!bounce.holds_frame());
+    assert_eq!(QueueStats::get(&stats.rx_dropped_frames), 1);
+    assert_eq!(
+        r.pop_used(&mem).map(|u| u.len),
+        Some(72),
+        "the next frame got a buffer"
+    );
+}
+
+#[test]
+fn held_frame_is_dropped_and_counted_when_the_connection_goes_away() {
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 256, true);
+    let (tap, mut peer) = tap_pair();
+    add_rx_buffers(&mem, &mut r, 2, 256);
+    peer.write_all(&counting_frame(600)).unwrap();
+    let stats = QueueStats::default();
+    let mut bounce = Bounce::default();
+    run_batch_with(&mut bounce, &mem, &mut q, &stats, &tap, MRG_64K);
+    assert!(bounce.holds_frame());
+
+    bounce.drop_held(&stats);
+
+    assert!(!bounce.holds_frame());
+    assert_eq!(QueueStats::get(&stats.rx_dropped_frames), 1);
+    assert_eq!(QueueStats::get(&stats.frames), 0);
 }
