@@ -98,7 +98,7 @@ proptest! {
         let stats = QueueStats::default();
         let mut iov = IoVecBuf::default();
         let mut batch = Batch::begin(&mut q, &mem, &stats, 1).unwrap();
-        let result = batch.drain(u64::MAX, |b| crate::tx::step(b, &mut iov, &tap));
+        let result = batch.drain(u64::MAX, |b| crate::tx::step(b, &mut iov, &tap, 12));
         batch.finish(&mut Coalescer::new(Policy::Immediate)).unwrap();
         if bogus {
             prop_assert!(result.is_err());
@@ -136,7 +136,7 @@ proptest! {
         let mut chains: Vec<RxChain> = Vec::new();
         let mut bounce = Bounce::default();
         let mut window = Window { chains: &mut chains, iovecs: &mut iovecs, bounce: &mut bounce };
-        let params = RxParams { mergeable, max_frame: 3000, max_plain_frame: 3000 };
+        let params = RxParams { hdr_len: 12, mergeable, max_frame: 3000, max_plain_frame: 3000 };
         let mut batch = Batch::begin(&mut q, &mem, &stats, 0).unwrap();
         // A guest whose buffers overlap its own ring can corrupt it through
         // our writes; the daemon must then report it, not crash.

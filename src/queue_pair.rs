@@ -168,11 +168,7 @@ impl QueuePair {
             tap,
             resume: EventFd::new(EFD_NONBLOCK)?,
             stats,
-            rx_params: RxParams {
-                mergeable: false,
-                max_frame: 0,
-                max_plain_frame: 0,
-            },
+            rx_params: RxParams::default(),
             policies,
             timers: [Timer::new()?, Timer::new()?],
             tap_attached: true,
@@ -223,10 +219,10 @@ impl QueuePair {
         }
     }
 
-    /// Re-attaches our fd to the re-created tap `name` with `offloads`, and
+    /// Re-attaches our fd to the re-created tap `name` with `framing`, and
     /// gets both directions moving again.
-    pub fn reattach(&mut self, name: &str, offloads: u32) -> io::Result<()> {
-        crate::tap::reattach(&self.tap, name, offloads)?;
+    pub fn reattach(&mut self, name: &str, framing: crate::tap::Framing) -> io::Result<()> {
+        crate::tap::reattach(&self.tap, name, framing)?;
         self.tap_gone = false;
         self.tap_attached = true;
         log::info!("pair {}: tap {name} is back", self.index);
@@ -343,12 +339,12 @@ impl QueuePair {
             return;
         }
         let queue_index = 2 * self.index + TX;
-        let (tap, iov) = (&self.tap, &mut self.tx_iov);
+        let (tap, iov, hdr_len) = (&self.tap, &mut self.tx_iov, self.rx_params.hdr_len);
         let coalescer = &mut self.conn.as_mut().expect("caller checked").coalescers[TX];
         let mut tap_failed = false;
         let result = (|| {
             let mut batch = Batch::begin(state.get_queue_mut(), &mem, stats, queue_index)?;
-            let end = batch.drain(BUDGET_FRAMES, |b| tx::step(b, iov, tap))?;
+            let end = batch.drain(BUDGET_FRAMES, |b| tx::step(b, iov, tap, hdr_len))?;
             tap_failed = batch.tap_failed();
             Ok((end, batch.finish(coalescer)?))
         })();

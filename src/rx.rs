@@ -28,7 +28,8 @@ use crate::ring::{Batch, RingError, Step};
 use crate::stats::QueueStats;
 use crate::VNET_HDR_LEN;
 
-/// Byte offset of `num_buffers` in `virtio_net_hdr_v1`.
+/// Byte offset of `num_buffers` in `virtio_net_hdr_v1` (the legacy 10-byte
+/// header ends there: it has none).
 const NUM_BUFFERS_OFFSET: usize = 10;
 
 /// Largest chain accepted on RX (a Linux guest's "big packets" buffers are
@@ -54,9 +55,13 @@ const GSO_ECN: u8 = 0x80;
 /// leaves bytes in it.
 pub const BOUNCE_LEN: usize = VNET_HDR_LEN + 65535 + 18 + 1;
 
-/// What the negotiated features say about RX.
+/// What the negotiated features say about RX (and, for `hdr_len`, TX).
 #[derive(Clone, Copy, Debug)]
 pub struct RxParams {
+    /// Length of the virtio-net header in front of every frame, on the
+    /// rings and the tap: 12, or 10 for a legacy feature set
+    /// ([`crate::vnet_hdr_len`]).
+    pub hdr_len: usize,
     /// `VIRTIO_NET_F_MRG_RXBUF` acked: a frame may span several chains.
     pub mergeable: bool,
     /// Largest header + frame the guest may receive: a GSO frame with the
@@ -67,6 +72,19 @@ pub struct RxParams {
     /// was told (`VIRTIO_NET_F_MTU`) bounds it even when GSO frames may be
     /// longer. Equal to `max_frame` when no such promise was made.
     pub max_plain_frame: usize,
+}
+
+impl Default for RxParams {
+    /// Before SET_FEATURES: the 12-byte header the tap is opened with, and
+    /// no frame may be received.
+    fn default() -> Self {
+        RxParams {
+            hdr_len: VNET_HDR_LEN,
+            mergeable: false,
+            max_frame: 0,
+            max_plain_frame: 0,
+        }
+    }
 }
 
 /// A worker's host-side frame buffer. The tap's `readv` goes on into it
@@ -168,11 +186,13 @@ impl Window<'_, '_, '_> {
 
     /// Pops chains until the window holds `want` bytes, or (without
     /// `mergeable` buffers) one chain.
+    /// Chains shorter than a `hdr_len`-byte header are refused.
     fn fill(
         &mut self,
         batch: &mut Batch<'_>,
         want: usize,
         mergeable: bool,
+        hdr_len: usize,
     ) -> Result<Fill, RingError> {
         let mut capacity = self.capacity();
         loop {
@@ -200,7 +220,7 @@ impl Window<'_, '_, '_> {
                 .iovecs
                 .push_chain(chain, Access::DeviceWrites, MAX_RX_CHAIN)
             {
-                Ok(len) if len < VNET_HDR_LEN => Err(ChainError::TooShort { min: VNET_HDR_LEN }),
+                Ok(len) if len < hdr_len => Err(ChainError::TooShort { min: hdr_len }),
                 other => other,
             };
             match pushed {
@@ -227,9 +247,15 @@ impl Window<'_, '_, '_> {
         }
     }
 
-    /// Completes the chains a frame of `n` bytes, already in the window,
-    /// filled, with `num_buffers` set, and counts it.
-    fn complete_frame(&mut self, batch: &mut Batch<'_>, n: usize) -> Result<Step, RingError> {
+    /// Completes the chains a frame of `n` bytes (with a `hdr_len`-byte
+    /// header), already in the window, filled, with `num_buffers` set if the
+    /// header has it, and counts it.
+    fn complete_frame(
+        &mut self,
+        batch: &mut Batch<'_>,
+        n: usize,
+        hdr_len: usize,
+    ) -> Result<Step, RingError> {
         let mut left = n;
         let mut used = 0;
         let mut segments = 0;
@@ -243,14 +269,20 @@ impl Window<'_, '_, '_> {
             }
         }
         let num_buffers = u16::try_from(used).expect("a window holds at most a queue of chains");
-        if let Err(e) = self
-            .iovecs
-            .write_at(NUM_BUFFERS_OFFSET, &num_buffers.to_le_bytes())
-        {
-            // Cannot happen for chains that passed validation; count and drop.
-            log::debug!("cannot set num_buffers: {e}");
-            QueueStats::add(&batch.stats().rx_dropped_frames, 1);
-            return Ok(Step::Progress);
+        // Little-endian with VERSION_1; a legacy header is in the guest's
+        // byte order, which is the host's (no cross-endian support) and, as
+        // virtio-queue reads rings as little-endian only, little-endian too.
+        let has_num_buffers = hdr_len >= NUM_BUFFERS_OFFSET + 2;
+        if has_num_buffers {
+            if let Err(e) = self
+                .iovecs
+                .write_at(NUM_BUFFERS_OFFSET, &num_buffers.to_le_bytes())
+            {
+                // Cannot happen for chains that passed validation; count and drop.
+                log::debug!("cannot set num_buffers: {e}");
+                QueueStats::add(&batch.stats().rx_dropped_frames, 1);
+                return Ok(Step::Progress);
+            }
         }
         let mut left = n;
         for c in self.chains.drain(..used) {
@@ -259,7 +291,7 @@ impl Window<'_, '_, '_> {
             batch.complete(c.head, u32::try_from(take).expect("chain length fits u32"))?;
         }
         self.iovecs.drop_front(segments);
-        batch.count_frame(n - VNET_HDR_LEN);
+        batch.count_frame(n - hdr_len);
         Ok(Step::Progress)
     }
 
@@ -267,7 +299,7 @@ impl Window<'_, '_, '_> {
     fn deliver_held(&mut self, batch: &mut Batch<'_>, params: RxParams) -> Result<Step, RingError> {
         let n = self.bounce.held;
         let fill = if params.mergeable {
-            self.fill(batch, n, true)?
+            self.fill(batch, n, true, params.hdr_len)?
         } else {
             // Features changed under a held frame: it cannot be merged.
             Fill::Short { can_grow: false }
@@ -289,7 +321,7 @@ impl Window<'_, '_, '_> {
             QueueStats::add(&batch.stats().rx_dropped_frames, 1);
             return Ok(Step::Progress);
         }
-        self.complete_frame(batch, n)
+        self.complete_frame(batch, n, params.hdr_len)
     }
 }
 
@@ -316,7 +348,7 @@ fn judge(
     can_grow: bool,
     gso_type: impl FnOnce() -> u8,
 ) -> Verdict {
-    if n < VNET_HDR_LEN {
+    if n < params.hdr_len {
         Verdict::Unfit
     } else if n > params.max_frame || (n > params.max_plain_frame && gso_type() & !GSO_ECN == 0) {
         Verdict::Oversize
@@ -340,7 +372,7 @@ pub fn step(
     if window.bounce.holds_frame() {
         return window.deliver_held(batch, params);
     }
-    let can_grow = match window.fill(batch, params.max_frame, params.mergeable)? {
+    let can_grow = match window.fill(batch, params.max_frame, params.mergeable, params.hdr_len)? {
         Fill::Empty => return Ok(Step::RingEmpty),
         Fill::Ready => true,
         Fill::Short { can_grow } => can_grow,
@@ -366,7 +398,7 @@ pub fn step(
         iovecs.read_at(GSO_TYPE_OFFSET, &mut b).map_or(0, |()| b[0])
     };
     match judge(n, capacity, params, can_grow, gso_type) {
-        Verdict::Deliver => window.complete_frame(batch, n),
+        Verdict::Deliver => window.complete_frame(batch, n, params.hdr_len),
         Verdict::Oversize => {
             // The buffers keep nothing the guest will see: they stay in
             // the window for the next frame.

@@ -18,7 +18,8 @@ pub const BATCH_BUCKETS: [u64; 8] = [1, 2, 4, 8, 16, 32, 64, u64::MAX];
 pub struct QueueStats {
     /// Frames moved (TX: written to the tap; RX: delivered to the guest).
     pub frames: AtomicU64,
-    /// Frame bytes moved, excluding the 12-byte virtio-net header.
+    /// Frame bytes moved, excluding the virtio-net header (12 bytes, or 10
+    /// with a legacy feature set).
     pub bytes: AtomicU64,
     /// Guest kicks: sum of the kick eventfd's counter over every read (one
     /// read can stand for several kicks).

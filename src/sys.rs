@@ -91,6 +91,15 @@ pub fn tun_set_vnet_hdr_size(tap: &File, size: i32) -> io::Result<()> {
     check(unsafe { ioctl_with_ref(tap, libc::TUNSETVNETHDRSZ, &size) })
 }
 
+/// Tells the tap whether the virtio-net header's fields are little-endian
+/// (`true`, as VIRTIO_F_VERSION_1 requires) or in the host's byte order.
+pub fn tun_set_vnet_le(tap: &File, little_endian: bool) -> io::Result<()> {
+    let value = libc::c_int::from(little_endian);
+    // SAFETY: TUNSETVNETLE reads one `int` through the pointer, which points
+    // at `value` for the duration of the call.
+    check(unsafe { ioctl_with_ref(tap, libc::TUNSETVNETLE, &value) })
+}
+
 /// Sets which offloads (`TUN_F_*`) the kernel may use in frames it hands us.
 pub fn tun_set_offload(tap: &File, flags: u32) -> io::Result<()> {
     // SAFETY: TUNSETOFFLOAD takes its argument by value (an unsigned long);

@@ -1,5 +1,6 @@
 //! The Linux tap interface: create or attach, one fd per queue pair,
-//! `IFF_VNET_HDR` with a 12-byte header, offloads from the guest's features.
+//! `IFF_VNET_HDR`, and the header length, byte order and offloads the
+//! guest's features call for ([`Framing`]).
 //!
 //! Knows the kernel's tap API (through [`crate::sys`]) and the mapping from
 //! virtio-net offload feature bits to `TUN_F_*` flags; nothing about rings.
@@ -8,6 +9,7 @@ use std::fs::File;
 use std::io;
 use std::path::Path;
 
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
     VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO,
@@ -43,6 +45,30 @@ pub struct Tap {
     queues: Vec<File>,
     created: bool,
     mtu: u32,
+}
+
+/// How the tap must frame what it hands us and takes from us, from the
+/// guest's acked features. Device-wide: applying it through one queue fd
+/// sets it for all.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Framing {
+    /// `TUNSETVNETHDRSZ`: 12, or 10 for a legacy feature set.
+    pub hdr_len: usize,
+    /// `TUNSETVNETLE`: header fields little-endian (VERSION_1), else in the
+    /// host's byte order (legacy).
+    pub little_endian: bool,
+    /// `TUNSETOFFLOAD` flags ([`offload_flags`]).
+    pub offloads: u32,
+}
+
+impl Framing {
+    pub fn from_features(features: u64) -> Framing {
+        Framing {
+            hdr_len: crate::vnet_hdr_len(features),
+            little_endian: features & (1u64 << VIRTIO_F_VERSION_1) != 0,
+            offloads: offload_flags(features),
+        }
+    }
 }
 
 /// `TUN_F_*` offload flags the kernel may use for frames it gives us, from
@@ -82,7 +108,7 @@ impl Tap {
                 hint: open_hint(&source, existed),
                 source,
             })?;
-            set_vnet_hdr_size(&file).map_err(|source| TapError::Configure {
+            set_vnet_hdr_size(&file, VNET_HDR_LEN).map_err(|source| TapError::Configure {
                 name: name.to_owned(),
                 what: "set the virtio-net header size",
                 source,
@@ -174,8 +200,8 @@ fn queue_flags() -> i16 {
     i16::try_from(flags).expect("IFF_* flags fit in a short")
 }
 
-fn set_vnet_hdr_size(queue: &File) -> io::Result<()> {
-    sys::tun_set_vnet_hdr_size(queue, i32::try_from(VNET_HDR_LEN).expect("12 fits"))
+fn set_vnet_hdr_size(queue: &File, len: usize) -> io::Result<()> {
+    sys::tun_set_vnet_hdr_size(queue, i32::try_from(len).expect("10 or 12 fits"))
 }
 
 /// Whether interface `name` exists.
@@ -184,12 +210,18 @@ pub fn exists(name: &str) -> bool {
 }
 
 /// Re-attaches a queue fd to tap `name` after the interface was deleted and
-/// re-created (the kernel detached our fd), with the header size and
-/// `offloads` it had.
-pub fn reattach(queue: &File, name: &str, offloads: u32) -> io::Result<()> {
+/// re-created (the kernel detached our fd), with the `framing` it had.
+pub fn reattach(queue: &File, name: &str, framing: Framing) -> io::Result<()> {
     sys::tun_attach(queue, name, queue_flags())?;
-    set_vnet_hdr_size(queue)?;
-    set_offloads(queue, offloads)
+    apply(queue, framing)
+}
+
+/// Applies `framing` to the tap behind `queue`: header length, byte order,
+/// offloads.
+pub fn apply(queue: &File, framing: Framing) -> io::Result<()> {
+    set_vnet_hdr_size(queue, framing.hdr_len)?;
+    sys::tun_set_vnet_le(queue, framing.little_endian)?;
+    set_offloads(queue, framing.offloads)
 }
 
 /// Applies `flags` to the tap behind `queue`. If the kernel refuses UFO
@@ -253,6 +285,24 @@ mod tests {
         let small = tap_with_mtu(1400).mtu_mismatch(1500).unwrap();
         assert!(small.contains("--mtu 1400"), "{small}");
         assert_eq!(tap_with_mtu(1500).mtu_mismatch(1500), None);
+    }
+
+    #[test]
+    fn framing_follows_version_1_and_mergeable_buffers() {
+        let v1 = 1u64 << VIRTIO_F_VERSION_1;
+        let mrg = 1u64 << virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
+        let f = |features| {
+            let Framing {
+                hdr_len,
+                little_endian,
+                ..
+            } = Framing::from_features(features);
+            (hdr_len, little_endian)
+        };
+        assert_eq!(f(v1), (12, true));
+        assert_eq!(f(v1 | mrg), (12, true));
+        assert_eq!(f(mrg), (12, false), "legacy virtio_net_hdr_mrg_rxbuf");
+        assert_eq!(f(0), (10, false), "legacy virtio_net_hdr");
     }
 
     #[test]

@@ -1252,3 +1252,32 @@ fn frame_held_for_mergeable_buffers_is_dropped_and_counted_when_the_frontend_goe
     );
     assert_eq!(d.stats().get("rx_dropped_frames_total", 0), 1);
 }
+
+#[test]
+#[ignore = "needs root and /dev/net/tun (CI runs it)"]
+fn legacy_feature_set_moves_frames_with_the_10_byte_header_both_ways() {
+    const VERSION_1: u64 = 1 << 32;
+    let ns = Netns::new();
+    let d = Daemon::start(&ns, &[]);
+    address_tap(&ns, &d);
+    let cap = ns.packet_socket();
+    let mut fe = TestFrontend::connect(&d.socket, 1, 256, VERSION_1 | MRG_RXBUF);
+    assert_eq!(fe.hdr_len(), 10);
+    let sent = eth_frame(default_mac(&d.tap), &marker(6));
+
+    fe.send(0, &sent);
+    fe.post_rx(0, 8, 65560);
+    send_udp_to_guest(&ns, &[(9000, 7)]);
+
+    let seen = capture(&cap, common::TIMEOUT, |f| has_marker(f, 6)).expect("TX frame");
+    assert_eq!(seen, sent, "TX frame intact on the tap");
+    let used = used_until_marker(&mut fe, 7);
+    let buf = fe.rx_buffer(0, *used.last().expect("one entry"));
+    assert_eq!(buf.len(), 10 + 14 + 20 + 8 + 64, "10-byte header on RX");
+    assert_eq!(&buf[10..16], &default_mac(&d.tap), "frame right after it");
+    assert_eq!(&buf[22..24], &[0x08, 0x00], "IPv4");
+    assert_eq!(&buf[udp_payload_at(10)..], marker(7).as_slice());
+    let s = d.stats();
+    assert_eq!(s.get("bytes_total", 1), sent.len() as u64);
+    assert_eq!(s.get("bytes_total", 0), 14 + 20 + 8 + 64);
+}

@@ -113,7 +113,7 @@ fuzz_target!(|input: &[u8]| {
     let stats = QueueStats::default();
     let mut iov = IoVecBuf::default();
     let mut batch = Batch::begin(&mut q, &mem, &stats, 1).expect("ring in memory");
-    let result = batch.drain(u64::MAX, |b| tx::step(b, &mut iov, &tap));
+    let result = batch.drain(u64::MAX, |b| tx::step(b, &mut iov, &tap, 12));
     batch.finish(&mut Coalescer::new(Policy::Immediate)).expect("used ring in memory");
     match result {
         Err(RingError::BadAvailIndex(_)) => assert!(bogus),
@@ -144,7 +144,7 @@ fuzz_target!(|input: &[u8]| {
     let mut chains: Vec<RxChain> = Vec::new();
     let mut bounce = Bounce::default();
     let mut window = Window { chains: &mut chains, iovecs: &mut iovecs, bounce: &mut bounce };
-    let params = RxParams { mergeable, max_frame: 1800, max_plain_frame: 1800 };
+    let params = RxParams { hdr_len: 12, mergeable, max_frame: 1800, max_plain_frame: 1800 };
     let Ok(mut batch) = Batch::begin(&mut q, &mem, &stats, 0) else {
         return;
     };

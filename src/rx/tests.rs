@@ -11,16 +11,19 @@ use crate::stats::QueueStats;
 use crate::testutil::{add_rx_buffers, buf_addr, memory, ring, tap_pair};
 
 const SMALL: RxParams = RxParams {
+    hdr_len: 12,
     mergeable: false,
     max_frame: 12 + 1518,
     max_plain_frame: 12 + 1518,
 };
 const MRG_64K: RxParams = RxParams {
+    hdr_len: 12,
     mergeable: true,
     max_frame: 12 + 65553,
     max_plain_frame: 12 + 65553,
 };
 const MRG_1500: RxParams = RxParams {
+    hdr_len: 12,
     mergeable: true,
     max_frame: 12 + 1518,
     max_plain_frame: 12 + 1518,
@@ -568,4 +571,32 @@ fn held_frame_is_dropped_and_counted_when_the_connection_goes_away() {
     assert!(!bounce.holds_frame());
     assert_eq!(QueueStats::get(&stats.rx_dropped_frames), 1);
     assert_eq!(QueueStats::get(&stats.frames), 0);
+}
+
+// Bug 3: a legacy feature set has a 10-byte header.
+
+#[test]
+fn legacy_10_byte_header_leaves_the_frame_after_it_untouched() {
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 16, true);
+    let (tap, mut peer) = tap_pair();
+    add_rx_buffers(&mem, &mut r, 2, 1528);
+    let mut frame = vec![0u8; 10];
+    frame.extend((0..60).map(|i| u8::try_from(i + 1).unwrap()));
+    peer.write_all(&frame).unwrap();
+    let stats = QueueStats::default();
+    let legacy = RxParams {
+        hdr_len: 10,
+        max_frame: 10 + 1518,
+        max_plain_frame: 10 + 1518,
+        ..SMALL
+    };
+
+    run_batch(&mem, &mut q, &stats, &tap, legacy);
+
+    assert_eq!(r.pop_used(&mem).map(|u| u.len), Some(70));
+    let mut got = vec![0u8; 70];
+    mem.read_slice(&mut got, buf_addr(0, 1528)).unwrap();
+    assert_eq!(got, frame, "no num_buffers written into the frame");
+    assert_eq!(QueueStats::get(&stats.bytes), 60);
 }
