@@ -113,8 +113,9 @@ impl Bounce {
         self.held > 0
     }
 
-    /// Drops the held frame, if any, counting it in `stats` (the
-    /// connection went away: its guest will never take it).
+    /// Drops the held frame, if any, counting it in `stats`: the
+    /// connection went away (its guest will never take it), or the guest's
+    /// ring cannot hold it.
     pub fn drop_held(&mut self, stats: &QueueStats) {
         if self.held > 0 {
             self.held = 0;
@@ -291,7 +292,7 @@ impl Window<'_, '_, '_> {
             batch.complete(c.head, u32::try_from(take).expect("chain length fits u32"))?;
         }
         self.iovecs.drop_front(segments);
-        batch.count_frame(n - hdr_len);
+        batch.count_frame(n.saturating_sub(hdr_len));
         Ok(Step::Progress)
     }
 
@@ -315,7 +316,12 @@ impl Window<'_, '_, '_> {
             }
         }
         self.bounce.held = 0;
-        if let Err(e) = self.iovecs.write_at(0, &self.bounce.buf[..n]) {
+        let frame = self
+            .bounce
+            .buf
+            .get(..n)
+            .expect("hold() keeps a frame within the buffer");
+        if let Err(e) = self.iovecs.write_at(0, frame) {
             // Cannot happen for chains that passed validation; count and drop.
             log::debug!("cannot copy a held frame: {e}");
             QueueStats::add(&batch.stats().rx_dropped_frames, 1);
@@ -341,6 +347,9 @@ enum Verdict {
     Unfit,
 }
 
+/// Decides about a frame of `n` bytes read into a window of `capacity`
+/// bytes that `can_grow` (see [`Fill::Short`]); `gso_type` reads the
+/// frame's header, only for frames above the MTU.
 fn judge(
     n: usize,
     capacity: usize,
