@@ -34,7 +34,6 @@ use crate::rx::RxParams;
 use crate::stats::Stats;
 use crate::tap::{self, Tap};
 use crate::vring::NetVring;
-use crate::VNET_HDR_LEN;
 
 /// Virtio features offered to the driver.
 pub fn offered_features(pairs: usize) -> u64 {
@@ -74,24 +73,44 @@ pub fn offered_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::RESET_DEVICE
 }
 
+/// Receive offloads that let the tap hand us 64 KiB GSO frames.
+const GUEST_GSO: u64 = (1u64 << VIRTIO_NET_F_GUEST_TSO4)
+    | (1u64 << VIRTIO_NET_F_GUEST_TSO6)
+    | (1u64 << VIRTIO_NET_F_GUEST_UFO);
+
 /// The largest header + frame the tap may hand us once the guest acked
-/// `features`: 64 KiB GSO frames with receive offloads, else one MTU frame.
+/// `features`: 64 KiB GSO frames with receive offloads, else one MTU frame,
+/// behind the header length the features call for.
 pub fn max_rx_frame(features: u64, mtu: u16) -> usize {
-    let gso = [
-        VIRTIO_NET_F_GUEST_TSO4,
-        VIRTIO_NET_F_GUEST_TSO6,
-        VIRTIO_NET_F_GUEST_UFO,
-    ];
-    let has_gso = gso.iter().any(|&b| features & (1u64 << b) != 0)
-        && features & (1u64 << VIRTIO_NET_F_GUEST_CSUM) != 0;
+    let has_gso = features & GUEST_GSO != 0 && features & (1u64 << VIRTIO_NET_F_GUEST_CSUM) != 0;
     // Ethernet header plus one VLAN tag in front of the payload.
     let l2 = 18;
-    VNET_HDR_LEN
+    crate::vnet_hdr_len(features)
         + if has_gso {
             65535 + l2
         } else {
             usize::from(mtu) + l2
         }
+}
+
+/// What RX may expect once the guest acked `features` on a device that
+/// offers `mtu`. With `VIRTIO_NET_F_MTU` acked, a frame without GSO never
+/// exceeds that MTU (the virtio spec's device requirement), even when the
+/// guest takes 64 KiB GSO frames.
+pub fn rx_params(features: u64, mtu: u16) -> RxParams {
+    let max_frame = max_rx_frame(features, mtu);
+    let mtu_acked = features & (1u64 << VIRTIO_NET_F_MTU) != 0;
+    let no_gso = features & !GUEST_GSO;
+    RxParams {
+        hdr_len: crate::vnet_hdr_len(features),
+        mergeable: features & (1u64 << VIRTIO_NET_F_MRG_RXBUF) != 0,
+        max_frame,
+        max_plain_frame: if mtu_acked {
+            max_rx_frame(no_gso, mtu)
+        } else {
+            max_frame
+        },
+    }
 }
 
 /// The virtio-net device: its queue pairs, tap and counters.
@@ -202,14 +221,14 @@ impl NetBackend {
     /// again (called periodically by the server, outside the workers'
     /// syscall filter). Returns how many queues came back.
     pub fn reattach_gone_taps(&self) -> usize {
-        let offloads = tap::offload_flags(self.acked_features());
+        let framing = tap::Framing::from_features(self.acked_features());
         let mut back = 0;
         for i in 0..self.pairs.len() {
             let mut pair = self.pair(i);
             if !pair.tap_gone() || !tap::exists(&self.tap_name) {
                 continue;
             }
-            match pair.reattach(&self.tap_name, offloads) {
+            match pair.reattach(&self.tap_name, framing) {
                 Ok(()) => back += 1,
                 Err(e) => log::debug!("pair {i}: cannot re-attach tap {}: {e}", self.tap_name),
             }
@@ -277,19 +296,30 @@ impl VhostUserBackend for NetBackend {
 
     fn acked_features(&self, features: u64) {
         self.acked_features.store(features, Ordering::Relaxed);
-        let flags = tap::offload_flags(features);
-        if let Err(e) = tap::set_offloads(&self.tap_ctl, flags) {
-            log::error!("cannot apply the guest's receive offloads to the tap: {e}");
+        let framing = tap::Framing::from_features(features);
+        if let Err(e) = tap::apply(&self.tap_ctl, framing) {
+            // The header length is what a misframed frame would get wrong:
+            // say so, the ring's frames will not make sense to the guest.
+            log::error!(
+                "cannot set the tap to the guest's {}-byte header and receive offloads: {e}",
+                framing.hdr_len
+            );
         }
-        let params = RxParams {
-            mergeable: features & (1u64 << VIRTIO_NET_F_MRG_RXBUF) != 0,
-            max_frame: max_rx_frame(features, self.config.mtu),
-        };
+        if !framing.little_endian && cfg!(target_endian = "big") {
+            log::error!(
+                "the guest did not ack VERSION_1: a legacy device on a big-endian host \
+                 is not supported (virtio-queue reads rings as little-endian)"
+            );
+        }
+        let params = rx_params(features, self.config.mtu);
         for i in 0..self.pairs.len() {
             self.pair(i).set_rx_params(params);
         }
         log::info!(
-            "features acked: {features:#x} (tap offloads {flags:#x}, mergeable RX {}, event index {})",
+            "features acked: {features:#x} ({}-byte header, tap offloads {:#x}, mergeable RX {}, \
+             event index {})",
+            framing.hdr_len,
+            framing.offloads,
             params.mergeable,
             features & (1u64 << VIRTIO_RING_F_EVENT_IDX) != 0
         );
@@ -415,8 +445,32 @@ mod tests {
 
     #[test]
     fn max_rx_frame_is_64k_with_guest_tso_and_mtu_sized_without() {
+        let v1 = 1u64 << VIRTIO_F_VERSION_1;
         let tso = (1u64 << VIRTIO_NET_F_GUEST_CSUM) | (1u64 << VIRTIO_NET_F_GUEST_TSO4);
-        assert_eq!(max_rx_frame(tso, 1500), 12 + 65535 + 18);
-        assert_eq!(max_rx_frame(0, 1500), 12 + 1500 + 18);
+        assert_eq!(max_rx_frame(v1 | tso, 1500), 12 + 65535 + 18);
+        assert_eq!(max_rx_frame(v1, 1500), 12 + 1500 + 18);
+        assert_eq!(max_rx_frame(0, 1500), 10 + 1500 + 18, "legacy header");
+    }
+
+    #[test]
+    fn legacy_feature_set_has_a_10_byte_header_and_no_num_buffers_to_merge() {
+        let legacy = rx_params(1u64 << VIRTIO_NET_F_CSUM, 1500);
+        assert_eq!((legacy.hdr_len, legacy.mergeable), (10, false));
+        let mrg = rx_params(1u64 << VIRTIO_NET_F_MRG_RXBUF, 1500);
+        assert_eq!((mrg.hdr_len, mrg.mergeable), (12, true));
+        let v1 = rx_params(1u64 << VIRTIO_F_VERSION_1, 1500);
+        assert_eq!(v1.hdr_len, 12);
+    }
+
+    #[test]
+    fn frames_without_gso_are_held_to_the_mtu_only_once_the_guest_acked_it() {
+        let tso = (1u64 << VIRTIO_F_VERSION_1)
+            | (1u64 << VIRTIO_NET_F_GUEST_CSUM)
+            | (1u64 << VIRTIO_NET_F_GUEST_TSO4);
+        let told = rx_params(tso | (1u64 << VIRTIO_NET_F_MTU), 1500);
+        assert_eq!(told.max_frame, 12 + 65535 + 18);
+        assert_eq!(told.max_plain_frame, 12 + 1500 + 18);
+        let not_told = rx_params(tso, 1500);
+        assert_eq!(not_told.max_plain_frame, not_told.max_frame);
     }
 }

@@ -24,6 +24,11 @@ pub type GuestMem = GuestMemoryMmap<()>;
 /// The kernel's limit on iovecs per `readv`/`writev`.
 pub const IOV_MAX: usize = 1024;
 
+/// Most iovecs into guest memory a chain the device writes may add: one
+/// slot of the `readv` stays free for the host overflow buffer of
+/// [`GuestIoVecs::read_from`].
+const MAX_WRITE_SEGMENTS: usize = IOV_MAX - 1;
+
 /// Which way the device moves data through a chain.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Access {
@@ -45,7 +50,7 @@ pub enum ChainError {
     TooLong { max: usize },
     #[error("chain is shorter than {min} bytes")]
     TooShort { min: usize },
-    #[error("chain needs more than {IOV_MAX} memory segments")]
+    #[error("chain needs more memory segments than one readv/writev takes ({IOV_MAX})")]
     TooManySegments,
     #[error("descriptor table is broken (bad index, loop, or bad indirect table)")]
     BrokenTable,
@@ -149,6 +154,10 @@ impl GuestIoVecs<'_, '_> {
         M: std::ops::Deref,
         M::Target: vm_memory::GuestMemory,
     {
+        let limit = match access {
+            Access::DeviceReads => IOV_MAX,
+            Access::DeviceWrites => MAX_WRITE_SEGMENTS,
+        };
         let mut total: usize = 0;
         let mut count = 0;
         let mut ends_properly = false;
@@ -163,13 +172,14 @@ impl GuestIoVecs<'_, '_> {
             if total > max_len {
                 return Err(ChainError::TooLong { max: max_len });
             }
-            self.push_range(desc.addr(), len).map_err(|e| match e {
-                RangeError::Outside => ChainError::OutsideGuestMemory {
-                    addr: desc.addr().0,
-                    len: desc.len(),
-                },
-                RangeError::TooManySegments => ChainError::TooManySegments,
-            })?;
+            self.push_range(desc.addr(), len, limit)
+                .map_err(|e| match e {
+                    RangeError::Outside => ChainError::OutsideGuestMemory {
+                        addr: desc.addr().0,
+                        len: desc.len(),
+                    },
+                    RangeError::TooManySegments => ChainError::TooManySegments,
+                })?;
         }
         // The chain iterator stops silently on a bad next index, a loop or a
         // bad indirect table: a chain whose last descriptor still says "next"
@@ -180,14 +190,19 @@ impl GuestIoVecs<'_, '_> {
         Ok(total)
     }
 
-    fn push_range(&mut self, addr: GuestAddress, len: usize) -> Result<(), RangeError> {
+    fn push_range(
+        &mut self,
+        addr: GuestAddress,
+        len: usize,
+        limit: usize,
+    ) -> Result<(), RangeError> {
         if len == 0 {
             return Ok(());
         }
         let mut next = addr;
         for slice in GuestMemoryBackend::get_slices(self.mem, addr, len) {
             let slice = slice.map_err(|_| RangeError::Outside)?;
-            if self.buf.iovecs.len() == IOV_MAX {
+            if self.buf.iovecs.len() >= limit {
                 return Err(RangeError::TooManySegments);
             }
             // Guest memory is plain mmap (no Xen foreign mappings), so the
@@ -216,9 +231,19 @@ impl GuestIoVecs<'_, '_> {
         self.vectored(libc::SYS_writev, file)
     }
 
-    /// One `readv` from `file` into all iovecs (the device writes guest memory).
-    pub fn read_from(&self, file: &File) -> io::Result<usize> {
-        self.vectored(libc::SYS_readv, file)
+    /// One `readv` from `file` into all iovecs (the device writes guest
+    /// memory), then on into `overflow`, a host buffer: whatever lands
+    /// there did not fit the guest's buffers. Returns the count the kernel
+    /// reports, which may exceed what the iovecs and `overflow` hold when
+    /// the kernel reports a cut datagram's full length.
+    pub fn read_from(&mut self, file: &File, overflow: &mut [u8]) -> io::Result<usize> {
+        self.buf.iovecs.push(libc::iovec {
+            iov_base: overflow.as_mut_ptr().cast(),
+            iov_len: overflow.len(),
+        });
+        let result = self.vectored(libc::SYS_readv, file);
+        self.buf.iovecs.pop();
+        result
     }
 
     /// `readv` or `writev` (`nr`) of all iovecs on `file`, as a raw syscall:
@@ -227,7 +252,10 @@ impl GuestIoVecs<'_, '_> {
     fn vectored(&self, nr: libc::c_long, file: &File) -> io::Result<usize> {
         let count = libc::c_int::try_from(self.buf.iovecs.len()).expect("at most IOV_MAX iovecs");
         // SAFETY: every iovec was made by `push_range` from a bounds-checked
-        // slice of `self.mem`, which `'m` keeps mapped for the whole call.
+        // slice of `self.mem`, which `'m` keeps mapped for the whole call,
+        // except the last one of a `read_from`: it describes the `overflow`
+        // slice that `read_from` borrows mutably across this call, and is
+        // removed before it returns.
         // `nr` is only ever SYS_readv or SYS_writev (private fn, two callers):
         // the kernel reads or writes at most the iovecs' total length. Guest
         // memory is shared with the guest by design, so no Rust reference to
@@ -238,6 +266,38 @@ impl GuestIoVecs<'_, '_> {
             return Err(io::Error::last_os_error());
         }
         Ok(usize::try_from(n).expect("the kernel returned a non-negative count"))
+    }
+
+    /// Reads `out.len()` bytes at byte `offset` of the area the iovecs
+    /// describe, through vm-memory's checked accessors.
+    pub fn read_at(&self, offset: usize, out: &mut [u8]) -> Result<(), ChainError> {
+        let mut skip = offset;
+        let mut rest = out;
+        for &(addr, len) in &self.buf.spans {
+            if rest.is_empty() {
+                break;
+            }
+            if skip >= len {
+                skip -= len;
+                continue;
+            }
+            let n = rest.len().min(len - skip);
+            let at = GuestAddress(addr.0 + skip as u64);
+            let (now, later) = rest.split_at_mut(n);
+            self.mem
+                .read_slice(now, at)
+                .map_err(|_| ChainError::OutsideGuestMemory {
+                    addr: at.0,
+                    len: u32::try_from(n).unwrap_or(u32::MAX),
+                })?;
+            rest = later;
+            skip = 0;
+        }
+        if rest.is_empty() {
+            Ok(())
+        } else {
+            Err(ChainError::TooLong { max: offset })
+        }
     }
 
     /// Writes `bytes` at byte `offset` of the area the iovecs describe,

@@ -53,6 +53,23 @@ mod proptests;
 #[cfg(test)]
 mod testutil;
 
-/// Length of `virtio_net_hdr_v1`, the header in front of every frame on
-/// both the rings and the tap (`TUNSETVNETHDRSZ`).
+/// Length of `virtio_net_hdr_v1` (and of the legacy
+/// `virtio_net_hdr_mrg_rxbuf`, same layout): the header in front of every
+/// frame on the rings and the tap (`TUNSETVNETHDRSZ`) once the guest acked
+/// `VIRTIO_F_VERSION_1` or `VIRTIO_NET_F_MRG_RXBUF`; the longest header.
 pub const VNET_HDR_LEN: usize = 12;
+
+/// Length of the legacy `virtio_net_hdr` (no `num_buffers`), used when the
+/// guest acked neither `VIRTIO_F_VERSION_1` nor `VIRTIO_NET_F_MRG_RXBUF`.
+pub const VNET_HDR_LEN_LEGACY: usize = 10;
+
+/// The virtio-net header length the guest's acked `features` call for.
+pub fn vnet_hdr_len(features: u64) -> usize {
+    let v1 = 1u64 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+    let mrg = 1u64 << virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
+    if features & (v1 | mrg) != 0 {
+        VNET_HDR_LEN
+    } else {
+        VNET_HDR_LEN_LEGACY
+    }
+}

@@ -18,7 +18,7 @@ use crate::driver::{Desc, SplitRing, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE}
 use crate::guest::{GuestMem, IoVecBuf};
 use crate::notify::{Coalescer, Policy};
 use crate::ring::Batch;
-use crate::rx::{self, RxChain, RxParams, Window};
+use crate::rx::{self, Bounce, RxChain, RxParams, Window};
 use crate::stats::QueueStats;
 use crate::testutil::tap_pair;
 
@@ -98,7 +98,7 @@ proptest! {
         let stats = QueueStats::default();
         let mut iov = IoVecBuf::default();
         let mut batch = Batch::begin(&mut q, &mem, &stats, 1).unwrap();
-        let result = batch.drain(u64::MAX, |b| crate::tx::step(b, &mut iov, &tap));
+        let result = batch.drain(u64::MAX, |b| crate::tx::step(b, &mut iov, &tap, 12));
         batch.finish(&mut Coalescer::new(Policy::Immediate)).unwrap();
         if bogus {
             prop_assert!(result.is_err());
@@ -134,8 +134,9 @@ proptest! {
         let mut buf = IoVecBuf::default();
         let mut iovecs = buf.bind(&mem);
         let mut chains: Vec<RxChain> = Vec::new();
-        let mut window = Window { chains: &mut chains, iovecs: &mut iovecs };
-        let params = RxParams { mergeable, max_frame: 3000 };
+        let mut bounce = Bounce::default();
+        let mut window = Window { chains: &mut chains, iovecs: &mut iovecs, bounce: &mut bounce };
+        let params = RxParams { hdr_len: 12, mergeable, max_frame: 3000, max_plain_frame: 3000 };
         let mut batch = Batch::begin(&mut q, &mem, &stats, 0).unwrap();
         // A guest whose buffers overlap its own ring can corrupt it through
         // our writes; the daemon must then report it, not crash.

@@ -31,7 +31,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::guest::{GuestMem, IoVecBuf, IOV_MAX};
 use crate::notify::{Coalescer, Policy, Verdict};
 use crate::ring::{self, Batch, End, RingError};
-use crate::rx::{self, RxChain, RxParams, Window};
+use crate::rx::{self, Bounce, RxChain, RxParams, Window};
 use crate::stats::{QueueStats, Stats};
 use crate::sys::Timer;
 use crate::tx;
@@ -156,6 +156,7 @@ pub struct QueuePair {
     tx_iov: IoVecBuf,
     rx_iov: IoVecBuf,
     rx_window: Vec<RxChain>,
+    rx_bounce: Bounce,
 }
 
 const RX: usize = 0;
@@ -178,10 +179,7 @@ impl QueuePair {
             tap,
             resume: EventFd::new(EFD_NONBLOCK)?,
             stats,
-            rx_params: RxParams {
-                mergeable: false,
-                max_frame: 0,
-            },
+            rx_params: RxParams::default(),
             policies,
             timers: [Timer::new()?, Timer::new()?],
             tap_attached: true,
@@ -191,6 +189,7 @@ impl QueuePair {
             tx_iov: IoVecBuf::with_capacity(IOV_MAX),
             rx_iov: IoVecBuf::with_capacity(IOV_MAX),
             rx_window: Vec::with_capacity(usize::from(u16::MAX)),
+            rx_bounce: Bounce::default(),
         })
     }
 
@@ -233,10 +232,10 @@ impl QueuePair {
         }
     }
 
-    /// Re-attaches our fd to the re-created tap `name` with `offloads`, and
+    /// Re-attaches our fd to the re-created tap `name` with `framing`, and
     /// gets both directions moving again.
-    pub fn reattach(&mut self, name: &str, offloads: u32) -> io::Result<()> {
-        crate::tap::reattach(&self.tap, name, offloads)?;
+    pub fn reattach(&mut self, name: &str, framing: crate::tap::Framing) -> io::Result<()> {
+        crate::tap::reattach(&self.tap, name, framing)?;
         self.tap_gone = false;
         self.tap_attached = true;
         log::info!("pair {}: tap {name} is back", self.index);
@@ -282,13 +281,16 @@ impl QueuePair {
 
     /// Stops serving the connection (the frontend went away): held
     /// interrupts are signalled (a reconnecting frontend such as QEMU keeps
-    /// its call fds), and the tap queue is detached so the kernel queues no
+    /// its call fds), a frame held for the guest's RX buffers is dropped
+    /// (and counted), and the tap queue is detached so the kernel queues no
     /// frames for nobody. The connection's epoll is being torn down with it,
     /// so nothing needs unregistering.
     pub fn disconnect(&mut self) {
         for ring in [RX, TX] {
             self.ring_stopped(ring);
         }
+        self.rx_bounce
+            .drop_held(&self.stats.queues[2 * self.index + RX]);
         self.conn = None;
         self.set_tap_attached(false);
     }
@@ -391,12 +393,12 @@ impl QueuePair {
             return;
         }
         let queue_index = 2 * self.index + TX;
-        let (tap, iov) = (&self.tap, &mut self.tx_iov);
+        let (tap, iov, hdr_len) = (&self.tap, &mut self.tx_iov, self.rx_params.hdr_len);
         let coalescer = &mut self.conn.as_mut().expect("caller checked").coalescers[TX];
         let mut tap_failed = false;
         let result = (|| {
             let mut batch = Batch::begin(state.get_queue_mut(), &mem, stats, queue_index)?;
-            let end = batch.drain(BUDGET_FRAMES, |b| tx::step(b, iov, tap))?;
+            let end = batch.drain(BUDGET_FRAMES, |b| tx::step(b, iov, tap, hdr_len))?;
             tap_failed = batch.tap_failed();
             Ok((end, batch.finish(coalescer)?))
         })();
@@ -428,6 +430,7 @@ impl QueuePair {
         let mut window = Window {
             chains: &mut self.rx_window,
             iovecs: &mut iovecs,
+            bounce: &mut self.rx_bounce,
         };
         let coalescer = &mut self.conn.as_mut().expect("caller checked").coalescers[RX];
         let mut tap_failed = false;

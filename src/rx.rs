@@ -1,13 +1,24 @@
 //! How one frame moves from the tap to the guest.
 //!
-//! Guest buffers are gathered into a window of popped chains until they can
-//! hold the largest frame the tap may hand us (with `VIRTIO_NET_F_MRG_RXBUF`
-//! several chains; without it one chain), then one `readv` straight into
-//! guest memory reads exactly one frame. The chains the frame filled are
-//! completed, each with its own length, and `num_buffers` is set; chains not
-//! needed stay in the window for the next frame, and are given back to the
-//! ring when the batch ends. The loop around this step is
-//! [`crate::ring::Batch::drain`].
+//! Guest buffers are gathered into a window of popped chains, then one
+//! `readv` straight into guest memory reads exactly one frame. The chains
+//! the frame filled are completed, each with its own length, and
+//! `num_buffers` is set; chains not needed stay in the window for the next
+//! frame, and are given back to the ring when the batch ends. The loop
+//! around this step is [`crate::ring::Batch::drain`].
+//!
+//! Without `VIRTIO_NET_F_MRG_RXBUF` the window is one chain. With it, the
+//! window gathers chains until it can hold the largest frame the guest may
+//! receive; when the ring runs dry first, the frame is read into the
+//! buffers there are, so a small frame never waits for 64 KiB of buffers.
+//!
+//! A tap's `read` silently cuts a frame to the buffers it is given, so the
+//! `readv` goes on past the guest's buffers into a host buffer
+//! ([`Bounce`]): a frame with bytes there did not fit. One longer than the
+//! guest may receive ([`RxParams`]) is dropped and counted, never delivered
+//! cut; a mergeable one that is merely longer than the buffers posted so
+//! far is held there, whole, and delivered first once the guest has posted
+//! enough (the tap is not read meanwhile).
 
 use std::fs::File;
 use std::io;
@@ -17,7 +28,8 @@ use crate::ring::{Batch, RingError, Step};
 use crate::stats::QueueStats;
 use crate::VNET_HDR_LEN;
 
-/// Byte offset of `num_buffers` in `virtio_net_hdr_v1`.
+/// Byte offset of `num_buffers` in `virtio_net_hdr_v1` (the legacy 10-byte
+/// header ends there: it has none).
 const NUM_BUFFERS_OFFSET: usize = 10;
 
 /// Largest chain accepted on RX (a Linux guest's "big packets" buffers are
@@ -32,19 +44,121 @@ pub struct RxChain {
     segments: usize,
 }
 
-/// What the negotiated features say about RX.
+/// `gso_type` is the second byte of the virtio-net header.
+const GSO_TYPE_OFFSET: usize = 1;
+/// `VIRTIO_NET_HDR_GSO_ECN`: a flag on top of a GSO type, not a type.
+const GSO_ECN: u8 = 0x80;
+
+/// Length of a [`Bounce`] buffer: one byte more than the largest header +
+/// frame any negotiation allows (a 64 KiB GSO frame, or a 65535-byte MTU,
+/// with an Ethernet and VLAN header), so a frame longer than that always
+/// leaves bytes in it.
+pub const BOUNCE_LEN: usize = VNET_HDR_LEN + 65535 + 18 + 1;
+
+/// What the negotiated features say about RX (and, for `hdr_len`, TX).
 #[derive(Clone, Copy, Debug)]
 pub struct RxParams {
+    /// Length of the virtio-net header in front of every frame, on the
+    /// rings and the tap: 12, or 10 for a legacy feature set
+    /// ([`crate::vnet_hdr_len`]).
+    pub hdr_len: usize,
     /// `VIRTIO_NET_F_MRG_RXBUF` acked: a frame may span several chains.
     pub mergeable: bool,
-    /// Largest header + frame the tap may hand us with the offloads in force.
+    /// Largest header + frame the guest may receive: a GSO frame with the
+    /// receive offloads it acked, else one MTU-sized frame. Longer frames
+    /// (a tap whose MTU is above the guest's) are dropped and counted.
     pub max_frame: usize,
+    /// Largest header + frame whose header says "no GSO": the MTU the guest
+    /// was told (`VIRTIO_NET_F_MTU`) bounds it even when GSO frames may be
+    /// longer. Equal to `max_frame` when no such promise was made.
+    pub max_plain_frame: usize,
 }
 
-/// Buffers popped for RX in the current batch and the iovecs covering them.
+impl Default for RxParams {
+    /// Before SET_FEATURES: the 12-byte header the tap is opened with, and
+    /// no frame may be received.
+    fn default() -> Self {
+        RxParams {
+            hdr_len: VNET_HDR_LEN,
+            mergeable: false,
+            max_frame: 0,
+            max_plain_frame: 0,
+        }
+    }
+}
+
+/// A worker's host-side frame buffer. The tap's `readv` goes on into it
+/// after the guest's buffers: bytes landing here belong to a frame the
+/// guest's buffers could not hold. With mergeable buffers such a frame,
+/// if the guest may receive it, is kept here whole until the guest has
+/// posted enough buffers (a held frame).
+pub struct Bounce {
+    buf: Box<[u8]>,
+    /// Length of the held frame in `buf`, header included (0: none).
+    held: usize,
+}
+
+impl Default for Bounce {
+    fn default() -> Self {
+        Bounce {
+            buf: vec![0u8; BOUNCE_LEN].into_boxed_slice(),
+            held: 0,
+        }
+    }
+}
+
+impl Bounce {
+    /// Whether a frame waits here for guest buffers.
+    pub fn holds_frame(&self) -> bool {
+        self.held > 0
+    }
+
+    /// Drops the held frame, if any, counting it in `stats`: the
+    /// connection went away (its guest will never take it), or the guest's
+    /// ring cannot hold it.
+    pub fn drop_held(&mut self, stats: &QueueStats) {
+        if self.held > 0 {
+            self.held = 0;
+            QueueStats::add(&stats.rx_dropped_frames, 1);
+        }
+    }
+
+    /// Keeps a frame of `n` bytes whose first `in_guest` bytes were read
+    /// into the guest buffers of `iovecs` and the rest into this buffer.
+    fn hold(&mut self, n: usize, in_guest: usize, iovecs: &GuestIoVecs<'_, '_>) -> bool {
+        let Some(tail) = n.checked_sub(in_guest).filter(|_| n <= self.buf.len()) else {
+            return false;
+        };
+        self.buf.copy_within(..tail, in_guest);
+        if iovecs.read_at(0, &mut self.buf[..in_guest]).is_err() {
+            return false;
+        }
+        self.held = n;
+        true
+    }
+}
+
+/// How a window's filling ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fill {
+    /// The window holds the bytes asked for (without mergeable buffers,
+    /// one chain).
+    Ready,
+    /// The guest has posted fewer bytes than asked for, and some.
+    /// `can_grow`: the window could still take more chains (it is false
+    /// when the window already holds a queue's worth of chains, or as many
+    /// memory segments as one `readv` takes).
+    Short { can_grow: bool },
+    /// The guest has posted no buffers.
+    Empty,
+}
+
+/// Buffers popped for RX in the current batch, the iovecs covering them,
+/// and the worker's host-side [`Bounce`] buffer.
 pub struct Window<'a, 'b, 'm> {
     pub chains: &'a mut Vec<RxChain>,
     pub iovecs: &'a mut GuestIoVecs<'b, 'm>,
+    pub bounce: &'a mut Bounce,
 }
 
 impl Window<'_, '_, '_> {
@@ -71,23 +185,35 @@ impl Window<'_, '_, '_> {
         self.iovecs.drop_front(n);
     }
 
-    /// Pops chains until the window can hold `params.max_frame` bytes (or
-    /// one chain without mergeable buffers). `false`: not enough buffers.
-    fn fill(&mut self, batch: &mut Batch<'_>, params: RxParams) -> Result<bool, RingError> {
+    /// Pops chains until the window holds `want` bytes, or (without
+    /// `mergeable` buffers) one chain.
+    /// Chains shorter than a `hdr_len`-byte header are refused.
+    fn fill(
+        &mut self,
+        batch: &mut Batch<'_>,
+        want: usize,
+        mergeable: bool,
+        hdr_len: usize,
+    ) -> Result<Fill, RingError> {
+        let mut capacity = self.capacity();
         loop {
-            let enough = if params.mergeable {
-                self.capacity() >= params.max_frame
+            let enough = if mergeable {
+                capacity >= want
             } else {
                 !self.chains.is_empty()
             };
             if enough {
-                return Ok(true);
+                return Ok(Fill::Ready);
+            }
+            if self.chains.len() >= usize::from(batch.size()) {
+                return Ok(Fill::Short { can_grow: false });
             }
             let Some(chain) = batch.pop()? else {
-                // Every buffer the guest has is in the window: use them,
-                // even if a maximal frame would not fit.
-                let whole_ring = self.chains.len() >= usize::from(batch.size());
-                return Ok(!self.chains.is_empty() && whole_ring);
+                return Ok(if self.chains.is_empty() {
+                    Fill::Empty
+                } else {
+                    Fill::Short { can_grow: true }
+                });
             };
             let head = chain.head_index();
             let before = self.iovecs.segments();
@@ -95,36 +221,173 @@ impl Window<'_, '_, '_> {
                 .iovecs
                 .push_chain(chain, Access::DeviceWrites, MAX_RX_CHAIN)
             {
-                Ok(len) if len < VNET_HDR_LEN => Err(ChainError::TooShort { min: VNET_HDR_LEN }),
+                Ok(len) if len < hdr_len => Err(ChainError::TooShort { min: hdr_len }),
                 other => other,
             };
             match pushed {
-                Ok(len) => self.chains.push(RxChain {
-                    head,
-                    len,
-                    segments: self.iovecs.segments() - before,
-                }),
+                Ok(len) => {
+                    capacity += len;
+                    self.chains.push(RxChain {
+                        head,
+                        len,
+                        segments: self.iovecs.segments() - before,
+                    });
+                }
+                Err(ChainError::TooManySegments) if !self.chains.is_empty() => {
+                    // A good chain that only the window's other chains
+                    // leave no iovecs for: it waits in the ring.
+                    batch.give_back(1);
+                    return Ok(Fill::Short { can_grow: false });
+                }
                 Err(e) => {
                     self.flush_unused(batch)?;
+                    capacity = 0;
                     batch.complete_bad(head, &e)?;
                 }
             }
         }
     }
+
+    /// Completes the chains a frame of `n` bytes (with a `hdr_len`-byte
+    /// header), already in the window, filled, with `num_buffers` set if the
+    /// header has it, and counts it.
+    fn complete_frame(
+        &mut self,
+        batch: &mut Batch<'_>,
+        n: usize,
+        hdr_len: usize,
+    ) -> Result<Step, RingError> {
+        let mut left = n;
+        let mut used = 0;
+        let mut segments = 0;
+        for c in self.chains.iter() {
+            let take = left.min(c.len);
+            left -= take;
+            used += 1;
+            segments += c.segments;
+            if left == 0 {
+                break;
+            }
+        }
+        let num_buffers = u16::try_from(used).expect("a window holds at most a queue of chains");
+        // Little-endian with VERSION_1; a legacy header is in the guest's
+        // byte order, which is the host's (no cross-endian support) and, as
+        // virtio-queue reads rings as little-endian only, little-endian too.
+        let has_num_buffers = hdr_len >= NUM_BUFFERS_OFFSET + 2;
+        if has_num_buffers {
+            if let Err(e) = self
+                .iovecs
+                .write_at(NUM_BUFFERS_OFFSET, &num_buffers.to_le_bytes())
+            {
+                // Cannot happen for chains that passed validation; count and drop.
+                log::debug!("cannot set num_buffers: {e}");
+                QueueStats::add(&batch.stats().rx_dropped_frames, 1);
+                return Ok(Step::Progress);
+            }
+        }
+        let mut left = n;
+        for c in self.chains.drain(..used) {
+            let take = left.min(c.len);
+            left -= take;
+            batch.complete(c.head, u32::try_from(take).expect("chain length fits u32"))?;
+        }
+        self.iovecs.drop_front(segments);
+        batch.count_frame(n.saturating_sub(hdr_len));
+        Ok(Step::Progress)
+    }
+
+    /// Delivers the held frame once the guest has posted room for it.
+    fn deliver_held(&mut self, batch: &mut Batch<'_>, params: RxParams) -> Result<Step, RingError> {
+        let n = self.bounce.held;
+        let fill = if params.mergeable {
+            self.fill(batch, n, true, params.hdr_len)?
+        } else {
+            // Features changed under a held frame: it cannot be merged.
+            Fill::Short { can_grow: false }
+        };
+        match fill {
+            Fill::Ready => {}
+            Fill::Empty | Fill::Short { can_grow: true } => return Ok(Step::RingEmpty),
+            Fill::Short { can_grow: false } => {
+                // Every buffer the guest can post is here, and the frame
+                // is still longer: it can never be delivered.
+                self.bounce.drop_held(batch.stats());
+                return Ok(Step::Progress);
+            }
+        }
+        self.bounce.held = 0;
+        let frame = self
+            .bounce
+            .buf
+            .get(..n)
+            .expect("hold() keeps a frame within the buffer");
+        if let Err(e) = self.iovecs.write_at(0, frame) {
+            // Cannot happen for chains that passed validation; count and drop.
+            log::debug!("cannot copy a held frame: {e}");
+            QueueStats::add(&batch.stats().rx_dropped_frames, 1);
+            return Ok(Step::Progress);
+        }
+        self.complete_frame(batch, n, params.hdr_len)
+    }
 }
 
-/// Moves one frame from `tap` into the guest's RX buffers.
+/// What to do with a frame of `n` bytes (as the tap reported it) read into
+/// a window of `capacity` bytes.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    /// It fits: complete the chains it filled.
+    Deliver,
+    /// Longer than the guest may receive: drop, count as oversize.
+    Oversize,
+    /// Longer than the window, but the guest may receive it in more
+    /// mergeable buffers: hold it until they are posted.
+    Hold,
+    /// Shorter than a header, or longer than the guest's buffers can ever
+    /// be: drop.
+    Unfit,
+}
+
+/// Decides about a frame of `n` bytes read into a window of `capacity`
+/// bytes that `can_grow` (see [`Fill::Short`]); `gso_type` reads the
+/// frame's header, only for frames above the MTU.
+fn judge(
+    n: usize,
+    capacity: usize,
+    params: RxParams,
+    can_grow: bool,
+    gso_type: impl FnOnce() -> u8,
+) -> Verdict {
+    if n < params.hdr_len {
+        Verdict::Unfit
+    } else if n > params.max_frame || (n > params.max_plain_frame && gso_type() & !GSO_ECN == 0) {
+        Verdict::Oversize
+    } else if n <= capacity {
+        Verdict::Deliver
+    } else if params.mergeable && can_grow {
+        Verdict::Hold
+    } else {
+        Verdict::Unfit
+    }
+}
+
+/// Moves one frame from `tap` into the guest's RX buffers (a held frame
+/// first, before the tap is read again).
 pub fn step(
     batch: &mut Batch<'_>,
     window: &mut Window<'_, '_, '_>,
     tap: &File,
     params: RxParams,
 ) -> Result<Step, RingError> {
-    if !window.fill(batch, params)? {
-        return Ok(Step::RingEmpty);
+    if window.bounce.holds_frame() {
+        return window.deliver_held(batch, params);
     }
+    let can_grow = match window.fill(batch, params.max_frame, params.mergeable, params.hdr_len)? {
+        Fill::Empty => return Ok(Step::RingEmpty),
+        Fill::Ready => true,
+        Fill::Short { can_grow } => can_grow,
+    };
     let stats = batch.stats();
-    let n = match window.iovecs.read_from(tap) {
+    let n = match window.iovecs.read_from(tap, &mut window.bounce.buf) {
         Ok(n) => n,
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
             QueueStats::add(&stats.tap_eagain, 1);
@@ -136,43 +399,36 @@ pub fn step(
         }
     };
     let capacity = window.capacity();
-    if n < VNET_HDR_LEN || (n == capacity && capacity < params.max_frame) {
-        // Nothing usable, or possibly cut short by buffers smaller than the
-        // largest frame: drop it, keep the buffers for the next frame.
-        QueueStats::add(&stats.rx_dropped_frames, 1);
-        return Ok(Step::Progress);
-    }
-    let mut left = n;
-    let mut used = 0;
-    let mut segments = 0;
-    for c in window.chains.iter() {
-        let take = left.min(c.len);
-        left -= take;
-        used += 1;
-        segments += c.segments;
-        if left == 0 {
-            break;
+    let iovecs = &*window.iovecs;
+    let gso_type = || {
+        let mut b = [0u8];
+        // The header sits in the first chain, which is at least a header
+        // long; an unreadable byte reads as "no GSO" (the stricter limit).
+        iovecs.read_at(GSO_TYPE_OFFSET, &mut b).map_or(0, |()| b[0])
+    };
+    match judge(n, capacity, params, can_grow, gso_type) {
+        Verdict::Deliver => window.complete_frame(batch, n, params.hdr_len),
+        Verdict::Oversize => {
+            // The buffers keep nothing the guest will see: they stay in
+            // the window for the next frame.
+            QueueStats::add(&stats.rx_dropped_oversize_frames, 1);
+            Ok(Step::Progress)
+        }
+        Verdict::Hold => {
+            if window.bounce.hold(n, capacity, window.iovecs) {
+                // Stop reading the tap; the drain loop re-arms the guest's
+                // kick, which brings the buffers the frame needs.
+                Ok(Step::RingEmpty)
+            } else {
+                QueueStats::add(&stats.rx_dropped_frames, 1);
+                Ok(Step::Progress)
+            }
+        }
+        Verdict::Unfit => {
+            QueueStats::add(&stats.rx_dropped_frames, 1);
+            Ok(Step::Progress)
         }
     }
-    let num_buffers = u16::try_from(used).expect("a window holds at most a queue of chains");
-    if let Err(e) = window
-        .iovecs
-        .write_at(NUM_BUFFERS_OFFSET, &num_buffers.to_le_bytes())
-    {
-        // Cannot happen for chains that passed validation; count and drop.
-        log::debug!("cannot set num_buffers: {e}");
-        QueueStats::add(&stats.rx_dropped_frames, 1);
-        return Ok(Step::Progress);
-    }
-    let mut left = n;
-    for c in window.chains.drain(..used) {
-        let take = left.min(c.len);
-        left -= take;
-        batch.complete(c.head, u32::try_from(take).expect("chain length fits u32"))?;
-    }
-    window.iovecs.drop_front(segments);
-    batch.count_frame(n - VNET_HDR_LEN);
-    Ok(Step::Progress)
 }
 
 #[cfg(test)]

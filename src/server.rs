@@ -101,6 +101,9 @@ pub fn run(config: Config) -> Result<(), Error> {
 
     let filter = crate::seccomp::worker_filter(config.seccomp).map_err(Error::Seccomp)?;
     let tap = Tap::open(&config.tap, config.device.queue_pairs, config.tap_mtu)?;
+    if let Some(warning) = tap.mtu_mismatch(config.device.mtu) {
+        log::warn!("{warning}");
+    }
     let backend =
         Arc::new(NetBackend::new(config.device.clone(), tap, filter).map_err(Error::Device)?);
     let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(Error::Signals)?;

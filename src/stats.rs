@@ -18,7 +18,8 @@ pub const BATCH_BUCKETS: [u64; 8] = [1, 2, 4, 8, 16, 32, 64, u64::MAX];
 pub struct QueueStats {
     /// Frames moved (TX: written to the tap; RX: delivered to the guest).
     pub frames: AtomicU64,
-    /// Frame bytes moved, excluding the 12-byte virtio-net header.
+    /// Frame bytes moved, excluding the virtio-net header (12 bytes, or 10
+    /// with a legacy feature set).
     pub bytes: AtomicU64,
     /// Guest kicks: sum of the kick eventfd's counter over every read (one
     /// read can stand for several kicks).
@@ -37,8 +38,14 @@ pub struct QueueStats {
     pub interrupts_deferred: AtomicU64,
     /// Batch sizes, one counter per bucket of [`BATCH_BUCKETS`].
     pub batch_frames_hist: [AtomicU64; BATCH_BUCKETS.len()],
-    /// RX frames read from the tap that the guest's buffers could not hold.
+    /// RX frames read from the tap that the guest's buffers could not hold
+    /// (or shorter than the virtio-net header, or held for more mergeable
+    /// buffers when the connection ended), dropped.
     pub rx_dropped_frames: AtomicU64,
+    /// RX frames read from the tap that were longer than the guest may
+    /// receive (its MTU, or a 64 KiB GSO frame), dropped, never delivered
+    /// cut: the tap's MTU is above the one the guest was given.
+    pub rx_dropped_oversize_frames: AtomicU64,
     /// Descriptor chains refused (wrong direction, outside guest memory,
     /// too long or short, broken table) and returned with length 0.
     pub bad_chains: AtomicU64,
@@ -117,6 +124,11 @@ impl QueueStats {
             "rx_dropped_frames_total",
             rx_dropped_frames,
             "RX frames that did not fit the guest's buffers."
+        ),
+        counter!(
+            "rx_dropped_oversize_frames_total",
+            rx_dropped_oversize_frames,
+            "RX frames longer than the guest may receive (tap MTU above the guest's)."
         ),
         counter!(
             "bad_chains_total",
@@ -246,7 +258,7 @@ impl Stats {
                 out,
                 "queue {q} ({}): frames={frames} bytes={} kicks={kicks} interrupts={irqs} \
                  suppressed={} frames/interrupt={} kicks/frame={} bad_chains={} \
-                 rx_dropped={} tap_errors={} tap_eagain={}",
+                 rx_dropped={} rx_oversize={} tap_errors={} tap_eagain={}",
                 direction(q),
                 QueueStats::get(&s.bytes),
                 QueueStats::get(&s.interrupts_suppressed),
@@ -254,6 +266,7 @@ impl Stats {
                 ratio(kicks, frames),
                 QueueStats::get(&s.bad_chains),
                 QueueStats::get(&s.rx_dropped_frames),
+                QueueStats::get(&s.rx_dropped_oversize_frames),
                 QueueStats::get(&s.tap_errors),
                 QueueStats::get(&s.tap_eagain),
             );
@@ -395,7 +408,7 @@ pub fn table(now: &[QueueSnapshot], since: Option<(&[QueueSnapshot], f64)>) -> S
             d("interrupts_deferred_total"),
             ratio(frames, irqs),
             ratio(kicks, frames),
-            d("rx_dropped_frames_total"),
+            d("rx_dropped_frames_total") + d("rx_dropped_oversize_frames_total"),
             d("bad_chains_total"),
             d("tap_errors_total"),
             q.policy,

@@ -48,6 +48,10 @@ impl IfReq {
     fn set_int(&mut self, v: i32) {
         self.data[..4].copy_from_slice(&v.to_ne_bytes());
     }
+
+    fn int(&self) -> i32 {
+        i32::from_ne_bytes([self.data[0], self.data[1], self.data[2], self.data[3]])
+    }
 }
 
 fn check(ret: libc::c_int) -> io::Result<()> {
@@ -85,6 +89,15 @@ pub fn tun_set_vnet_hdr_size(tap: &File, size: i32) -> io::Result<()> {
     // SAFETY: TUNSETVNETHDRSZ reads one `int` through the pointer, which
     // points at `size` for the duration of the call.
     check(unsafe { ioctl_with_ref(tap, libc::TUNSETVNETHDRSZ, &size) })
+}
+
+/// Tells the tap whether the virtio-net header's fields are little-endian
+/// (`true`, as VIRTIO_F_VERSION_1 requires) or in the host's byte order.
+pub fn tun_set_vnet_le(tap: &File, little_endian: bool) -> io::Result<()> {
+    let value = libc::c_int::from(little_endian);
+    // SAFETY: TUNSETVNETLE reads one `int` through the pointer, which points
+    // at `value` for the duration of the call.
+    check(unsafe { ioctl_with_ref(tap, libc::TUNSETVNETLE, &value) })
 }
 
 /// Sets which offloads (`TUN_F_*`) the kernel may use in frames it hands us.
@@ -141,6 +154,15 @@ pub fn set_mtu(name: &str, mtu: u16) -> io::Result<()> {
     req.set_int(i32::from(mtu));
     // SAFETY: SIOCSIFMTU reads one `struct ifreq`; `req` is live and sized.
     check(unsafe { ioctl_with_ref(&sock, libc::SIOCSIFMTU, &req) })
+}
+
+/// The MTU of interface `name`.
+pub fn mtu(name: &str) -> io::Result<u32> {
+    let sock = inet_socket()?;
+    let mut req = IfReq::with_name(name)?;
+    // SAFETY: SIOCGIFMTU fills in one `struct ifreq`; `req` is live and sized.
+    check(unsafe { ioctl_with_mut_ref(&sock, libc::SIOCGIFMTU, &mut req) })?;
+    u32::try_from(req.int()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
 }
 
 /// Reads and resets an eventfd's (or timerfd's) counter: the number of

@@ -1,5 +1,6 @@
 //! The Linux tap interface: create or attach, one fd per queue pair,
-//! `IFF_VNET_HDR` with a 12-byte header, offloads from the guest's features.
+//! `IFF_VNET_HDR`, and the header length, byte order and offloads the
+//! guest's features call for ([`Framing`]).
 //!
 //! Knows the kernel's tap API (through [`crate::sys`]) and the mapping from
 //! virtio-net offload feature bits to `TUN_F_*` flags; nothing about rings.
@@ -8,6 +9,7 @@ use std::fs::File;
 use std::io;
 use std::path::Path;
 
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
     VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO,
@@ -42,6 +44,31 @@ pub struct Tap {
     name: String,
     queues: Vec<File>,
     created: bool,
+    mtu: u32,
+}
+
+/// How the tap must frame what it hands us and takes from us, from the
+/// guest's acked features. Device-wide: applying it through one queue fd
+/// sets it for all.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Framing {
+    /// `TUNSETVNETHDRSZ`: 12, or 10 for a legacy feature set.
+    pub hdr_len: usize,
+    /// `TUNSETVNETLE`: header fields little-endian (VERSION_1), else in the
+    /// host's byte order (legacy).
+    pub little_endian: bool,
+    /// `TUNSETOFFLOAD` flags ([`offload_flags`]).
+    pub offloads: u32,
+}
+
+impl Framing {
+    pub fn from_features(features: u64) -> Framing {
+        Framing {
+            hdr_len: crate::vnet_hdr_len(features),
+            little_endian: features & (1u64 << VIRTIO_F_VERSION_1) != 0,
+            offloads: offload_flags(features),
+        }
+    }
 }
 
 /// `TUN_F_*` offload flags the kernel may use for frames it gives us, from
@@ -81,21 +108,23 @@ impl Tap {
                 hint: open_hint(&source, existed),
                 source,
             })?;
-            set_vnet_hdr_size(&file).map_err(|source| TapError::Configure {
+            set_vnet_hdr_size(&file, VNET_HDR_LEN).map_err(|source| TapError::Configure {
                 name: name.to_owned(),
                 what: "set the virtio-net header size",
                 source,
             })?;
             queues.push(file);
         }
-        let tap = Tap {
+        let mut tap = Tap {
             name: name.to_owned(),
             queues,
             created: !existed,
+            mtu: 0,
         };
         if let Some(mtu) = mtu {
             sys::set_mtu(name, mtu).map_err(|source| tap.configure_error("set the MTU", source))?;
         }
+        tap.mtu = sys::mtu(name).map_err(|source| tap.configure_error("read the MTU", source))?;
         if tap.created {
             sys::set_link_up(name)
                 .map_err(|source| tap.configure_error("set the link up", source))?;
@@ -119,6 +148,32 @@ impl Tap {
     /// The interface name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The interface's MTU when it was opened (after `--mtu` was applied).
+    pub fn mtu(&self) -> u32 {
+        self.mtu
+    }
+
+    /// What to tell the user when the tap's MTU is not the `guest_mtu`
+    /// offered to the guest; `None` when they agree.
+    pub fn mtu_mismatch(&self, guest_mtu: u16) -> Option<String> {
+        let (tap, guest) = (self.mtu, u32::from(guest_mtu));
+        let name = &self.name;
+        let consequence = if tap > guest {
+            format!(
+                "frames longer than {guest} bytes from the tap will be dropped and counted \
+                 in rx_dropped_oversize_frames_total"
+            )
+        } else if tap < guest {
+            format!("frames longer than {tap} bytes from the guest may be dropped by the host")
+        } else {
+            return None;
+        };
+        Some(format!(
+            "tap {name} has MTU {tap} but the guest is offered MTU {guest}: {consequence}; \
+             give --mtu {tap} to offer the tap's MTU (or change the tap's)"
+        ))
     }
 
     /// Whether this process created the interface (it goes away with us).
@@ -145,8 +200,8 @@ fn queue_flags() -> i16 {
     i16::try_from(flags).expect("IFF_* flags fit in a short")
 }
 
-fn set_vnet_hdr_size(queue: &File) -> io::Result<()> {
-    sys::tun_set_vnet_hdr_size(queue, i32::try_from(VNET_HDR_LEN).expect("12 fits"))
+fn set_vnet_hdr_size(queue: &File, len: usize) -> io::Result<()> {
+    sys::tun_set_vnet_hdr_size(queue, i32::try_from(len).expect("10 or 12 fits"))
 }
 
 /// Whether interface `name` exists.
@@ -155,12 +210,18 @@ pub fn exists(name: &str) -> bool {
 }
 
 /// Re-attaches a queue fd to tap `name` after the interface was deleted and
-/// re-created (the kernel detached our fd), with the header size and
-/// `offloads` it had.
-pub fn reattach(queue: &File, name: &str, offloads: u32) -> io::Result<()> {
+/// re-created (the kernel detached our fd), with the `framing` it had.
+pub fn reattach(queue: &File, name: &str, framing: Framing) -> io::Result<()> {
     sys::tun_attach(queue, name, queue_flags())?;
-    set_vnet_hdr_size(queue)?;
-    set_offloads(queue, offloads)
+    apply(queue, framing)
+}
+
+/// Applies `framing` to the tap behind `queue`: header length, byte order,
+/// offloads.
+pub fn apply(queue: &File, framing: Framing) -> io::Result<()> {
+    set_vnet_hdr_size(queue, framing.hdr_len)?;
+    sys::tun_set_vnet_le(queue, framing.little_endian)?;
+    set_offloads(queue, framing.offloads)
 }
 
 /// Applies `flags` to the tap behind `queue`. If the kernel refuses UFO
@@ -198,6 +259,50 @@ mod tests {
     fn guest_offloads_map_to_tun_flags() {
         let f = (1 << VIRTIO_NET_F_GUEST_CSUM) | (1 << VIRTIO_NET_F_GUEST_TSO4);
         assert_eq!(offload_flags(f), libc::TUN_F_CSUM | libc::TUN_F_TSO4);
+    }
+
+    fn tap_with_mtu(mtu: u32) -> Tap {
+        Tap {
+            name: "tap0".into(),
+            queues: Vec::new(),
+            created: false,
+            mtu,
+        }
+    }
+
+    #[test]
+    fn mtu_mismatch_names_both_mtus_the_consequence_and_the_fix() {
+        let jumbo = tap_with_mtu(9000).mtu_mismatch(1500).unwrap();
+        assert!(
+            jumbo.contains("MTU 9000") && jumbo.contains("MTU 1500"),
+            "{jumbo}"
+        );
+        assert!(
+            jumbo.contains("rx_dropped_oversize_frames_total"),
+            "{jumbo}"
+        );
+        assert!(jumbo.contains("--mtu 9000"), "{jumbo}");
+        let small = tap_with_mtu(1400).mtu_mismatch(1500).unwrap();
+        assert!(small.contains("--mtu 1400"), "{small}");
+        assert_eq!(tap_with_mtu(1500).mtu_mismatch(1500), None);
+    }
+
+    #[test]
+    fn framing_follows_version_1_and_mergeable_buffers() {
+        let v1 = 1u64 << VIRTIO_F_VERSION_1;
+        let mrg = 1u64 << virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
+        let f = |features| {
+            let Framing {
+                hdr_len,
+                little_endian,
+                ..
+            } = Framing::from_features(features);
+            (hdr_len, little_endian)
+        };
+        assert_eq!(f(v1), (12, true));
+        assert_eq!(f(v1 | mrg), (12, true));
+        assert_eq!(f(mrg), (12, false), "legacy virtio_net_hdr_mrg_rxbuf");
+        assert_eq!(f(0), (10, false), "legacy virtio_net_hdr");
     }
 
     #[test]

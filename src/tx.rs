@@ -1,9 +1,9 @@
 //! How one frame moves from the guest to the tap.
 //!
-//! The guest's chain (12-byte `virtio_net_hdr_v1` + frame, exactly as the
-//! guest wrote it) becomes one `writev` straight from guest memory; the tap
-//! takes the header as it is, so checksum and segmentation offloads cost
-//! nothing here. The loop around this step is [`crate::ring::Batch::drain`].
+//! The guest's chain (virtio-net header + frame, exactly as the guest wrote
+//! it) becomes one `writev` straight from guest memory; the tap, set to the
+//! same header length, takes the header as it is, so checksum and
+//! segmentation offloads cost nothing here. The loop around this step is [`crate::ring::Batch::drain`].
 
 use std::fs::File;
 use std::io;
@@ -17,16 +17,22 @@ use crate::VNET_HDR_LEN;
 /// and VLAN header (the largest frame a tap accepts).
 pub const MAX_TX_CHAIN: usize = VNET_HDR_LEN + 65535 + 18;
 
-/// Moves one frame from the TX ring to `tap`.
-pub fn step(batch: &mut Batch<'_>, iov: &mut IoVecBuf, tap: &File) -> Result<Step, RingError> {
+/// Moves one frame from the TX ring to `tap`; the guest's header is
+/// `hdr_len` bytes long (the negotiated length, see [`crate::vnet_hdr_len`]).
+pub fn step(
+    batch: &mut Batch<'_>,
+    iov: &mut IoVecBuf,
+    tap: &File,
+    hdr_len: usize,
+) -> Result<Step, RingError> {
     let Some(chain) = batch.pop()? else {
         return Ok(Step::RingEmpty);
     };
     let head = chain.head_index();
     let mut iovecs = iov.bind(batch.mem());
     let len = match iovecs.push_chain(chain, Access::DeviceReads, MAX_TX_CHAIN) {
-        Ok(len) if len < VNET_HDR_LEN => {
-            let e = ChainError::TooShort { min: VNET_HDR_LEN };
+        Ok(len) if len < hdr_len => {
+            let e = ChainError::TooShort { min: hdr_len };
             batch.complete_bad(head, &e)?;
             return Ok(Step::Progress);
         }
@@ -41,7 +47,7 @@ pub fn step(batch: &mut Batch<'_>, iov: &mut IoVecBuf, tap: &File) -> Result<Ste
         Ok(_) => {
             drop(iovecs);
             batch.complete(head, 0)?;
-            batch.count_frame(len - VNET_HDR_LEN);
+            batch.count_frame(len - hdr_len);
             Ok(Step::Progress)
         }
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {

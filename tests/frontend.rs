@@ -1050,3 +1050,235 @@ fn a_flood_of_requests_is_answered_and_traffic_still_flows() {
     fe.send(0, &eth_frame(default_mac(&d.tap), &marker(5)));
     assert!(capture(&cap, common::TIMEOUT, |f| has_marker(f, 5)).is_some());
 }
+
+/// A UDP payload of `len` bytes: `marker(tag)`, then a counting pattern,
+/// so a cut or shifted copy is told apart from the original.
+fn long_payload(tag: u32, len: usize) -> Vec<u8> {
+    let mut p = marker(tag);
+    p.extend((0..len - p.len()).map(|i| u8::try_from(i % 251).expect("< 251")));
+    p
+}
+
+/// Sends one UDP datagram with `payload` from the namespace to the guest.
+fn send_udp_payload(ns: &Netns, port: u16, payload: &[u8]) {
+    let sock = ns.udp_socket();
+    sock.send_to(payload, ("198.18.0.2", port))
+        .expect("udp send");
+}
+
+/// Offset of the UDP payload in an RX buffer: header, Ethernet, IPv4, UDP.
+fn udp_payload_at(hdr_len: usize) -> usize {
+    hdr_len + 14 + 20 + 8
+}
+
+/// Waits until a used entry of RX queue 0 holds `marker(tag)`; returns every
+/// used entry seen up to then, in order.
+fn used_until_marker(fe: &mut TestFrontend, tag: u32) -> Vec<Used> {
+    let mut seen = Vec::new();
+    common::wait_for(&format!("marker {tag} in an RX buffer"), || {
+        let fresh = fe.used(0);
+        let found = fresh.iter().any(|u| has_marker(&fe.rx_buffer(0, *u), tag));
+        seen.extend(fresh);
+        found.then_some(())
+    });
+    seen
+}
+
+/// Guest receive offloads (GUEST_TSO4, GUEST_TSO6, GUEST_ECN, GUEST_UFO):
+/// without them the largest frame the guest takes is its MTU.
+const GUEST_GSO: u64 = (1 << 7) | (1 << 8) | (1 << 9) | (1 << 10);
+
+/// The tap joins a jumbo bridge under the running daemon (MTU 9000) while
+/// the guest was told 1500; twenty 9000-byte IPv4 frames, then a small one,
+/// go to a guest that acked all features but `drop` and posted 128 buffers
+/// of `buf_size` bytes. Only the small frame may arrive.
+fn jumbo_frames_reach_a_guest_told_1500(drop: u64, buf_size: u32) {
+    let ns = Netns::new();
+    let d = Daemon::start(&ns, &[]);
+    address_tap(&ns, &d);
+    ns.ip(&["link", "set", &d.tap, "mtu", "9000"]);
+    let mut fe = TestFrontend::connect(&d.socket, 1, 256, drop);
+    fe.post_rx(0, 128, buf_size);
+
+    for _ in 0..20 {
+        send_udp_payload(&ns, 9000, &long_payload(1, 8972));
+    }
+    send_udp_to_guest(&ns, &[(9000, 2)]);
+
+    let used = used_until_marker(&mut fe, 2);
+    assert_eq!(
+        used.len(),
+        1,
+        "only the frame within the guest's MTU arrived: {used:?}"
+    );
+    assert_eq!(used[0].len, 12 + 14 + 20 + 8 + 64);
+    let s = d.stats();
+    assert_eq!(s.get("rx_dropped_oversize_frames_total", 0), 20);
+    assert_eq!(s.get("rx_dropped_frames_total", 0), 0);
+    assert_eq!(s.get("frames_total", 0), 1);
+    assert_eq!(s.get("bytes_total", 0), 14 + 20 + 8 + 64);
+}
+
+#[test]
+#[ignore = "needs root and /dev/net/tun (CI runs it)"]
+fn jumbo_frames_are_dropped_and_counted_not_delivered_cut_into_2k_buffers() {
+    // No MRG_RXBUF, no receive offloads: 2048-byte buffers are more than the
+    // 1518-byte frames the guest was promised, and less than 9014.
+    jumbo_frames_reach_a_guest_told_1500(MRG_RXBUF | GUEST_GSO, 2048);
+}
+
+#[test]
+#[ignore = "needs root and /dev/net/tun (CI runs it)"]
+fn jumbo_frames_without_gso_are_dropped_for_a_guest_with_mergeable_buffers_and_offloads() {
+    // With GUEST_TSO the guest takes 64 KiB GSO frames, but a frame marked
+    // "no GSO" must not exceed the MTU it was given (VIRTIO_NET_F_MTU).
+    jumbo_frames_reach_a_guest_told_1500(0, 4096);
+}
+
+#[test]
+#[ignore = "needs root and /dev/net/tun (CI runs it)"]
+fn jumbo_frame_is_delivered_intact_when_the_guest_is_offered_the_tap_mtu() {
+    let ns = Netns::new();
+    let d = Daemon::start(&ns, &["--mtu", "9000"]);
+    address_tap(&ns, &d);
+    let mut fe = TestFrontend::connect(&d.socket, 1, 256, MRG_RXBUF);
+    fe.post_rx(0, 8, 65562);
+    let payload = long_payload(3, 8972);
+
+    send_udp_payload(&ns, 9000, &payload);
+
+    let used = used_until_marker(&mut fe, 3);
+    let last = *used.last().expect("one entry");
+    let buf = fe.rx_buffer(0, last);
+    assert_eq!(buf.len(), 12 + 14 + 20 + 8 + 8972);
+    assert_eq!(&buf[udp_payload_at(12)..], payload.as_slice(), "byte-exact");
+    assert_eq!(d.stats().get("rx_dropped_oversize_frames_total", 0), 0);
+}
+
+#[test]
+#[ignore = "needs root and /dev/net/tun (CI runs it)"]
+fn daemon_warns_at_start_when_the_tap_mtu_differs_from_the_mtu_offered_to_the_guest() {
+    let ns = Netns::new();
+    let mut d = Daemon::paths();
+    ns.add_tap(&d.tap);
+    ns.ip(&["link", "set", &d.tap, "mtu", "9000"]);
+
+    d.spawn(&ns, &[]);
+
+    let log = d.log();
+    assert!(
+        log.contains("MTU 9000") && log.contains("--mtu 9000"),
+        "the log names both MTUs and the fix: {log}"
+    );
+}
+
+#[test]
+#[ignore = "needs root and /dev/net/tun (CI runs it)"]
+fn small_frame_is_delivered_into_a_few_small_mergeable_buffers() {
+    let ns = Netns::new();
+    let d = Daemon::start(&ns, &[]);
+    address_tap(&ns, &d);
+    let mut fe = TestFrontend::connect(&d.socket, 1, 256, 0);
+    // Four 256-byte buffers: far less than a 64 KiB GSO frame.
+    fe.post_rx(0, 4, 256);
+
+    send_udp_to_guest(&ns, &[(9000, 4)]);
+
+    let used = used_until_marker(&mut fe, 4);
+    assert_eq!(used.len(), 1);
+    assert_eq!(used[0].len, 12 + 14 + 20 + 8 + 64);
+    let buf = fe.rx_buffer(0, used[0]);
+    assert_eq!(u16::from_le_bytes([buf[10], buf[11]]), 1, "num_buffers");
+    assert_eq!(&buf[udp_payload_at(12)..], marker(4).as_slice());
+}
+
+#[test]
+#[ignore = "needs root and /dev/net/tun (CI runs it)"]
+fn frame_larger_than_the_posted_mergeable_buffers_waits_for_more_and_arrives_whole() {
+    let ns = Netns::new();
+    let d = Daemon::start(&ns, &[]);
+    address_tap(&ns, &d);
+    let mut fe = TestFrontend::connect(&d.socket, 1, 256, 0);
+    fe.post_rx(0, 4, 256);
+    let payload = long_payload(5, 1400);
+    let total: usize = 12 + 14 + 20 + 8 + 1400;
+
+    send_udp_payload(&ns, 9000, &payload);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(fe.used(0).is_empty(), "1024 bytes posted: nothing yet");
+    fe.post_rx(0, 4, 256);
+
+    let used = fe.wait_used(0, total.div_ceil(256));
+    assert_eq!(used.len(), 6, "{used:?}");
+    let mut frame = Vec::new();
+    for u in &used {
+        frame.extend(fe.rx_buffer(0, *u));
+    }
+    assert_eq!(frame.len(), total);
+    assert_eq!(u16::from_le_bytes([frame[10], frame[11]]), 6, "num_buffers");
+    assert_eq!(
+        &frame[udp_payload_at(12)..],
+        payload.as_slice(),
+        "byte-exact"
+    );
+    let s = d.stats();
+    assert_eq!(s.get("frames_total", 0), 1);
+    assert_eq!(s.get("rx_dropped_frames_total", 0), 0);
+}
+
+#[test]
+#[ignore = "needs root and /dev/net/tun (CI runs it)"]
+fn frame_held_for_mergeable_buffers_is_dropped_and_counted_when_the_frontend_goes_away() {
+    let ns = Netns::new();
+    let d = Daemon::start(&ns, &[]);
+    address_tap(&ns, &d);
+    let mut first = TestFrontend::connect(&d.socket, 1, 256, 0);
+    first.post_rx(0, 2, 256);
+    send_udp_payload(&ns, 9000, &long_payload(8, 1000));
+    common::wait_for("the frame to be read and held", || {
+        (d.stats().get("kicks_total", 0) >= 1 && first.used(0).is_empty()).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    drop(first);
+
+    let mut second = TestFrontend::connect(&d.socket, 1, 256, 0);
+    second.post_rx(0, 64, 4096);
+    send_udp_to_guest(&ns, &[(9000, 9)]);
+
+    let used = used_until_marker(&mut second, 9);
+    assert_eq!(
+        used.len(),
+        1,
+        "the old guest's frame is not delivered: {used:?}"
+    );
+    assert_eq!(d.stats().get("rx_dropped_frames_total", 0), 1);
+}
+
+#[test]
+#[ignore = "needs root and /dev/net/tun (CI runs it)"]
+fn legacy_feature_set_moves_frames_with_the_10_byte_header_both_ways() {
+    const VERSION_1: u64 = 1 << 32;
+    let ns = Netns::new();
+    let d = Daemon::start(&ns, &[]);
+    address_tap(&ns, &d);
+    let cap = ns.packet_socket();
+    let mut fe = TestFrontend::connect(&d.socket, 1, 256, VERSION_1 | MRG_RXBUF);
+    assert_eq!(fe.hdr_len(), 10);
+    let sent = eth_frame(default_mac(&d.tap), &marker(6));
+
+    fe.send(0, &sent);
+    fe.post_rx(0, 8, 65560);
+    send_udp_to_guest(&ns, &[(9000, 7)]);
+
+    let seen = capture(&cap, common::TIMEOUT, |f| has_marker(f, 6)).expect("TX frame");
+    assert_eq!(seen, sent, "TX frame intact on the tap");
+    let used = used_until_marker(&mut fe, 7);
+    let buf = fe.rx_buffer(0, *used.last().expect("one entry"));
+    assert_eq!(buf.len(), 10 + 14 + 20 + 8 + 64, "10-byte header on RX");
+    assert_eq!(&buf[10..16], &default_mac(&d.tap), "frame right after it");
+    assert_eq!(&buf[22..24], &[0x08, 0x00], "IPv4");
+    assert_eq!(&buf[udp_payload_at(10)..], marker(7).as_slice());
+    let s = d.stats();
+    assert_eq!(s.get("bytes_total", 1), sent.len() as u64);
+    assert_eq!(s.get("bytes_total", 0), 14 + 20 + 8 + 64);
+}

@@ -20,7 +20,7 @@ use vhost_user_net::driver::{Desc, SplitRing};
 use vhost_user_net::guest::{GuestMem, IoVecBuf};
 use vhost_user_net::notify::{Coalescer, Policy};
 use vhost_user_net::ring::{Batch, End, RingError};
-use vhost_user_net::rx::{self, RxChain, RxParams, Window};
+use vhost_user_net::rx::{self, Bounce, RxChain, RxParams, Window};
 use vhost_user_net::stats::QueueStats;
 use vhost_user_net::tx;
 use virtio_queue::{Queue, QueueT};
@@ -113,7 +113,7 @@ fuzz_target!(|input: &[u8]| {
     let stats = QueueStats::default();
     let mut iov = IoVecBuf::default();
     let mut batch = Batch::begin(&mut q, &mem, &stats, 1).expect("ring in memory");
-    let result = batch.drain(u64::MAX, |b| tx::step(b, &mut iov, &tap));
+    let result = batch.drain(u64::MAX, |b| tx::step(b, &mut iov, &tap, 12));
     batch.finish(&mut Coalescer::new(Policy::Immediate)).expect("used ring in memory");
     match result {
         Err(RingError::BadAvailIndex(_)) => assert!(bogus),
@@ -142,8 +142,9 @@ fuzz_target!(|input: &[u8]| {
     let mut buf = IoVecBuf::default();
     let mut iovecs = buf.bind(&mem);
     let mut chains: Vec<RxChain> = Vec::new();
-    let mut window = Window { chains: &mut chains, iovecs: &mut iovecs };
-    let params = RxParams { mergeable, max_frame: 1800 };
+    let mut bounce = Bounce::default();
+    let mut window = Window { chains: &mut chains, iovecs: &mut iovecs, bounce: &mut bounce };
+    let params = RxParams { hdr_len: 12, mergeable, max_frame: 1800, max_plain_frame: 1800 };
     let Ok(mut batch) = Batch::begin(&mut q, &mem, &stats, 0) else {
         return;
     };

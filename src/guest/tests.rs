@@ -306,3 +306,61 @@ fn used_ring_in_unmapped_memory_is_an_error_not_a_crash() {
         Err(crate::ring::RingError::RingAccess(_))
     ));
 }
+
+#[test]
+fn read_from_goes_on_into_the_overflow_buffer_past_the_guest_buffers() {
+    use std::io::Write;
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 16, true);
+    let w = |i, len| Buf {
+        addr: buf_addr(i, 64),
+        len,
+        device_writes: true,
+    };
+    let head = r.add_chain(&mem, &[w(0, 11), w(1, 20)]).unwrap();
+    r.push_avail(&mem, head);
+    r.publish(&mem);
+    let mut buf = IoVecBuf::default();
+    let mut iov = buf.bind(&mem);
+    push_first(&mem, &mut q, &mut iov, Access::DeviceWrites, 1000).unwrap();
+    let (tap, mut peer) = crate::testutil::tap_pair();
+    let frame: Vec<u8> = (0..40).collect();
+    peer.write_all(&frame).unwrap();
+    let mut overflow = [0u8; 16];
+
+    let n = iov.read_from(&tap, &mut overflow).unwrap();
+
+    assert_eq!(n, 40);
+    assert_eq!(&overflow[..9], &frame[31..], "the 9 bytes past 31");
+    let mut back = [0u8; 31];
+    iov.read_at(0, &mut back).unwrap();
+    assert_eq!(&back[..], &frame[..31], "read_at crosses descriptors");
+    assert_eq!(iov.segments(), 2, "the overflow iovec is not kept");
+}
+
+#[test]
+fn writable_chains_leave_one_iovec_slot_free_for_the_overflow_buffer() {
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 16, true);
+    let head = r
+        .add_chain(
+            &mem,
+            &[Buf {
+                addr: buf_addr(0, 64),
+                len: 64,
+                device_writes: true,
+            }],
+        )
+        .unwrap();
+    r.push_avail(&mem, head);
+    r.publish(&mem);
+    let mut buf = IoVecBuf::default();
+    let mut iov = buf.bind(&mem);
+    for _ in 0..IOV_MAX - 1 {
+        iov.push_range(buf_addr(1, 64), 1, IOV_MAX).ok().unwrap();
+    }
+    assert_eq!(
+        push_first(&mem, &mut q, &mut iov, Access::DeviceWrites, 1000),
+        Err(ChainError::TooManySegments)
+    );
+}

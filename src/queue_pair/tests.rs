@@ -108,8 +108,10 @@ mod world {
             let stats = Arc::new(Stats::new(2, [String::new(), String::new()]));
             let mut pair = QueuePair::new(0, 2, tap, stats.clone(), policies).unwrap();
             pair.set_rx_params(RxParams {
+                hdr_len: 12,
                 mergeable: false,
                 max_frame: 12 + 1518,
+                max_plain_frame: 12 + 1518,
             });
             let epoll = Arc::new(EpollListeners(Epoll::new().unwrap()));
             for (id, k) in kicks.iter().enumerate() {

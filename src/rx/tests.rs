@@ -11,16 +11,38 @@ use crate::stats::QueueStats;
 use crate::testutil::{add_rx_buffers, buf_addr, memory, ring, tap_pair};
 
 const SMALL: RxParams = RxParams {
+    hdr_len: 12,
     mergeable: false,
     max_frame: 12 + 1518,
+    max_plain_frame: 12 + 1518,
 };
 const MRG_64K: RxParams = RxParams {
+    hdr_len: 12,
     mergeable: true,
     max_frame: 12 + 65553,
+    max_plain_frame: 12 + 65553,
+};
+const MRG_1500: RxParams = RxParams {
+    hdr_len: 12,
+    mergeable: true,
+    max_frame: 12 + 1518,
+    max_plain_frame: 12 + 1518,
 };
 
 /// Runs one RX batch with an unlimited budget, as the worker does.
 fn run_batch(
+    mem: &crate::guest::GuestMem,
+    queue: &mut virtio_queue::Queue,
+    stats: &QueueStats,
+    tap: &File,
+    params: RxParams,
+) -> End {
+    run_batch_with(&mut Bounce::default(), mem, queue, stats, tap, params)
+}
+
+/// [`run_batch`] with the worker's `bounce` buffer, which outlives batches.
+fn run_batch_with(
+    bounce: &mut Bounce,
     mem: &crate::guest::GuestMem,
     queue: &mut virtio_queue::Queue,
     stats: &QueueStats,
@@ -33,6 +55,7 @@ fn run_batch(
     let mut window = Window {
         chains: &mut chains,
         iovecs: &mut iovecs,
+        bounce,
     };
     let mut batch = Batch::begin(queue, mem, stats, 0).unwrap();
     let end = batch
@@ -157,24 +180,6 @@ fn empty_rx_ring_does_not_read_the_tap() {
 }
 
 #[test]
-fn too_few_mergeable_buffers_for_a_64k_frame_wait_for_more() {
-    let mem = memory();
-    let (mut r, mut q) = ring(&mem, 64, true);
-    let (tap, mut peer) = tap_pair();
-    add_rx_buffers(&mem, &mut r, 3, 4096);
-    peer.write_all(&tap_frame(60, 1)).unwrap();
-    let stats = QueueStats::default();
-
-    let end = run_batch(&mem, &mut q, &stats, &tap, MRG_64K);
-
-    assert_eq!(end, End::RingEmpty);
-    assert_eq!(q.next_avail(), 0, "held buffers were given back");
-    assert_eq!(r.pop_used(&mem), None);
-    // The guest is asked to kick when it adds its next buffer.
-    assert!(r.needs_kick(&mem, true, 3, 4));
-}
-
-#[test]
 fn rx_chain_with_readable_descriptor_is_returned_with_len_zero_and_the_next_buffer_is_used() {
     let mem = memory();
     let (mut r, mut q) = ring(&mem, 16, true);
@@ -226,4 +231,372 @@ fn frame_larger_than_a_small_buffer_is_dropped_and_counted() {
         Some(62),
         "next frame got the buffer"
     );
+}
+
+// Bug 1: a frame larger than the guest may receive is never delivered cut.
+
+#[test]
+fn frame_above_the_largest_frame_is_dropped_not_delivered_cut_into_a_bigger_buffer() {
+    // The tap's MTU went above the guest's: a 4000-byte frame meets
+    // 2048-byte buffers (bigger than the guest's largest frame).
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 16, true);
+    let (tap, mut peer) = tap_pair();
+    add_rx_buffers(&mem, &mut r, 2, 2048);
+    peer.write_all(&tap_frame(4000, 1)).unwrap();
+    peer.write_all(&tap_frame(60, 2)).unwrap();
+    let stats = QueueStats::default();
+
+    run_batch(&mem, &mut q, &stats, &tap, SMALL);
+
+    let used: Vec<Used> = std::iter::from_fn(|| r.pop_used(&mem)).collect();
+    assert_eq!(used.len(), 1, "only the frame that fits arrived: {used:?}");
+    assert_eq!(used[0].len, 72);
+    assert_eq!(QueueStats::get(&stats.frames), 1);
+    assert_eq!(
+        QueueStats::get(&stats.bytes),
+        60,
+        "bytes of delivered frames only"
+    );
+    assert_eq!(QueueStats::get(&stats.rx_dropped_oversize_frames), 1);
+    assert_eq!(QueueStats::get(&stats.rx_dropped_frames), 0);
+}
+
+#[test]
+fn mergeable_frame_above_the_largest_frame_is_dropped_even_when_the_buffers_could_hold_it() {
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 16, true);
+    let (tap, mut peer) = tap_pair();
+    add_rx_buffers(&mem, &mut r, 4, 4096);
+    peer.write_all(&tap_frame(4000, 1)).unwrap();
+    peer.write_all(&tap_frame(60, 2)).unwrap();
+    let stats = QueueStats::default();
+
+    run_batch(&mem, &mut q, &stats, &tap, MRG_1500);
+
+    let used: Vec<Used> = std::iter::from_fn(|| r.pop_used(&mem)).collect();
+    assert_eq!(
+        used.len(),
+        1,
+        "only the frame within the MTU arrived: {used:?}"
+    );
+    assert_eq!(used[0].len, 72);
+    assert_eq!(QueueStats::get(&stats.bytes), 60);
+    assert_eq!(QueueStats::get(&stats.rx_dropped_oversize_frames), 1);
+}
+
+/// A tap frame whose header carries `gso_type`.
+fn tap_frame_gso(payload_len: usize, gso_type: u8) -> Vec<u8> {
+    let mut f = tap_frame(payload_len, 4);
+    f[1] = gso_type;
+    f
+}
+
+#[test]
+fn frame_without_gso_above_the_mtu_is_dropped_while_a_gso_frame_of_that_size_arrives() {
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 64, true);
+    let (tap, mut peer) = tap_pair();
+    add_rx_buffers(&mem, &mut r, 40, 4096);
+    peer.write_all(&tap_frame_gso(4000, 0)).unwrap(); // GSO_NONE
+    peer.write_all(&tap_frame_gso(4000, 0x80)).unwrap(); // ECN alone: no GSO
+    peer.write_all(&tap_frame_gso(4000, 1)).unwrap(); // GSO_TCPV4
+    let stats = QueueStats::default();
+    let told_1500 = RxParams {
+        max_plain_frame: 12 + 1518,
+        ..MRG_64K
+    };
+
+    run_batch(&mem, &mut q, &stats, &tap, told_1500);
+
+    let used: Vec<Used> = std::iter::from_fn(|| r.pop_used(&mem)).collect();
+    assert_eq!(
+        used,
+        vec![Used { head: 0, len: 4012 }],
+        "only the GSO frame"
+    );
+    assert_eq!(QueueStats::get(&stats.rx_dropped_oversize_frames), 2);
+}
+
+#[test]
+fn frame_that_exactly_fills_a_buffer_is_delivered() {
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 16, true);
+    let (tap, mut peer) = tap_pair();
+    add_rx_buffers(&mem, &mut r, 1, 1000);
+    peer.write_all(&tap_frame(988, 5)).unwrap();
+    let stats = QueueStats::default();
+
+    run_batch(&mem, &mut q, &stats, &tap, SMALL);
+
+    assert_eq!(r.pop_used(&mem).map(|u| u.len), Some(1000));
+    assert_eq!(QueueStats::get(&stats.rx_dropped_frames), 0);
+}
+
+// Bug 2: mergeable RX delivers by the frame's real size.
+
+#[test]
+fn small_frame_is_delivered_into_a_few_small_mergeable_buffers() {
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 256, true);
+    let (tap, mut peer) = tap_pair();
+    let heads = add_rx_buffers(&mem, &mut r, 4, 256);
+    peer.write_all(&tap_frame(52, 7)).unwrap();
+    let stats = QueueStats::default();
+
+    run_batch(&mem, &mut q, &stats, &tap, MRG_64K);
+
+    assert_eq!(
+        r.pop_used(&mem),
+        Some(Used {
+            head: heads[0],
+            len: 64
+        })
+    );
+    assert_eq!(num_buffers(&mem, buf_addr(0, 256)), 1);
+    assert_eq!(q.next_avail(), 1, "the other buffers stay available");
+}
+
+#[test]
+fn small_frame_is_delivered_into_multi_descriptor_chains_short_of_the_largest_frame() {
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 256, true);
+    let (tap, mut peer) = tap_pair();
+    let head = r
+        .add_chain(
+            &mem,
+            &[
+                Buf {
+                    addr: buf_addr(0, 128),
+                    len: 16,
+                    device_writes: true,
+                },
+                Buf {
+                    addr: buf_addr(1, 128),
+                    len: 128,
+                    device_writes: true,
+                },
+            ],
+        )
+        .unwrap();
+    r.push_avail(&mem, head);
+    r.publish(&mem);
+    peer.write_all(&tap_frame(100, 3)).unwrap();
+    let stats = QueueStats::default();
+
+    run_batch(&mem, &mut q, &stats, &tap, MRG_64K);
+
+    assert_eq!(r.pop_used(&mem), Some(Used { head, len: 112 }));
+    let tail: u8 = mem.read_obj(GuestAddress(buf_addr(1, 128).0 + 95)).unwrap();
+    assert_eq!(tail, 3, "the frame continues in the second descriptor");
+}
+
+/// Frame bytes of `used` entries (buffers of one descriptor at `buf_addr(i, size)`
+/// for head `i`), concatenated.
+fn gather(mem: &crate::guest::GuestMem, used: &[Used], size: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    for u in used {
+        let mut part = vec![0u8; u.len as usize];
+        mem.read_slice(&mut part, buf_addr(usize::from(u.head), size))
+            .unwrap();
+        out.extend(part);
+    }
+    out
+}
+
+/// A tap frame whose payload counts, so a cut or shifted copy shows.
+fn counting_frame(payload_len: usize) -> Vec<u8> {
+    let mut f = vec![0u8; 12];
+    f.extend((0..payload_len).map(|i| u8::try_from(i % 251).unwrap()));
+    f
+}
+
+#[test]
+fn frame_larger_than_the_posted_buffers_waits_for_more_and_is_delivered_first_and_whole() {
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 256, true);
+    let (tap, mut peer) = tap_pair();
+    add_rx_buffers(&mem, &mut r, 4, 256);
+    let big = counting_frame(1100);
+    peer.write_all(&big).unwrap();
+    peer.write_all(&tap_frame(60, 9)).unwrap();
+    let stats = QueueStats::default();
+    let mut bounce = Bounce::default();
+
+    let end = run_batch_with(&mut bounce, &mem, &mut q, &stats, &tap, MRG_64K);
+
+    assert_eq!(end, End::RingEmpty, "waits for the guest's buffers");
+    assert_eq!(r.pop_used(&mem), None, "nothing delivered cut");
+    assert_eq!(q.next_avail(), 0, "the buffers were given back");
+    assert!(
+        r.needs_kick(&mem, true, 4, 5),
+        "the guest's refill kick is wanted"
+    );
+
+    // The guest refills: four more 256-byte buffers (slots 4..8).
+    for i in 4..8 {
+        let h = r
+            .add_chain(
+                &mem,
+                &[Buf {
+                    addr: buf_addr(i, 256),
+                    len: 256,
+                    device_writes: true,
+                }],
+            )
+            .unwrap();
+        r.push_avail(&mem, h);
+    }
+    r.publish(&mem);
+    run_batch_with(&mut bounce, &mem, &mut q, &stats, &tap, MRG_64K);
+
+    let used: Vec<Used> = std::iter::from_fn(|| r.pop_used(&mem)).collect();
+    assert_eq!(
+        used.len(),
+        6,
+        "5 buffers for 1112 bytes, then 1 for the small frame"
+    );
+    assert_eq!(num_buffers(&mem, buf_addr(0, 256)), 5);
+    let mut got = gather(&mem, &used[..5], 256);
+    got[10..12].copy_from_slice(&[0, 0]);
+    assert_eq!(got, big, "delivered whole and byte-exact");
+    assert_eq!(used[5].len, 72, "the next frame follows");
+    assert_eq!(QueueStats::get(&stats.frames), 2);
+    assert_eq!(QueueStats::get(&stats.rx_dropped_frames), 0);
+}
+
+#[test]
+fn tap_is_not_read_while_a_frame_is_held_for_buffers() {
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 256, true);
+    let (tap, mut peer) = tap_pair();
+    add_rx_buffers(&mem, &mut r, 2, 256);
+    peer.write_all(&counting_frame(600)).unwrap();
+    peer.write_all(&tap_frame(60, 1)).unwrap();
+    let stats = QueueStats::default();
+    let mut bounce = Bounce::default();
+    run_batch_with(&mut bounce, &mem, &mut q, &stats, &tap, MRG_64K);
+
+    // A kick without new buffers (or any later batch) does not read on.
+    let end = run_batch_with(&mut bounce, &mem, &mut q, &stats, &tap, MRG_64K);
+
+    assert_eq!(end, End::RingEmpty);
+    assert!(bounce.holds_frame());
+    assert_eq!(r.pop_used(&mem), None);
+    let mut buf = [0u8; 100];
+    assert_eq!(
+        std::io::Read::read(&mut &tap, &mut buf).unwrap(),
+        72,
+        "the next frame is still queued in the tap"
+    );
+}
+
+#[test]
+fn held_gso_frame_of_60k_is_delivered_once_the_guest_has_posted_enough() {
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 64, true);
+    let (tap, mut peer) = tap_pair();
+    add_rx_buffers(&mem, &mut r, 10, 4096);
+    let big = counting_frame(60_000);
+    peer.write_all(&big).unwrap();
+    let stats = QueueStats::default();
+    let mut bounce = Bounce::default();
+    run_batch_with(&mut bounce, &mem, &mut q, &stats, &tap, MRG_64K);
+    assert_eq!(r.pop_used(&mem), None, "40 KiB posted: the frame waits");
+
+    for i in 10..20 {
+        let h = r
+            .add_chain(
+                &mem,
+                &[Buf {
+                    addr: buf_addr(i, 4096),
+                    len: 4096,
+                    device_writes: true,
+                }],
+            )
+            .unwrap();
+        r.push_avail(&mem, h);
+    }
+    r.publish(&mem);
+    run_batch_with(&mut bounce, &mem, &mut q, &stats, &tap, MRG_64K);
+
+    let used: Vec<Used> = std::iter::from_fn(|| r.pop_used(&mem)).collect();
+    assert_eq!(used.len(), big.len().div_ceil(4096));
+    assert_eq!(
+        usize::from(num_buffers(&mem, buf_addr(0, 4096))),
+        used.len()
+    );
+    let mut got = gather(&mem, &used, 4096);
+    got[10..12].copy_from_slice(&[0, 0]);
+    assert!(got == big, "delivered whole and byte-exact");
+    assert_eq!(q.next_avail(), 15, "the other 5 buffers stay available");
+}
+
+#[test]
+fn frame_longer_than_the_whole_ring_can_hold_is_dropped_not_held_forever() {
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 4, true);
+    let (tap, mut peer) = tap_pair();
+    add_rx_buffers(&mem, &mut r, 4, 256);
+    peer.write_all(&counting_frame(1100)).unwrap();
+    peer.write_all(&tap_frame(60, 1)).unwrap();
+    let stats = QueueStats::default();
+    let mut bounce = Bounce::default();
+
+    run_batch_with(&mut bounce, &mem, &mut q, &stats, &tap, MRG_64K);
+
+    assert!(!bounce.holds_frame());
+    assert_eq!(QueueStats::get(&stats.rx_dropped_frames), 1);
+    assert_eq!(
+        r.pop_used(&mem).map(|u| u.len),
+        Some(72),
+        "the next frame got a buffer"
+    );
+}
+
+#[test]
+fn held_frame_is_dropped_and_counted_when_the_connection_goes_away() {
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 256, true);
+    let (tap, mut peer) = tap_pair();
+    add_rx_buffers(&mem, &mut r, 2, 256);
+    peer.write_all(&counting_frame(600)).unwrap();
+    let stats = QueueStats::default();
+    let mut bounce = Bounce::default();
+    run_batch_with(&mut bounce, &mem, &mut q, &stats, &tap, MRG_64K);
+    assert!(bounce.holds_frame());
+
+    bounce.drop_held(&stats);
+
+    assert!(!bounce.holds_frame());
+    assert_eq!(QueueStats::get(&stats.rx_dropped_frames), 1);
+    assert_eq!(QueueStats::get(&stats.frames), 0);
+}
+
+// Bug 3: a legacy feature set has a 10-byte header.
+
+#[test]
+fn legacy_10_byte_header_leaves_the_frame_after_it_untouched() {
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 16, true);
+    let (tap, mut peer) = tap_pair();
+    add_rx_buffers(&mem, &mut r, 2, 1528);
+    let mut frame = vec![0u8; 10];
+    frame.extend((0..60).map(|i| u8::try_from(i + 1).unwrap()));
+    peer.write_all(&frame).unwrap();
+    let stats = QueueStats::default();
+    let legacy = RxParams {
+        hdr_len: 10,
+        max_frame: 10 + 1518,
+        max_plain_frame: 10 + 1518,
+        ..SMALL
+    };
+
+    run_batch(&mem, &mut q, &stats, &tap, legacy);
+
+    assert_eq!(r.pop_used(&mem).map(|u| u.len), Some(70));
+    let mut got = vec![0u8; 70];
+    mem.read_slice(&mut got, buf_addr(0, 1528)).unwrap();
+    assert_eq!(got, frame, "no num_buffers written into the frame");
+    assert_eq!(QueueStats::get(&stats.bytes), 60);
 }

@@ -18,7 +18,9 @@ fn run_batch(
 ) -> (End, Verdict) {
     let mut iov = IoVecBuf::default();
     let mut batch = Batch::begin(queue, mem, stats, 1).unwrap();
-    let end = batch.drain(u64::MAX, |b| step(b, &mut iov, tap)).unwrap();
+    let end = batch
+        .drain(u64::MAX, |b| step(b, &mut iov, tap, 12))
+        .unwrap();
     (
         end,
         batch
@@ -161,7 +163,10 @@ fn tx_256_frames_with_used_event(used_event: u16) -> QueueStats {
     let mut iov = IoVecBuf::default();
     let mut batch = Batch::begin(&mut q, &mem, &stats, 1).unwrap();
     let end = loop {
-        match batch.drain(u64::MAX, |b| step(b, &mut iov, &tap)).unwrap() {
+        match batch
+            .drain(u64::MAX, |b| step(b, &mut iov, &tap, 12))
+            .unwrap()
+        {
             End::TapBlocked => std::thread::yield_now(),
             other => break other,
         }
@@ -221,7 +226,7 @@ fn without_event_idx_no_notify_is_set_while_draining_and_cleared_after() {
     batch
         .drain(u64::MAX, |b| {
             flags_while_draining = r.used_flags(b.mem());
-            step(b, &mut iov, &tap)
+            step(b, &mut iov, &tap, 12)
         })
         .unwrap();
     batch
@@ -265,7 +270,7 @@ fn budget_ends_the_batch_with_work_left() {
     let mut iov = IoVecBuf::default();
     let mut batch = Batch::begin(&mut q, &mem, &stats, 1).unwrap();
 
-    let end = batch.drain(3, |b| step(b, &mut iov, &tap)).unwrap();
+    let end = batch.drain(3, |b| step(b, &mut iov, &tap, 12)).unwrap();
     batch
         .finish(&mut Coalescer::new(Policy::Immediate))
         .unwrap();
@@ -285,7 +290,7 @@ fn bogus_avail_index_is_reported_as_an_error() {
     let mut batch = Batch::begin(&mut q, &mem, &stats, 1).unwrap();
 
     let err = batch
-        .drain(u64::MAX, |b| step(b, &mut iov, &tap))
+        .drain(u64::MAX, |b| step(b, &mut iov, &tap, 12))
         .unwrap_err();
 
     assert!(matches!(err, crate::ring::RingError::BadAvailIndex(_)));
@@ -329,7 +334,9 @@ fn frames_policy_defers_a_short_batch_and_the_timer_signals_it() {
     let mut c = Coalescer::new("frames=32,usecs=200".parse().unwrap());
     let mut iov = IoVecBuf::default();
     let mut batch = Batch::begin(&mut q, &mem, &stats, 1).unwrap();
-    batch.drain(u64::MAX, |b| step(b, &mut iov, &tap)).unwrap();
+    batch
+        .drain(u64::MAX, |b| step(b, &mut iov, &tap, 12))
+        .unwrap();
 
     let verdict = batch.finish(&mut c).unwrap();
 
@@ -350,4 +357,41 @@ fn frames_policy_defers_a_short_batch_and_the_timer_signals_it() {
         1,
         "nothing left to signal"
     );
+}
+
+#[test]
+fn legacy_10_byte_header_counts_frame_bytes_without_it_and_shorter_chains_are_refused() {
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 16, true);
+    let (tap, mut peer) = tap_pair();
+    // add_tx_frame writes a 12-byte header: as a 10-byte header + frame,
+    // that is 10 + 62 bytes.
+    add_tx_frame(&mem, &mut r, 0, &[0xab; 60]);
+    let short = r
+        .add_chain(
+            &mem,
+            &[Buf {
+                addr: buf_addr(3, 2048),
+                len: 9,
+                device_writes: false,
+            }],
+        )
+        .unwrap();
+    r.push_avail(&mem, short);
+    r.publish(&mem);
+    let stats = QueueStats::default();
+    let mut iov = IoVecBuf::default();
+
+    let mut batch = Batch::begin(&mut q, &mem, &stats, 1).unwrap();
+    batch
+        .drain(u64::MAX, |b| step(b, &mut iov, &tap, 10))
+        .unwrap();
+    batch
+        .finish(&mut Coalescer::new(Policy::Immediate))
+        .unwrap();
+
+    let mut frame = [0u8; 2048];
+    assert_eq!(peer.read(&mut frame).unwrap(), 72, "the chain as it is");
+    assert_eq!(QueueStats::get(&stats.bytes), 62);
+    assert_eq!(QueueStats::get(&stats.bad_chains), 1, "9 bytes: no header");
 }

@@ -600,18 +600,32 @@ impl TestFrontend {
         );
     }
 
-    /// Queues one TX frame (12-byte header + `frame`) on pair `pair`,
+    /// Queues one TX frame (header + `frame`) on pair `pair`,
     /// publishes it and kicks if the device asks. Returns whether it kicked.
     pub fn send(&mut self, pair: usize, frame: &[u8]) -> bool {
         self.queue_tx(pair, frame);
         self.publish_and_kick(2 * pair + 1)
     }
 
-    /// Queues one TX frame without publishing it.
+    /// Length of the virtio-net header the acked features call for: 12
+    /// bytes with VERSION_1 or MRG_RXBUF, else the legacy 10 bytes.
+    pub fn hdr_len(&self) -> usize {
+        const VERSION_1: u64 = 1 << 32;
+        const MRG_RXBUF: u64 = 1 << 15;
+        if self.features & (VERSION_1 | MRG_RXBUF) != 0 {
+            12
+        } else {
+            10
+        }
+    }
+
+    /// Queues one TX frame (a zeroed header of [`TestFrontend::hdr_len`]
+    /// bytes, then `frame`) without publishing it.
     pub fn queue_tx(&mut self, pair: usize, frame: &[u8]) {
+        let hdr_len = self.hdr_len();
         let vq = &mut self.vqs[2 * pair + 1];
         let addr = vq.next_buffer();
-        let mut bytes = vec![0u8; 12];
+        let mut bytes = vec![0u8; hdr_len];
         bytes.extend_from_slice(frame);
         assert!(
             bytes.len() <= vq.buf_size as usize,
