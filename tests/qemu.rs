@@ -1,7 +1,9 @@
 //! End to end with QEMU and a real Linux guest (its `virtio_net` driver):
 //! ping and 64 MiB TCP transfers both ways with offloads on, two queue pairs,
 //! QEMU 10 (MSI-X) and Debian 12's QEMU 7.2 (`vectors=0`), backend restart,
-//! QEMU restart, and client mode.
+//! QEMU restart, and client mode; and, under each interrupt coalescing
+//! policy, RX surviving VM pause/resume (QMP `stop`/`cont`) and a backend
+//! restart under RX load.
 //!
 //! Needs root, QEMU 10, QEMU 7.2 and the guest image: `.ci/install-deps.sh`
 //! installs them. `#[ignore]`d for a plain `cargo test`; CI runs them with
@@ -16,6 +18,8 @@ use std::time::{Duration, Instant};
 
 use common::qemu::{Chardev, Guest, Options, Qemu, Version};
 use common::{Daemon, Mode, Netns, Stats};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 
 const HOST_IP: &str = "198.18.0.1";
 const GUEST_IP: &str = "198.18.0.2";
@@ -100,7 +104,16 @@ fn ping_from_guest(g: &mut Guest, count: u32) {
 /// in one CI run (seen once, right after boot; the 100-ping checks on a
 /// settled guest have not lost any).
 fn wait_reachable(ns: &Netns) {
-    let deadline = Instant::now() + Duration::from_secs(60);
+    assert!(
+        reachable_within(ns, Duration::from_secs(60)).is_some(),
+        "guest never became reachable again"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+}
+
+/// How long until one ping from the namespace is answered, if within `limit`.
+fn reachable_within(ns: &Netns, limit: Duration) -> Option<Duration> {
+    let start = Instant::now();
     loop {
         let ok = in_ns(ns, &["ping", "-c", "1", "-W", "1", "-q", GUEST_IP])
             .stdout(Stdio::null())
@@ -108,13 +121,165 @@ fn wait_reachable(ns: &Netns) {
             .expect("ping")
             .success();
         if ok {
-            std::thread::sleep(Duration::from_secs(1));
-            return;
+            return Some(start.elapsed());
         }
-        assert!(
-            Instant::now() < deadline,
-            "guest never became reachable again"
-        );
+        if start.elapsed() >= limit {
+            return None;
+        }
+    }
+}
+
+/// `ping` from the namespace to the guest, running in the background until
+/// [`BackgroundPing::finish`]; killed by PID on drop.
+struct BackgroundPing {
+    proc: Proc,
+    started: Instant,
+    interval: Duration,
+    output: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// What a [`BackgroundPing`] saw.
+struct PingResult {
+    transmitted: u32,
+    received: u32,
+    /// Sequence numbers (from 1) that were never answered.
+    lost: Vec<u32>,
+    interval: Duration,
+}
+
+impl BackgroundPing {
+    /// Pings every `interval` with `size` bytes of payload.
+    fn start(ns: &Netns, interval: Duration, size: u32) -> BackgroundPing {
+        // To a file, not a pipe: nothing reads it while ping runs.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let output = dir.path().join("ping.out");
+        let out = std::fs::File::create(&output).expect("ping output");
+        let child = in_ns(
+            ns,
+            &[
+                "ping",
+                "-n",
+                "-i",
+                &format!("{:.3}", interval.as_secs_f64()),
+                "-s",
+                &size.to_string(),
+                GUEST_IP,
+            ],
+        )
+        .stdout(out)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ping");
+        BackgroundPing {
+            proc: Proc(child),
+            started: Instant::now(),
+            interval,
+            output,
+            _dir: dir,
+        }
+    }
+
+    /// Time since the first ping was sent.
+    fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Stops ping as Ctrl-C does (SIGINT: it prints its summary) and reads
+    /// its counts. Replies still in flight at that moment count as lost.
+    fn finish(mut self) -> PingResult {
+        let pid = Pid::from_raw(i32::try_from(self.proc.0.id()).expect("pid"));
+        kill(pid, Signal::SIGINT).expect("SIGINT to ping");
+        let deadline = Instant::now() + SHORT;
+        while self.proc.0.try_wait().expect("wait").is_none() {
+            assert!(Instant::now() < deadline, "ping ignored SIGINT");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let text = std::fs::read_to_string(&self.output).expect("ping output");
+        let summary = text
+            .lines()
+            .find(|l| l.contains("packets transmitted"))
+            .unwrap_or_else(|| panic!("no ping summary in:\n{text}"));
+        // "240 packets transmitted, 238 received, [+N errors, ]0.8% packet loss, time ..."
+        let count = |what: &str| -> u32 {
+            summary
+                .split(',')
+                .find(|f| f.trim_end().ends_with(what))
+                .and_then(|f| f.split_whitespace().next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("no '{what}' in ping summary: {summary}"))
+        };
+        let (transmitted, received) = (count("packets transmitted"), count("received"));
+        let answered: std::collections::BTreeSet<u32> = text
+            .lines()
+            .filter(|l| l.contains("bytes from"))
+            .filter_map(|l| l.split("icmp_seq=").nth(1))
+            .filter_map(|r| r.split_whitespace().next())
+            .filter_map(|n| n.parse().ok())
+            .collect();
+        let lost = (1..=transmitted)
+            .filter(|s| !answered.contains(s))
+            .collect();
+        PingResult {
+            transmitted,
+            received,
+            lost,
+            interval: self.interval,
+        }
+    }
+}
+
+impl PingResult {
+    fn loss_percent(&self) -> f64 {
+        100.0 * f64::from(self.transmitted - self.received.min(self.transmitted))
+            / f64::from(self.transmitted.max(1))
+    }
+
+    /// The unanswered pings as runs of sequence numbers, e.g. `#19-214`
+    /// (ping sends one every interval while it is answered; it slows down
+    /// while the guest's address does not resolve).
+    fn lost_runs(&self) -> String {
+        let mut runs: Vec<(u32, u32)> = Vec::new();
+        for &s in &self.lost {
+            match runs.last_mut() {
+                Some((_, end)) if *end + 1 == s => *end = s,
+                _ => runs.push((s, s)),
+            }
+        }
+        let shown: Vec<String> = runs
+            .iter()
+            .take(10)
+            .map(|&(a, b)| {
+                if a == b {
+                    format!("#{a}")
+                } else {
+                    format!("#{a}-{b}")
+                }
+            })
+            .collect();
+        let more = runs.len().saturating_sub(shown.len());
+        let tail = if more > 0 {
+            format!(" and {more} more runs")
+        } else {
+            String::new()
+        };
+        format!("{}{tail}", shown.join(", "))
+    }
+}
+
+impl std::fmt::Display for PingResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:.1}% of {} pings (every {} ms) lost",
+            self.loss_percent(),
+            self.transmitted,
+            self.interval.as_millis()
+        )?;
+        if !self.lost.is_empty() {
+            write!(f, ": {}", self.lost_runs())?;
+        }
+        Ok(())
     }
 }
 
@@ -434,4 +599,197 @@ fn client_mode_daemon_connects_to_qemu_and_follows_a_qemu_restart() {
     wait_reachable(&ns);
     ping_from_namespace(&ns, 20);
     ping_from_guest(&mut g, 20);
+}
+
+/// Highest ping loss accepted across pauses or a backend restart: pings sent
+/// while the VM is paused are answered late, not lost.
+const MAX_LOSS_PERCENT: f64 = 5.0;
+/// Between pings in the loss measurements.
+const PING_EVERY: Duration = Duration::from_millis(50);
+
+/// What the guest's RX side has seen since boot: frames its driver took
+/// and interrupts of its RX queue (`virtioN-input.0` in /proc/interrupts).
+#[derive(Clone, Copy, Default)]
+struct GuestRx {
+    frames: u64,
+    interrupts: u64,
+}
+
+fn guest_rx(g: &mut Guest) -> GuestRx {
+    let (_, frames, _, _) = guest_counters(g);
+    let out = g.ok("cat /proc/interrupts", SHORT);
+    let interrupts = out
+        .lines()
+        .find(|l| l.trim_end().ends_with("-input.0"))
+        .map_or(0, |l| {
+            l.split_whitespace()
+                .skip(1)
+                .map_while(|n| n.parse::<u64>().ok())
+                .sum()
+        });
+    GuestRx { frames, interrupts }
+}
+
+/// The daemon's view of RX next to the guest's, for a failure message: a
+/// guest that took fewer frames than the daemon put on its ring never heard
+/// about the rest; fewer interrupts than the daemon counted as sent were
+/// lost on the way. `before` is the guest's view when this daemon process
+/// started.
+fn rx_diagnosis(d: &Daemon, g: &mut Guest, before: GuestRx) -> String {
+    let s = d.stats();
+    let now = guest_rx(g);
+    format!(
+        "daemon put {} frames on the RX ring, counted {} interrupts sent (deferred {}, \
+         suppressed {}); meanwhile the guest took {} frames and saw {} RX interrupts",
+        s.get("frames_total", 0),
+        s.get("interrupts_sent_total", 0),
+        s.get("interrupts_deferred_total", 0),
+        s.get("interrupts_suppressed_total", 0),
+        now.frames - before.frames,
+        now.interrupts - before.interrupts,
+    )
+}
+
+/// Pauses and resumes the VM (QMP `stop`/`cont`: QEMU stops the rings with
+/// GET_VRING_BASE and sets them up again) four times while the namespace
+/// pings the guest every 50 ms, with `policy` for both directions; then at
+/// most 5% of the pings may be lost and a TCP transfer into the guest must
+/// arrive intact.
+fn pause_resume_keeps_rx_working(label: &str, policy: &str) {
+    let ns = Netns::new();
+    let d = Daemon::start(&ns, &["--rx-coalesce", policy, "--tx-coalesce", policy]);
+    address_tap(&ns, &d.tap);
+    let name = format!("pause-{label}");
+    let (mut qemu, mut g) = Qemu::boot(&name, &d.socket, GUEST_CIDR, &Options::default());
+    wait_reachable(&ns);
+
+    let start = Instant::now();
+    let ping = BackgroundPing::start(&ns, PING_EVERY, 56);
+    std::thread::sleep(Duration::from_secs(1));
+    let mut pauses = Vec::new();
+    for _ in 0..4 {
+        let at = ping.elapsed();
+        qemu.pause();
+        std::thread::sleep(Duration::from_millis(500));
+        qemu.resume();
+        pauses.push(format!(
+            "{:.1}-{:.1} s",
+            at.as_secs_f64(),
+            ping.elapsed().as_secs_f64()
+        ));
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+    // A tail: pings sent during the last pause are answered after it.
+    std::thread::sleep(Duration::from_secs(3));
+    let result = ping.finish();
+    eprintln!(
+        "{policy}: pause/resume x4 (paused {}): {result} (in {:.1?})",
+        pauses.join(", "),
+        start.elapsed()
+    );
+    if result.loss_percent() > MAX_LOSS_PERCENT {
+        let why = rx_diagnosis(&d, &mut g, GuestRx::default());
+        panic!(
+            "--rx-coalesce/--tx-coalesce {policy}: {result} across 4 pause/resume cycles \
+             (paused {}), more than {MAX_LOSS_PERCENT}%; {why}",
+            pauses.join(", ")
+        );
+    }
+    // The scenario happened: QEMU set the device up again at each resume.
+    let setups = d.log().matches("features acked").count();
+    assert!(setups > 4, "{setups} device setups for 4 resumes");
+    transfer_host_to_guest(&ns, &mut g, 4, 5002);
+}
+
+#[test]
+#[ignore = "needs root, QEMU and the guest image (.ci/install-deps.sh)"]
+fn qemu10_pause_resume_keeps_rx_working_with_immediate_interrupts() {
+    let _one = serial();
+    pause_resume_keeps_rx_working("immediate", "immediate");
+}
+
+#[test]
+#[ignore = "needs root, QEMU and the guest image (.ci/install-deps.sh)"]
+fn qemu10_pause_resume_keeps_rx_working_with_frames_coalescing() {
+    let _one = serial();
+    pause_resume_keeps_rx_working("frames", "frames=64,usecs=100000");
+}
+
+#[test]
+#[ignore = "needs root, QEMU and the guest image (.ci/install-deps.sh)"]
+fn qemu10_pause_resume_keeps_rx_working_with_adaptive_coalescing() {
+    let _one = serial();
+    pause_resume_keeps_rx_working("adaptive", "adaptive");
+}
+
+/// Kills the daemon (SIGKILL) while the namespace floods the guest with
+/// pings (100 a second, 1000 bytes: with `frames=64,usecs=100000` an RX
+/// interrupt is held most of the time) and restarts it on the same socket
+/// and administrator-made tap. With no command in the guest, the guest must
+/// be reachable again, lose at most 5% of 50 ms pings once it is, and take
+/// a TCP transfer intact.
+fn daemon_restart_under_rx_load_keeps_rx_working(label: &str, policy: &str) {
+    let ns = Netns::new();
+    let mut d = Daemon::paths();
+    ns.add_tap(&d.tap);
+    address_tap(&ns, &d.tap);
+    let flags = ["--rx-coalesce", policy, "--tx-coalesce", policy];
+    d.spawn(&ns, &flags);
+    let name = format!("restart-load-{label}");
+    let (_qemu, mut g) = Qemu::boot(&name, &d.socket, GUEST_CIDR, &Options::default());
+    wait_reachable(&ns);
+
+    let load = BackgroundPing::start(&ns, Duration::from_millis(10), 1000);
+    std::thread::sleep(Duration::from_secs(2));
+    d.kill();
+    let at_kill = guest_rx(&mut g);
+    d.spawn(&ns, &flags);
+    let back = reachable_within(&ns, Duration::from_secs(20));
+    let load = load.finish();
+    let reach = match back {
+        Some(t) => format!("reachable again {t:.1?} after the restart"),
+        None => "not reachable within 20 s of the restart".to_owned(),
+    };
+    eprintln!(
+        "{policy}: guest {reach}; flood (every 10 ms) across the restart: {:.1}% of {} lost",
+        load.loss_percent(),
+        load.transmitted
+    );
+    // Settle, then measure.
+    std::thread::sleep(Duration::from_secs(1));
+    let ping = BackgroundPing::start(&ns, PING_EVERY, 56);
+    std::thread::sleep(Duration::from_secs(8));
+    let result = ping.finish();
+    eprintln!("{policy}: after the restart: {result}");
+    if back.is_none() || result.loss_percent() > MAX_LOSS_PERCENT {
+        let why = rx_diagnosis(&d, &mut g, at_kill);
+        panic!(
+            "--rx-coalesce/--tx-coalesce {policy}: after the daemon was killed under RX load \
+             and restarted, the guest was {reach}; then {result} (limit {MAX_LOSS_PERCENT}%); \
+             restarted daemon: {why}"
+        );
+    }
+    assert!(d.log().matches("frontend connected").count() >= 2);
+    transfer_host_to_guest(&ns, &mut g, 4, 5002);
+}
+
+#[test]
+#[ignore = "needs root, QEMU and the guest image (.ci/install-deps.sh)"]
+fn qemu10_daemon_killed_under_rx_load_comes_back_with_immediate_interrupts() {
+    let _one = serial();
+    daemon_restart_under_rx_load_keeps_rx_working("immediate", "immediate");
+}
+
+#[test]
+#[ignore = "needs root, QEMU and the guest image (.ci/install-deps.sh)"]
+fn qemu10_daemon_killed_under_rx_load_comes_back_with_frames_coalescing() {
+    let _one = serial();
+    daemon_restart_under_rx_load_keeps_rx_working("frames", "frames=64,usecs=100000");
+}
+
+#[test]
+#[ignore = "needs root, QEMU and the guest image (.ci/install-deps.sh)"]
+fn qemu10_daemon_killed_under_rx_load_comes_back_with_adaptive_coalescing() {
+    let _one = serial();
+    daemon_restart_under_rx_load_keeps_rx_working("adaptive", "adaptive");
 }

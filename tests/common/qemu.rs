@@ -3,7 +3,8 @@
 //! agent (protocol in `tests/guest/README.md`).
 //!
 //! QEMU is killed by PID on drop; if the test is failing, its console log is
-//! kept under `target/qemu-artifacts/`.
+//! kept under `target/qemu-artifacts/`. Its QMP monitor listens on a socket
+//! in the same tempdir ([`Qemu::monitor`], [`Qemu::pause`], [`Qemu::resume`]).
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -92,6 +93,8 @@ pub struct Qemu {
     child: Option<Child>,
     pub console: PathBuf,
     name: String,
+    qmp_path: PathBuf,
+    qmp: Option<Qmp>,
     _dir: tempfile::TempDir,
 }
 
@@ -105,6 +108,7 @@ impl Qemu {
         let ctl_path = dir.path().join("ctl.sock");
         let ctl = UnixListener::bind(&ctl_path).expect("bind control socket");
         let console = dir.path().join("console.log");
+        let qmp_path = dir.path().join("qmp.sock");
         let sock = socket.to_str().expect("utf-8 path");
         let chardev = match (opts.chardev, opts.version) {
             (Chardev::Client, Version::Qemu10) => {
@@ -152,6 +156,9 @@ impl Qemu {
             append,
             "-serial".into(),
             format!("file:{}", console.display()),
+            // wait=off: QEMU does not wait for a monitor client to start.
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", qmp_path.display()),
             "-chardev".into(),
             format!("socket,id=ctl,path={}", ctl_path.display()),
             "-serial".into(),
@@ -166,6 +173,15 @@ impl Qemu {
             "-device".into(),
             format!("virtio-net-pci,netdev=net0,mac={}{mq}{vectors}", opts.mac),
         ])
+        // VUN_QEMU_ARGS (e.g. "-trace vhost_user_write -trace vhost_user_read",
+        // traces go to QEMU's stderr, kept with a failing test's artifacts)
+        // adds arguments; a debugging aid, unset in CI.
+        .chain(
+            std::env::var("VUN_QEMU_ARGS")
+                .unwrap_or_default()
+                .split_whitespace()
+                .map(str::to_owned),
+        )
         .collect();
         let qemu_log = std::fs::File::create(dir.path().join("qemu.log")).expect("qemu log");
         let child = Command::new(binary)
@@ -179,6 +195,8 @@ impl Qemu {
             child: Some(child),
             console,
             name: name.to_owned(),
+            qmp_path,
+            qmp: None,
             _dir: dir,
         };
         let stream = qemu.accept_control(&ctl);
@@ -222,6 +240,49 @@ impl Qemu {
         std::fs::read_to_string(self._dir.path().join("qemu.log")).unwrap_or_default()
     }
 
+    /// Runs the argument-less QMP command `command` (e.g. `stop`, `cont`,
+    /// `query-status`) and returns QEMU's reply line (`{"return": ...}`).
+    /// Panics if QEMU answers with an error or not within [`MONITOR_TIMEOUT`].
+    pub fn monitor(&mut self, command: &str) -> String {
+        assert!(
+            command
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
+            "a bare QMP command name: {command}"
+        );
+        if self.qmp.is_none() {
+            let path = self.qmp_path.clone();
+            let qmp = Qmp::connect(&path, self);
+            self.qmp = Some(qmp);
+        }
+        let mut qmp = self.qmp.take().expect("connected above");
+        let reply = qmp.execute(command, self);
+        self.qmp = Some(qmp);
+        reply
+    }
+
+    /// Pauses the VM (QMP `stop`): its vCPUs stop and QEMU stops the
+    /// vhost-user rings (GET_VRING_BASE) before answering.
+    pub fn pause(&mut self) {
+        self.monitor("stop");
+        self.assert_status("paused");
+    }
+
+    /// Resumes a paused VM (QMP `cont`): QEMU sets the rings up again.
+    pub fn resume(&mut self) {
+        self.monitor("cont");
+        self.assert_status("running");
+    }
+
+    fn assert_status(&mut self, want: &str) {
+        let status = self.monitor("query-status");
+        let compact: String = status.chars().filter(|c| !c.is_whitespace()).collect();
+        assert!(
+            compact.contains(&format!("\"status\":\"{want}\"")),
+            "VM not {want}: {status}"
+        );
+    }
+
     /// Kills QEMU (SIGKILL) and waits for it.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -241,6 +302,92 @@ impl Drop for Qemu {
             let _ = std::fs::copy(&self.console, &keep);
             let _ = std::fs::write(dir.join(format!("{}-qemu.log", self.name)), self.log());
             eprintln!("guest console log kept at {}", keep.display());
+        }
+    }
+}
+
+/// How long one QMP command may take (`stop` waits for the backend's
+/// GET_VRING_BASE replies).
+pub const MONITOR_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A QMP client: one JSON object per line each way; replies carry the `id`
+/// of their command, asynchronous events (`STOP`, `RESUME`, ...) none.
+struct Qmp {
+    stream: UnixStream,
+    pending: Vec<u8>,
+    seq: u32,
+}
+
+impl Qmp {
+    /// Connects to QEMU's monitor socket and leaves capabilities
+    /// negotiation mode (`qmp_capabilities`).
+    fn connect(path: &Path, qemu: &mut Qemu) -> Qmp {
+        let deadline = Instant::now() + MONITOR_TIMEOUT;
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) => {
+                    qemu.assert_running();
+                    assert!(
+                        Instant::now() < deadline,
+                        "QMP socket {}: {e}",
+                        path.display()
+                    );
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        let mut qmp = Qmp {
+            stream,
+            pending: Vec::new(),
+            seq: 0,
+        };
+        let greeting = qmp.line(qemu, deadline);
+        assert!(
+            greeting.contains("\"QMP\""),
+            "not a QMP greeting: {greeting}"
+        );
+        qmp.execute("qmp_capabilities", qemu);
+        qmp
+    }
+
+    /// The next line from QEMU.
+    fn line(&mut self, qemu: &mut Qemu, deadline: Instant) -> String {
+        loop {
+            if let Some(nl) = self.pending.iter().position(|&c| c == b'\n') {
+                let line: Vec<u8> = self.pending.drain(..=nl).collect();
+                return String::from_utf8_lossy(&line).trim().to_owned();
+            }
+            let mut buf = [0u8; 4096];
+            match self.stream.read(&mut buf) {
+                Ok(0) => panic!("QEMU closed its monitor: {}", qemu.log()),
+                Ok(n) => self.pending.extend_from_slice(&buf[..n]),
+                Err(_) => {
+                    qemu.assert_running();
+                    assert!(Instant::now() < deadline, "QMP: no answer from QEMU");
+                }
+            }
+        }
+    }
+
+    /// Sends `command` and returns its reply, skipping events.
+    fn execute(&mut self, command: &str, qemu: &mut Qemu) -> String {
+        self.seq += 1;
+        let id = format!("\"vun-{}\"", self.seq);
+        self.stream
+            .write_all(format!("{{\"execute\": \"{command}\", \"id\": {id}}}\n").as_bytes())
+            .expect("send QMP command");
+        let deadline = Instant::now() + MONITOR_TIMEOUT;
+        loop {
+            let line = self.line(qemu, deadline);
+            if !line.contains(&id) {
+                continue;
+            }
+            assert!(line.contains("\"return\""), "QMP {command} failed: {line}");
+            return line;
         }
     }
 }
