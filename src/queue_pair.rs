@@ -402,7 +402,7 @@ impl QueuePair {
             tap_failed = batch.tap_failed();
             Ok((end, batch.finish(coalescer)?))
         })();
-        let end = self.conclude(result, &state, TX);
+        let end = self.conclude(result, vring, &state, TX);
         drop(state);
         if tap_failed {
             self.mark_tap_gone();
@@ -443,7 +443,7 @@ impl QueuePair {
             Ok((end, batch.finish(coalescer)?))
         })();
         drop(iovecs);
-        let end = self.conclude(result, &state, RX);
+        let end = self.conclude(result, vring, &state, RX);
         drop(state);
         if tap_failed {
             self.mark_tap_gone();
@@ -467,13 +467,14 @@ impl QueuePair {
     fn conclude(
         &mut self,
         result: Result<(End, Verdict), RingError>,
+        vring: &NetVring,
         state: &VringState<GuestMemoryAtomic<GuestMem>>,
         ring: usize,
     ) -> Option<End> {
         let queue_index = 2 * self.index + ring;
         match result {
             Ok((end, verdict)) => {
-                self.act(ring, verdict, state);
+                self.act(ring, verdict, vring, state);
                 Some(end)
             }
             Err(e) => {
@@ -490,14 +491,16 @@ impl QueuePair {
     }
 
     /// Signals the guest, or arms the ring's timer for a deferred interrupt.
+    /// `state` is `vring`'s, locked by the caller.
     fn act(
         &mut self,
         ring: usize,
         verdict: Verdict,
+        vring: &NetVring,
         state: &VringState<GuestMemoryAtomic<GuestMem>>,
     ) {
         match verdict {
-            Verdict::Signal => self.signal_state(ring, state),
+            Verdict::Signal => self.signal_locked(ring, vring, state),
             Verdict::Suppress => {}
             Verdict::Defer(deadline) => {
                 let Some(conn) = self.conn.as_mut() else {
@@ -515,7 +518,7 @@ impl QueuePair {
                         log::error!("pair {}: cannot arm the interrupt timer: {e}", self.index);
                         if conn.coalescers[ring].take_held() {
                             QueueStats::add(&self.queue_stats(ring).interrupts_sent, 1);
-                            self.signal_state(ring, state);
+                            self.signal_locked(ring, vring, state);
                         }
                     }
                 }
@@ -527,12 +530,18 @@ impl QueuePair {
     /// here: batches count their own verdicts).
     fn signal(&self, ring: usize, vring: &NetVring) {
         QueueStats::add(&self.queue_stats(ring).interrupts_sent, 1);
-        self.signal_state(ring, &vring.get_ref());
+        self.signal_locked(ring, vring, &vring.get_ref());
     }
 
-    /// Writes the ring's call eventfd.
-    fn signal_state(&self, ring: usize, state: &VringState<GuestMemoryAtomic<GuestMem>>) {
-        if let Err(e) = state.signal_used_queue() {
+    /// Writes the ring's call eventfd (or owes the interrupt until the
+    /// frontend gives one: [`NetVring::signal`]); `state` is `vring`'s.
+    fn signal_locked(
+        &self,
+        ring: usize,
+        vring: &NetVring,
+        state: &VringState<GuestMemoryAtomic<GuestMem>>,
+    ) {
+        if let Err(e) = vring.signal(state) {
             log::warn!(
                 "queue {}: cannot signal the guest: {e}",
                 2 * self.index + ring
@@ -550,7 +559,7 @@ impl QueuePair {
         let state = vring.get_ref();
         let stats = &self.stats.queues[2 * self.index + ring];
         let verdict = ring::on_timer(state.get_queue(), &mem, stats, &mut conn.coalescers[ring]);
-        self.act(ring, verdict, &state);
+        self.act(ring, verdict, vring, &state);
     }
 
     fn resume_later(&mut self, ring: usize) {

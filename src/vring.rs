@@ -1,14 +1,21 @@
-//! The framework's vring, plus one thing it does not do: count kicks.
+//! The framework's vring, plus two things it does not do: count kicks, and
+//! keep an interrupt decided while the ring has no call fd.
 //!
 //! vhost-user-backend reads a ring's kick eventfd before calling us and throws
 //! the value away; the value is the number of kicks since the last read. This
-//! wrapper reads it itself and keeps the sum for the worker to collect. Every
-//! other call goes to [`VringMutex`] unchanged.
+//! wrapper reads it itself and keeps the sum for the worker to collect.
+//!
+//! The framework drops a ring's call fd at GET_VRING_BASE, and QEMU sets a
+//! ring up again with SET_VRING_KICK (the ring runs) before SET_VRING_CALL:
+//! an interrupt decided in between would go nowhere, and the guest would
+//! wait for it forever. [`NetVring::signal`] marks it owed instead, and
+//! `set_call` sends it as soon as the frontend gives the fd. Every other
+//! call goes to [`VringMutex`] unchanged.
 
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, MutexGuard};
 
 use vhost_user_backend::{VringMutex, VringState, VringStateGuard, VringStateMutGuard, VringT};
@@ -25,12 +32,28 @@ type Mem = GuestMemoryAtomic<GuestMem>;
 pub struct NetVring {
     inner: VringMutex<Mem>,
     kicks: Arc<AtomicU64>,
+    /// An interrupt was decided while the ring had no call fd.
+    owed: Arc<AtomicBool>,
 }
 
 impl NetVring {
     /// Returns the kicks received since the last call.
     pub fn take_kicks(&self) -> u64 {
         self.kicks.swap(0, Ordering::Relaxed)
+    }
+
+    /// Signals the guest; `state` is this vring's state, locked by the
+    /// caller. Without a call fd the interrupt is owed, and sent by
+    /// `set_call`: both look at the call fd under the state's lock, so the
+    /// mark cannot fall between `set_call` storing the fd and checking it.
+    pub fn signal(&self, state: &VringState<Mem>) -> io::Result<()> {
+        match state.get_call() {
+            Some(call) => call.notify(),
+            None => {
+                self.owed.store(true, Ordering::Release);
+                Ok(())
+            }
+        }
     }
 }
 
@@ -47,6 +70,7 @@ impl VringT<Mem> for NetVring {
         Ok(NetVring {
             inner: VringMutex::new(mem, max_queue_size)?,
             kicks: Arc::default(),
+            owed: Arc::default(),
         })
     }
 
@@ -129,8 +153,16 @@ impl VringT<Mem> for NetVring {
         Ok(state.is_enabled())
     }
 
+    /// Stores the call fd, then sends an interrupt owed since the ring
+    /// lost its previous one ([`NetVring::signal`]).
     fn set_call(&self, file: Option<File>) {
+        let present = file.is_some();
         self.inner.set_call(file);
+        if present && self.owed.swap(false, Ordering::AcqRel) {
+            if let Err(e) = self.inner.signal_used_queue() {
+                log::warn!("cannot send an owed interrupt: {e}");
+            }
+        }
     }
 
     fn set_err(&self, file: Option<File>) {

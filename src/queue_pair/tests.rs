@@ -196,6 +196,9 @@ mod world {
     }
 }
 
+use std::os::fd::AsFd;
+
+use vhost_user_backend::VringT;
 use world::World;
 
 #[test]
@@ -302,4 +305,28 @@ fn a_ring_that_starts_at_index_zero_gets_no_spurious_interrupt() {
     assert!(w.step(1000));
     assert_eq!(w.frames(1), 1);
     assert_eq!(w.interrupts(1), 0, "used_event 100 is not reached");
+}
+
+#[test]
+fn interrupt_decided_before_the_frontend_gives_the_call_fd_is_sent_when_it_does() {
+    // QEMU restarts a ring with KICK before CALL, and the crate dropped the
+    // old call fd at GET_VRING_BASE: a batch in between has nowhere to
+    // signal.
+    let mut w = World::new(256, [Policy::Immediate; 2]);
+    w.vrings[1].set_call(None);
+    w.queue_tx(2);
+    w.kick(1);
+    while w.frames(1) < 2 {
+        assert!(w.step(1000), "the worker stalled");
+    }
+    assert_eq!(w.interrupts(1), 0, "no call fd yet");
+
+    let call = w.calls[1].as_fd().try_clone_to_owned().unwrap();
+    w.vrings[1].set_call(Some(std::fs::File::from(call)));
+
+    assert_eq!(
+        w.interrupts(1),
+        1,
+        "the owed interrupt is sent with the call fd"
+    );
 }
