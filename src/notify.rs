@@ -72,7 +72,17 @@ pub fn guest_wants(
     }
 }
 
-/// How a direction coalesces interrupts.
+/// How a direction coalesces interrupts, as `--rx-coalesce` and
+/// `--tx-coalesce` spell it:
+///
+/// ```
+/// use vhost_user_net::notify::Policy;
+///
+/// let p: Policy = "frames=32,usecs=1000".parse().unwrap();
+/// assert_eq!(p, Policy::Frames { frames: 32, usecs: 1000 });
+/// assert_eq!(p.to_string(), "frames=32,usecs=1000");
+/// assert!("frames=0,usecs=10".parse::<Policy>().is_err());
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Policy {
     /// Signal whenever the guest's event index asks.
