@@ -6,6 +6,7 @@
 # What it provides:
 #   * host tools from Debian: iproute2, busybox-static, cpio, ethtool, systemd
 #     (systemd-socket-activate, systemd-analyze), util-linux (setpriv),
+#     libvirt-clients and libxml2-utils (virt-xml-validate),
 #     iputils-ping, socat, procps, kmod, xz-utils, zstd
 #   * QEMU 10 (qemu-system-x86 from bookworm-backports), installed normally
 #     (/usr/bin/qemu-system-x86_64)
@@ -35,6 +36,7 @@ die() { printf '[install-deps] ERROR: %s\n' "$*" >&2; exit 1; }
 command -v apt-get >/dev/null || die "needs a Debian system (apt-get)"
 
 APT_PKGS=(iproute2 busybox-static cpio ethtool iputils-ping socat procps kmod systemd util-linux
+          libvirt-clients libxml2-utils
           xz-utils zstd gzip ca-certificates debian-archive-keyring)
 BACKPORTS_FILE=/etc/apt/sources.list.d/bookworm-backports.sources
 
