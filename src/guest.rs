@@ -271,60 +271,50 @@ impl GuestIoVecs<'_, '_> {
     /// Reads `out.len()` bytes at byte `offset` of the area the iovecs
     /// describe, through vm-memory's checked accessors.
     pub fn read_at(&self, offset: usize, out: &mut [u8]) -> Result<(), ChainError> {
-        let mut skip = offset;
-        let mut rest = out;
-        for &(addr, len) in &self.buf.spans {
-            if rest.is_empty() {
-                break;
-            }
-            if skip >= len {
-                skip -= len;
-                continue;
-            }
-            let n = rest.len().min(len - skip);
-            let at = GuestAddress(addr.0 + skip as u64);
-            let (now, later) = rest.split_at_mut(n);
-            self.mem
-                .read_slice(now, at)
-                .map_err(|_| ChainError::OutsideGuestMemory {
-                    addr: at.0,
-                    len: u32::try_from(n).unwrap_or(u32::MAX),
-                })?;
-            rest = later;
-            skip = 0;
-        }
-        if rest.is_empty() {
-            Ok(())
-        } else {
-            Err(ChainError::TooLong { max: offset })
-        }
+        self.each_span(offset, out.len(), |at, range| {
+            self.mem.read_slice(&mut out[range], at).is_ok()
+        })
     }
 
     /// Writes `bytes` at byte `offset` of the area the iovecs describe,
     /// through vm-memory's checked accessors (used for `num_buffers`).
     pub fn write_at(&self, offset: usize, bytes: &[u8]) -> Result<(), ChainError> {
+        self.each_span(offset, bytes.len(), |at, range| {
+            self.mem.write_slice(&bytes[range], at).is_ok()
+        })
+    }
+
+    /// Walks the `len` bytes at byte `offset` of the area the iovecs
+    /// describe: `f(guest address, range of those bytes)` once per span
+    /// they touch, `false` when the access failed.
+    fn each_span(
+        &self,
+        offset: usize,
+        len: usize,
+        mut f: impl FnMut(GuestAddress, std::ops::Range<usize>) -> bool,
+    ) -> Result<(), ChainError> {
         let mut skip = offset;
-        let mut rest = bytes;
-        for &(addr, len) in &self.buf.spans {
-            if rest.is_empty() {
+        let mut done = 0;
+        for &(addr, span) in &self.buf.spans {
+            if done == len {
                 break;
             }
-            if skip >= len {
-                skip -= len;
+            if skip >= span {
+                skip -= span;
                 continue;
             }
-            let n = rest.len().min(len - skip);
+            let n = (len - done).min(span - skip);
             let at = GuestAddress(addr.0 + skip as u64);
-            self.mem
-                .write_slice(&rest[..n], at)
-                .map_err(|_| ChainError::OutsideGuestMemory {
+            if !f(at, done..done + n) {
+                return Err(ChainError::OutsideGuestMemory {
                     addr: at.0,
                     len: u32::try_from(n).unwrap_or(u32::MAX),
-                })?;
-            rest = &rest[n..];
+                });
+            }
+            done += n;
             skip = 0;
         }
-        if rest.is_empty() {
+        if done == len {
             Ok(())
         } else {
             Err(ChainError::TooLong { max: offset })

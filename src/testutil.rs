@@ -79,7 +79,18 @@ pub fn add_tx_frame(mem: &GuestMem, ring: &mut SplitRing, slot: usize, frame: &[
 
 /// `count` RX chains of one writable `size`-byte buffer each, published.
 pub fn add_rx_buffers(mem: &GuestMem, ring: &mut SplitRing, count: usize, size: u32) -> Vec<u16> {
-    let heads = (0..count)
+    add_rx_buffers_at(mem, ring, 0..count, size)
+}
+
+/// RX chains of one writable `size`-byte buffer each, in buffer slots
+/// `slots` (a guest refilling after earlier buffers), published.
+pub fn add_rx_buffers_at(
+    mem: &GuestMem,
+    ring: &mut SplitRing,
+    slots: std::ops::Range<usize>,
+    size: u32,
+) -> Vec<u16> {
+    let heads = slots
         .map(|i| {
             let b = Buf {
                 addr: buf_addr(i, size as usize),

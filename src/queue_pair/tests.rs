@@ -193,6 +193,17 @@ mod world {
         pub fn kick(&self, ring: usize) {
             self.kicks[ring].write(1).unwrap();
         }
+
+        /// Queues `count` TX frames, kicks, and runs the worker until they
+        /// are on the tap.
+        pub fn transmit(&mut self, count: usize) {
+            let target = self.frames(1) + count as u64;
+            self.queue_tx(count);
+            self.kick(1);
+            while self.frames(1) < target {
+                assert!(self.step(1000), "the worker stalled");
+            }
+        }
     }
 }
 
@@ -227,18 +238,16 @@ fn rx_and_tx_take_turns_when_both_spend_their_budget() {
     );
 }
 
+/// Holds an interrupt for up to a second (64 frames).
+const HOLD_1S: Policy = Policy::Frames {
+    frames: 64,
+    usecs: 1_000_000,
+};
+
 #[test]
 fn held_interrupt_is_signalled_when_the_ring_stops() {
-    let hold = Policy::Frames {
-        frames: 64,
-        usecs: 1_000_000,
-    };
-    let mut w = World::new(256, [hold, hold]);
-    w.queue_tx(5);
-    w.kick(1);
-    while w.frames(1) < 5 {
-        assert!(w.step(1000), "the worker stalled");
-    }
+    let mut w = World::new(256, [HOLD_1S; 2]);
+    w.transmit(5);
     assert_eq!(w.interrupts(1), 0, "held by the policy");
 
     w.pair.ring_stopped(1);
@@ -252,16 +261,8 @@ fn held_interrupt_is_signalled_when_the_ring_stops() {
 
 #[test]
 fn held_interrupt_is_signalled_when_the_frontend_disconnects() {
-    let hold = Policy::Frames {
-        frames: 64,
-        usecs: 1_000_000,
-    };
-    let mut w = World::new(256, [hold, hold]);
-    w.queue_tx(3);
-    w.kick(1);
-    while w.frames(1) < 3 {
-        assert!(w.step(1000), "the worker stalled");
-    }
+    let mut w = World::new(256, [HOLD_1S; 2]);
+    w.transmit(3);
     assert_eq!(w.interrupts(1), 0, "held by the policy");
 
     w.pair.disconnect();
@@ -272,11 +273,7 @@ fn held_interrupt_is_signalled_when_the_frontend_disconnects() {
 #[test]
 fn first_decision_after_a_restart_signals_although_used_event_lies_behind() {
     let mut w = World::new(256, [Policy::Immediate; 2]);
-    w.queue_tx(4);
-    w.kick(1);
-    while w.frames(1) < 4 {
-        assert!(w.step(1000), "the worker stalled");
-    }
+    w.transmit(4);
     let _ = w.interrupts(1);
     // The guest asks for an interrupt at entry 2 (already passed): the
     // interrupt for it went to a call fd that no longer exists, e.g. the
@@ -314,11 +311,7 @@ fn interrupt_decided_before_the_frontend_gives_the_call_fd_is_sent_when_it_does(
     // signal.
     let mut w = World::new(256, [Policy::Immediate; 2]);
     w.vrings[1].set_call(None);
-    w.queue_tx(2);
-    w.kick(1);
-    while w.frames(1) < 2 {
-        assert!(w.step(1000), "the worker stalled");
-    }
+    w.transmit(2);
     assert_eq!(w.interrupts(1), 0, "no call fd yet");
 
     let call = w.calls[1].as_fd().try_clone_to_owned().unwrap();

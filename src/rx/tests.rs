@@ -8,7 +8,7 @@ use crate::driver::{Buf, Used};
 use crate::guest::IoVecBuf;
 use crate::ring::{Batch, End};
 use crate::stats::QueueStats;
-use crate::testutil::{add_rx_buffers, buf_addr, memory, ring, tap_pair};
+use crate::testutil::{add_rx_buffers, add_rx_buffers_at, buf_addr, memory, ring, tap_pair};
 
 const SMALL: RxParams = RxParams {
     hdr_len: 12,
@@ -434,20 +434,7 @@ fn frame_larger_than_the_posted_buffers_waits_for_more_and_is_delivered_first_an
     );
 
     // The guest refills: four more 256-byte buffers (slots 4..8).
-    for i in 4..8 {
-        let h = r
-            .add_chain(
-                &mem,
-                &[Buf {
-                    addr: buf_addr(i, 256),
-                    len: 256,
-                    device_writes: true,
-                }],
-            )
-            .unwrap();
-        r.push_avail(&mem, h);
-    }
-    r.publish(&mem);
+    add_rx_buffers_at(&mem, &mut r, 4..8, 256);
     run_batch_with(&mut bounce, &mem, &mut q, &stats, &tap, MRG_64K);
 
     let used: Vec<Used> = std::iter::from_fn(|| r.pop_used(&mem)).collect();
@@ -504,20 +491,7 @@ fn held_gso_frame_of_60k_is_delivered_once_the_guest_has_posted_enough() {
     run_batch_with(&mut bounce, &mem, &mut q, &stats, &tap, MRG_64K);
     assert_eq!(r.pop_used(&mem), None, "40 KiB posted: the frame waits");
 
-    for i in 10..20 {
-        let h = r
-            .add_chain(
-                &mem,
-                &[Buf {
-                    addr: buf_addr(i, 4096),
-                    len: 4096,
-                    device_writes: true,
-                }],
-            )
-            .unwrap();
-        r.push_avail(&mem, h);
-    }
-    r.publish(&mem);
+    add_rx_buffers_at(&mem, &mut r, 10..20, 4096);
     run_batch_with(&mut bounce, &mem, &mut q, &stats, &tap, MRG_64K);
 
     let used: Vec<Used> = std::iter::from_fn(|| r.pop_used(&mem)).collect();
