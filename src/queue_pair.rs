@@ -346,7 +346,7 @@ impl QueuePair {
         for (ring, vring) in vrings.iter().enumerate() {
             let kicks = vring.take_kicks();
             if kicks > 0 {
-                QueueStats::add(&self.queue_stats(ring).kicks, kicks);
+                self.queue_stats(ring).kicks.add(kicks);
             }
         }
         let (run_rx, run_tx) = match event {
@@ -479,7 +479,7 @@ impl QueuePair {
             }
             Err(e) => {
                 if matches!(e, RingError::BadAvailIndex(_)) {
-                    QueueStats::add(&self.stats.queues[queue_index].bad_avail_index, 1);
+                    self.stats.queues[queue_index].bad_avail_index.inc();
                 }
                 log::error!("queue {queue_index} stopped until the frontend resets it: {e}");
                 if let Some(conn) = self.conn.as_mut() {
@@ -517,7 +517,7 @@ impl QueuePair {
                         // leave the guest waiting.
                         log::error!("pair {}: cannot arm the interrupt timer: {e}", self.index);
                         if conn.coalescers[ring].take_held() {
-                            QueueStats::add(&self.queue_stats(ring).interrupts_sent, 1);
+                            self.queue_stats(ring).interrupts_sent.inc();
                             self.signal_locked(ring, vring, state);
                         }
                     }
@@ -529,7 +529,7 @@ impl QueuePair {
     /// Signals a held interrupt of `ring` from outside a batch (counted
     /// here: batches count their own verdicts).
     fn signal(&self, ring: usize, vring: &NetVring) {
-        QueueStats::add(&self.queue_stats(ring).interrupts_sent, 1);
+        self.queue_stats(ring).interrupts_sent.inc();
         self.signal_locked(ring, vring, &vring.get_ref());
     }
 

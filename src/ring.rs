@@ -150,7 +150,7 @@ impl<'q> Batch<'q> {
             .write_obj(u64::to_le(elem), GuestAddress(at))
             .map_err(|_| RingError::UsedRing(at))?;
         self.next_used += Wrapping(1);
-        QueueStats::add(&self.stats.completions, 1);
+        self.stats.completions.inc();
         Ok(())
     }
 
@@ -161,7 +161,7 @@ impl<'q> Batch<'q> {
         head: u16,
         why: &dyn std::error::Error,
     ) -> Result<(), RingError> {
-        QueueStats::add(&self.stats.bad_chains, 1);
+        self.stats.bad_chains.inc();
         if !self.warned {
             self.warned = true;
             log::warn!(
@@ -176,7 +176,7 @@ impl<'q> Batch<'q> {
     /// worker learns it from [`Batch::tap_failed`]. A tap whose interface
     /// was deleted (EBADFD) is "gone" until it is re-attached.
     pub fn note_tap_error(&mut self, err: &std::io::Error) {
-        QueueStats::add(&self.stats.tap_errors, 1);
+        self.stats.tap_errors.inc();
         if err.raw_os_error() == Some(libc::EBADFD) {
             self.tap_failed = true;
         }
@@ -191,8 +191,8 @@ impl<'q> Batch<'q> {
     /// Counts one frame moved, of `bytes` bytes (header excluded).
     pub fn count_frame(&mut self, bytes: usize) {
         self.frames += 1;
-        QueueStats::add(&self.stats.frames, 1);
-        QueueStats::add(&self.stats.bytes, bytes as u64);
+        self.stats.frames.inc();
+        self.stats.bytes.add(bytes as u64);
     }
 
     /// Runs `step` until the ring is empty (and kicks are re-armed with no
@@ -282,7 +282,7 @@ fn count(stats: &QueueStats, verdict: Verdict) {
         Verdict::Suppress => &stats.interrupts_suppressed,
         Verdict::Defer(_) => &stats.interrupts_deferred,
     };
-    QueueStats::add(counter, 1);
+    counter.inc();
 }
 
 /// Decides about an interrupt a coalescing policy held back, once its

@@ -119,7 +119,7 @@ impl Bounce {
     pub fn drop_held(&mut self, stats: &QueueStats) {
         if self.held > 0 {
             self.held = 0;
-            QueueStats::add(&stats.rx_dropped_frames, 1);
+            stats.rx_dropped_frames.inc();
         }
     }
 
@@ -281,7 +281,7 @@ impl Window<'_, '_, '_> {
             {
                 // Cannot happen for chains that passed validation; count and drop.
                 log::debug!("cannot set num_buffers: {e}");
-                QueueStats::add(&batch.stats().rx_dropped_frames, 1);
+                batch.stats().rx_dropped_frames.inc();
                 return Ok(Step::Progress);
             }
         }
@@ -324,7 +324,7 @@ impl Window<'_, '_, '_> {
         if let Err(e) = self.iovecs.write_at(0, frame) {
             // Cannot happen for chains that passed validation; count and drop.
             log::debug!("cannot copy a held frame: {e}");
-            QueueStats::add(&batch.stats().rx_dropped_frames, 1);
+            batch.stats().rx_dropped_frames.inc();
             return Ok(Step::Progress);
         }
         self.complete_frame(batch, n, params.hdr_len)
@@ -390,7 +390,7 @@ pub fn step(
     let n = match window.iovecs.read_from(tap, &mut window.bounce.buf) {
         Ok(n) => n,
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-            QueueStats::add(&stats.tap_eagain, 1);
+            stats.tap_eagain.inc();
             return Ok(Step::TapBlocked);
         }
         Err(e) => {
@@ -411,7 +411,7 @@ pub fn step(
         Verdict::Oversize => {
             // The buffers keep nothing the guest will see: they stay in
             // the window for the next frame.
-            QueueStats::add(&stats.rx_dropped_oversize_frames, 1);
+            stats.rx_dropped_oversize_frames.inc();
             Ok(Step::Progress)
         }
         Verdict::Hold => {
@@ -420,12 +420,12 @@ pub fn step(
                 // kick, which brings the buffers the frame needs.
                 Ok(Step::RingEmpty)
             } else {
-                QueueStats::add(&stats.rx_dropped_frames, 1);
+                stats.rx_dropped_frames.inc();
                 Ok(Step::Progress)
             }
         }
         Verdict::Unfit => {
-            QueueStats::add(&stats.rx_dropped_frames, 1);
+            stats.rx_dropped_frames.inc();
             Ok(Step::Progress)
         }
     }

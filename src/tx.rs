@@ -10,7 +10,6 @@ use std::io;
 
 use crate::guest::{Access, ChainError, IoVecBuf};
 use crate::ring::{Batch, RingError, Step};
-use crate::stats::QueueStats;
 use crate::VNET_HDR_LEN;
 
 /// Largest chain accepted: header plus a 64 KiB GSO frame with an Ethernet
@@ -51,7 +50,7 @@ pub fn step(
             Ok(Step::Progress)
         }
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-            QueueStats::add(&stats.tap_eagain, 1);
+            stats.tap_eagain.inc();
             batch.give_back(1);
             Ok(Step::TapBlocked)
         }

@@ -50,9 +50,9 @@ fn frames_reach_the_tap_with_the_guest_header_unchanged() {
     assert_eq!(peer.read(&mut frame).unwrap(), 12 + 1500);
     assert_eq!(r.pop_used(&mem).map(|u| u.len), Some(0));
     assert_eq!(r.pop_used(&mem).map(|u| u.len), Some(0));
-    assert_eq!(QueueStats::get(&stats.frames), 2);
-    assert_eq!(QueueStats::get(&stats.bytes), 1560);
-    assert_eq!(QueueStats::get(&stats.batches), 1);
+    assert_eq!(stats.frames.get(), 2);
+    assert_eq!(stats.bytes.get(), 1560);
+    assert_eq!(stats.batches.get(), 1);
 }
 
 #[test]
@@ -82,8 +82,8 @@ fn tx_chain_with_writable_descriptor_is_returned_with_len_zero_and_traffic_conti
         Some(crate::driver::Used { head: bad, len: 0 })
     );
     assert!(r.pop_used(&mem).is_some());
-    assert_eq!(QueueStats::get(&stats.bad_chains), 1);
-    assert_eq!(QueueStats::get(&stats.frames), 1);
+    assert_eq!(stats.bad_chains.get(), 1);
+    assert_eq!(stats.frames.get(), 1);
     let mut frame = [0u8; 2048];
     assert_eq!(peer.read(&mut frame).unwrap(), 72);
 }
@@ -106,8 +106,8 @@ fn chain_shorter_than_the_header_is_refused() {
     run_batch(&mem, &mut q, &stats, &tap);
 
     assert_eq!(r.pop_used(&mem).map(|u| u.len), Some(0));
-    assert_eq!(QueueStats::get(&stats.bad_chains), 1);
-    assert_eq!(QueueStats::get(&stats.frames), 0);
+    assert_eq!(stats.bad_chains.get(), 1);
+    assert_eq!(stats.frames.get(), 0);
 }
 
 #[test]
@@ -131,7 +131,7 @@ fn full_tap_gives_the_chain_back_and_reports_blocked() {
     );
     assert_eq!(q.next_avail(), 0, "the chain was given back");
     assert_eq!(r.pop_used(&mem), None);
-    assert_eq!(QueueStats::get(&stats.tap_eagain), 1);
+    assert_eq!(stats.tap_eagain.get(), 1);
 }
 
 /// 256 frames, one kick: whether the batch interrupts depends only on where
@@ -182,17 +182,17 @@ fn tx_256_frames_with_used_event(used_event: u16) -> QueueStats {
 #[test]
 fn one_interrupt_for_256_frames_when_used_event_asks() {
     let stats = tx_256_frames_with_used_event(0);
-    assert_eq!(QueueStats::get(&stats.frames), 256);
-    assert_eq!(QueueStats::get(&stats.interrupts_sent), 1);
-    assert_eq!(QueueStats::get(&stats.interrupts_suppressed), 0);
+    assert_eq!(stats.frames.get(), 256);
+    assert_eq!(stats.interrupts_sent.get(), 1);
+    assert_eq!(stats.interrupts_suppressed.get(), 0);
 }
 
 #[test]
 fn no_interrupt_for_256_frames_when_used_event_is_beyond_them() {
     let stats = tx_256_frames_with_used_event(300);
-    assert_eq!(QueueStats::get(&stats.frames), 256);
-    assert_eq!(QueueStats::get(&stats.interrupts_sent), 0);
-    assert_eq!(QueueStats::get(&stats.interrupts_suppressed), 1);
+    assert_eq!(stats.frames.get(), 256);
+    assert_eq!(stats.interrupts_sent.get(), 0);
+    assert_eq!(stats.interrupts_suppressed.get(), 1);
 }
 
 #[test]
@@ -254,7 +254,7 @@ fn without_event_idx_no_interrupt_flag_is_honoured() {
     let (_, decision) = run_batch(&mem, &mut q, &stats, &tap);
 
     assert_eq!(decision, Verdict::Suppress);
-    assert_eq!(QueueStats::get(&stats.interrupts_suppressed), 1);
+    assert_eq!(stats.interrupts_suppressed.get(), 1);
 }
 
 #[test]
@@ -276,7 +276,7 @@ fn budget_ends_the_batch_with_work_left() {
         .unwrap();
 
     assert_eq!(end, End::BudgetSpent);
-    assert_eq!(QueueStats::get(&stats.frames), 3);
+    assert_eq!(stats.frames.get(), 3);
 }
 
 #[test]
@@ -317,8 +317,8 @@ fn indirect_chain_built_by_mock_split_queue_is_one_writev() {
 
     let mut frame = vec![0u8; 16384];
     assert_eq!(peer.read(&mut frame).unwrap(), 3 * 0x1000);
-    assert_eq!(QueueStats::get(&stats.frames), 1);
-    assert_eq!(QueueStats::get(&stats.bad_chains), 0);
+    assert_eq!(stats.frames.get(), 1);
+    assert_eq!(stats.bad_chains.get(), 0);
 }
 
 #[test]
@@ -341,22 +341,18 @@ fn frames_policy_defers_a_short_batch_and_the_timer_signals_it() {
     let verdict = batch.finish(&mut c).unwrap();
 
     assert!(matches!(verdict, Verdict::Defer(_)), "{verdict:?}");
-    assert_eq!(QueueStats::get(&stats.interrupts_deferred), 1);
+    assert_eq!(stats.interrupts_deferred.get(), 1);
     std::thread::sleep(std::time::Duration::from_micros(300));
     assert_eq!(
         crate::ring::on_timer(&q, &mem, &stats, &mut c),
         Verdict::Signal
     );
-    assert_eq!(QueueStats::get(&stats.interrupts_sent), 1);
+    assert_eq!(stats.interrupts_sent.get(), 1);
     assert_eq!(
         crate::ring::on_timer(&q, &mem, &stats, &mut c),
         Verdict::Suppress
     );
-    assert_eq!(
-        QueueStats::get(&stats.interrupts_sent),
-        1,
-        "nothing left to signal"
-    );
+    assert_eq!(stats.interrupts_sent.get(), 1, "nothing left to signal");
 }
 
 #[test]
@@ -392,6 +388,6 @@ fn legacy_10_byte_header_counts_frame_bytes_without_it_and_shorter_chains_are_re
 
     let mut frame = [0u8; 2048];
     assert_eq!(peer.read(&mut frame).unwrap(), 72, "the chain as it is");
-    assert_eq!(QueueStats::get(&stats.bytes), 62);
-    assert_eq!(QueueStats::get(&stats.bad_chains), 1, "9 bytes: no header");
+    assert_eq!(stats.bytes.get(), 62);
+    assert_eq!(stats.bad_chains.get(), 1, "9 bytes: no header");
 }
