@@ -289,11 +289,12 @@ fn floor(ns: &Netns, dir: Dir, len: usize, secs: f64) -> f64 {
     let q = ns.within({
         let name = tap.clone();
         move || {
-            let t = vhost_user_net::tap::Tap::open(&name, 1, None).expect("floor tap");
+            let t = vhost_user_net::host::tap::Tap::open(&name, 1, None).expect("floor tap");
             t.into_queues().pop().expect("one queue")
         }
     });
-    vhost_user_net::tap::set_offloads(&q, libc::TUN_F_CSUM | libc::TUN_F_TSO4).expect("offloads");
+    vhost_user_net::host::tap::set_offloads(&q, libc::TUN_F_CSUM | libc::TUN_F_TSO4)
+        .expect("offloads");
     if dir == Dir::Loop {
         reflector(ns, &tap, true);
     }
@@ -337,7 +338,7 @@ fn rx_floor(ns: &Netns, tap: &str, q: &std::fs::File, len: usize, secs: f64) -> 
         if std::io::Read::read(&mut &*q, &mut buf).is_ok() {
             n += 1;
         } else {
-            let _ = vhost_user_net::sys::wait_readable(&[q.as_raw_fd()], 10);
+            let _ = vhost_user_net::host::sys::wait_readable(&[q.as_raw_fd()], 10);
         }
     }
     stop.store(true, Ordering::Relaxed);

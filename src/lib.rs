@@ -5,53 +5,47 @@
 //! virtqueues and moves frames between them and a tap, in batches, with
 //! guest kicks and interrupts suppressed through the virtio event index.
 //!
-//! Map of the modules, each answering one question:
+//! The tree shows three layers, each importing only from the ones below it
+//! (and `stats`, which all may count into):
+//!
+//! ```text
+//! main.rs        parse, log, run
+//!   control/     the vhost-user control plane: the daemon's life, the
+//!                relay, the protocol backend, the configuration
+//!     datapath/  one batch on one ring and what drives it: RX, TX,
+//!                interrupt decisions, guest memory, the vrings
+//!       host/    the host kernel: tap, syscalls, seccomp
+//! stats/         what is counted, its text formats, the `stats` client
+//! testing/       the guest side of a ring (feature `test-utils`) and unit-test helpers
+//! ```
 //!
 //! | module | question |
 //! |---|---|
-//! | [`config`] | what may the user ask for; is it valid |
-//! | [`server`] | the daemon's life: listen, serve connection after connection, stop |
-//! | [`relay`] | how QEMU's early `SET_VRING_ENABLE` is made to work |
-//! | [`backend`] | what the vhost-user protocol needs from us |
-//! | [`queue_pair`] | which event drives which step, per worker |
-//! | [`ring`] | one batch on one virtqueue: the drain loop RX and TX share |
-//! | [`rx`] / [`tx`] | how one frame moves |
-//! | [`notify`] | when to interrupt the guest |
-//! | [`guest`] | guest buffers as iovecs (the only guest-memory `unsafe`) |
-//! | [`tap`] | the tap interface |
-//! | [`sys`] | kernel calls that need `unsafe` |
-//! | [`seccomp`] | what the worker threads may ask of the kernel |
-//! | [`vring`] | the framework's vring, with kick counting |
-//! | [`stats`] | what is counted, and its text format |
-//! | [`stats_client`] | the `stats` command: a running daemon's counters |
-//! | [`systemd`] | socket activation and readiness under systemd |
-//! | [`driver`] | the guest side of a ring, for tests and the benchmark |
+//! | [`control::config`] | what may the user ask for; is it valid |
+//! | [`control::server`] | the daemon's life: listen, serve connection after connection, stop |
+//! | [`control::relay`] | how QEMU's early `SET_VRING_ENABLE` is made to work |
+//! | [`control::backend`] | what the vhost-user protocol needs from us |
+//! | [`control::systemd`] | socket activation and readiness under systemd |
+//! | [`datapath::queue_pair`] | which event drives which step, per worker |
+//! | [`datapath::batch`] | one batch on one virtqueue: the drain loop RX and TX share |
+//! | [`datapath::rx`] / [`datapath::tx`] | how one frame moves |
+//! | [`datapath::notify`] | when to interrupt the guest |
+//! | [`datapath::guest`] | guest buffers as iovecs (the only guest-memory `unsafe`) |
+//! | [`datapath::vring`] | the framework's vring, with kick counting and owed interrupts |
+//! | [`host::tap`] | the tap interface |
+//! | [`host::sys`] | kernel calls that need `unsafe` |
+//! | [`host::seccomp`] | what the worker threads may ask of the kernel |
+//! | [`stats`] | what is counted, and its text formats |
+//! | [`stats::client`] | the `stats` command: a running daemon's counters |
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
-pub mod backend;
-pub mod config;
-pub mod driver;
-pub mod guest;
-pub mod notify;
-pub mod queue_pair;
-pub mod relay;
-pub mod ring;
-pub mod rx;
-pub mod seccomp;
-pub mod server;
+pub mod control;
+pub mod datapath;
+pub mod host;
 pub mod stats;
-pub mod stats_client;
-pub mod sys;
-pub mod systemd;
-pub mod tap;
-pub mod tx;
-pub mod vring;
-
-#[cfg(test)]
-mod proptests;
-#[cfg(test)]
-mod testutil;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod testing;
 
 /// Length of `virtio_net_hdr_v1` (and of the legacy
 /// `virtio_net_hdr_mrg_rxbuf`, same layout): the header in front of every

@@ -4,8 +4,8 @@ use std::error::Error;
 use std::process::ExitCode;
 
 use clap::Parser;
-use vhost_user_net::config::{Args, Command};
-use vhost_user_net::server;
+use vhost_user_net::control::config::{Args, Command};
+use vhost_user_net::control::server;
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
@@ -15,7 +15,7 @@ fn main() -> ExitCode {
             Ok(())
         }
         Ok(Command::Stats { socket, watch }) => {
-            vhost_user_net::stats_client::run(&socket, watch).map_err(Box::from)
+            vhost_user_net::stats::client::run(&socket, watch).map_err(Box::from)
         }
         Ok(Command::Serve(config)) => server::run(config).map_err(Box::from),
         Err(e) => Err(Box::from(e)),

@@ -12,8 +12,8 @@ mod common;
 use std::time::Duration;
 
 use common::{capture, eth_frame, Daemon, Netns, TestFrontend};
-use vhost_user_net::config::default_mac;
-use vhost_user_net::driver::{Buf, Desc, Used};
+use vhost_user_net::control::config::default_mac;
+use vhost_user_net::testing::driver::{Buf, Desc, Used};
 use vm_memory::{Bytes, GuestAddress};
 
 const MRG_RXBUF: u64 = 1 << 15;
@@ -279,7 +279,8 @@ fn descriptor_loop_in_rx_chain_is_returned_and_counted() {
         let desc = Desc {
             addr,
             len: 4096,
-            flags: vhost_user_net::driver::DESC_F_NEXT | vhost_user_net::driver::DESC_F_WRITE,
+            flags: vhost_user_net::testing::driver::DESC_F_NEXT
+                | vhost_user_net::testing::driver::DESC_F_WRITE,
             next,
         };
         vq.ring.write_desc(&mem, i, desc);
@@ -955,7 +956,7 @@ fn tap_deleted_under_traffic_drops_frames_without_spinning_and_recovers_when_rec
 #[test]
 #[ignore = "needs root and /dev/net/tun (CI runs it)"]
 fn every_kind_of_broken_chain_is_returned_and_counted_while_the_other_pair_moves() {
-    use vhost_user_net::driver::{DESC_F_INDIRECT, DESC_F_NEXT};
+    use vhost_user_net::testing::driver::{DESC_F_INDIRECT, DESC_F_NEXT};
     let ns = Netns::new();
     let d = Daemon::start(&ns, &["--queue-pairs", "2"]);
     let cap = ns.packet_socket();

@@ -9,7 +9,7 @@
 use std::path::Path;
 
 use clap::CommandFactory;
-use vhost_user_net::config::Args;
+use vhost_user_net::control::config::Args;
 
 fn render() -> String {
     let mut out = Vec::new();

@@ -12,7 +12,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{Daemon, Netns, TestFrontend};
-use vhost_user_net::config::default_mac;
+use vhost_user_net::control::config::default_mac;
 
 /// Sends one UDP datagram from the namespace to the "guest" per port.
 fn send_flows(ns: &Netns, ports: std::ops::Range<u16>) {

@@ -17,7 +17,7 @@ use std::time::Duration;
 use common::{capture, eth_frame, unique, Netns, TestFrontend, TIMEOUT};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use vhost_user_net::config::default_mac;
+use vhost_user_net::control::config::default_mac;
 
 /// A process (and its process group) killed on drop; its stderr kept.
 struct Proc {

@@ -16,13 +16,13 @@ use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixDatagram;
 
 use libfuzzer_sys::fuzz_target;
-use vhost_user_net::driver::{Desc, SplitRing};
-use vhost_user_net::guest::{GuestMem, IoVecBuf};
-use vhost_user_net::notify::{Coalescer, Policy};
-use vhost_user_net::ring::{Batch, End, RingError};
-use vhost_user_net::rx::{self, Bounce, RxChain, RxParams, Window};
+use vhost_user_net::testing::driver::{Desc, SplitRing};
+use vhost_user_net::datapath::guest::{GuestMem, IoVecBuf};
+use vhost_user_net::datapath::notify::{Coalescer, Policy};
+use vhost_user_net::datapath::batch::{Batch, End, RingError};
+use vhost_user_net::datapath::rx::{self, Bounce, RxChain, RxParams, RxBuffers};
 use vhost_user_net::stats::QueueStats;
-use vhost_user_net::tx;
+use vhost_user_net::datapath::tx;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -143,14 +143,14 @@ fuzz_target!(|input: &[u8]| {
     let mut iovecs = buf.bind(&mem);
     let mut chains: Vec<RxChain> = Vec::new();
     let mut bounce = Bounce::default();
-    let mut window = Window { chains: &mut chains, iovecs: &mut iovecs, bounce: &mut bounce };
+    let mut buffers = RxBuffers { chains: &mut chains, iovecs: &mut iovecs, bounce: &mut bounce };
     let params = RxParams { hdr_len: 12, mergeable, max_frame: 1800, max_plain_frame: 1800 };
     let Ok(mut batch) = Batch::begin(&mut q, &mem, &stats, 0) else {
         return;
     };
-    if let Err(e) = batch.drain(u64::MAX, |b| rx::step(b, &mut window, &tap, params)) {
+    if let Err(e) = batch.drain(u64::MAX, |b| rx::step(b, &mut buffers, &tap, params)) {
         assert!(matches!(e, RingError::BadAvailIndex(_)), "unexpected RX error {e}");
     }
-    window.give_back(&mut batch);
+    buffers.give_back(&mut batch);
     let _ = batch.finish(&mut Coalescer::new(Policy::Immediate));
 });

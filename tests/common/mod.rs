@@ -1,6 +1,6 @@
 //! Test harness: a network namespace, the daemon running in it, and a
 //! vhost-user frontend that drives the daemon exactly as QEMU does, with
-//! rings written by `vhost_user_net::driver` in memfd-backed guest memory.
+//! rings written by `vhost_user_net::testing::driver` in memfd-backed guest memory.
 //!
 //! Everything created here is removed on drop (namespace, processes by PID),
 //! also when a test fails.
@@ -29,8 +29,8 @@ use nix::unistd::Pid;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vhost_user_net::driver::{Buf, SplitRing, Used};
-use vhost_user_net::guest::GuestMem;
+use vhost_user_net::datapath::guest::GuestMem;
+use vhost_user_net::testing::driver::{Buf, SplitRing, Used};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -99,7 +99,7 @@ impl Netns {
     /// for the guest (198.18.0.2 at `guest_mac`), so traffic from the
     /// namespace reaches the guest without ARP.
     pub fn route_to_guest(&self, tap: &str, guest_mac: [u8; 6]) {
-        let mac = vhost_user_net::config::format_mac(&guest_mac);
+        let mac = vhost_user_net::control::config::format_mac(&guest_mac);
         self.ip(&["addr", "add", "198.18.0.1/24", "dev", tap]);
         self.ip(&[
             "neigh",

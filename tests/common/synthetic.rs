@@ -7,7 +7,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use vhost_user_net::driver::Buf;
+use vhost_user_net::testing::driver::Buf;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::TestFrontend;
@@ -321,7 +321,7 @@ pub fn next_slot(vq: &mut super::Vq, size: u32) -> GuestAddress {
 /// Waits for an interrupt on any of `qs` (up to `ms`).
 pub fn wait_irq(g: &Guest, qs: &[usize], ms: i32) {
     let fds: Vec<_> = qs.iter().map(|&q| g.fe.vqs[q].call.as_raw_fd()).collect();
-    let _ = vhost_user_net::sys::wait_readable(&fds, ms);
+    let _ = vhost_user_net::host::sys::wait_readable(&fds, ms);
 }
 
 /// Paces a sender at `load`.

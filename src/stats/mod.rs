@@ -6,6 +6,8 @@
 //! documents each one; [`QueueStats::FIELDS`] is the single list that the
 //! text formats and that document are checked against.
 
+pub mod client;
+
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -479,10 +481,10 @@ fn write_histogram(out: &mut String, name: &str, labels: &str, stats: &QueueStat
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::driver::{Desc, DESC_F_WRITE};
-    use crate::notify::Policy;
-    use crate::testutil::buf_addr;
-    use crate::testutil::world::World;
+    use crate::datapath::notify::Policy;
+    use crate::testing::driver::{Desc, DESC_F_WRITE};
+    use crate::testing::unit::buf_addr;
+    use crate::testing::unit::world::World;
 
     #[test]
     fn batch_of_one_and_of_hundred_land_in_first_and_last_bucket() {
@@ -543,7 +545,7 @@ mod tests {
 
     #[test]
     fn every_field_is_documented_in_metrics_md() {
-        let doc = include_str!("../docs/metrics.md");
+        let doc = include_str!("../../docs/metrics.md");
         for field in QueueStats::FIELDS {
             assert!(
                 doc.contains(field.name),

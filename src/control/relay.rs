@@ -21,7 +21,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 
-use crate::sys;
+use crate::host::sys;
 
 /// vhost-user message header: request, flags, payload size (all u32 LE).
 const HEADER_LEN: usize = 12;

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::guest::GuestMem;
+use crate::datapath::guest::GuestMem;
 
 /// `VRING_AVAIL_F_NO_INTERRUPT` from the virtio spec.
 const AVAIL_F_NO_INTERRUPT: u16 = 1;

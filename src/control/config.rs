@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
-use crate::notify::Policy;
+use crate::datapath::notify::Policy;
 
 /// Most queue pairs accepted (one worker thread each).
 pub const MAX_QUEUE_PAIRS: usize = 64;
@@ -109,7 +109,7 @@ pub struct Args {
     /// Syscall filter of the worker threads: on (forbidden syscalls fail
     /// with EPERM), log (allowed, logged by the kernel's audit), off.
     #[arg(long, value_name = "MODE", default_value = "on")]
-    pub seccomp: crate::seccomp::Mode,
+    pub seccomp: crate::host::seccomp::Mode,
 
     /// Unix socket serving the counters as Prometheus text
     /// [default: SOCKET_PATH.stats when listening on --socket-path; none otherwise].
@@ -190,7 +190,7 @@ pub struct Config {
     pub socket_gid: Option<u32>,
     /// Privileges to drop to once set up: `(uid, gid)`.
     pub drop_to: Option<(u32, u32)>,
-    pub seccomp: crate::seccomp::Mode,
+    pub seccomp: crate::host::seccomp::Mode,
     pub device: DeviceConfig,
 }
 
@@ -260,9 +260,8 @@ impl TryFrom<Args> for Command {
             return Ok(Command::PrintCapabilities);
         }
         let activated = match (&args.socket_path, args.fd) {
-            (None, None) => {
-                crate::systemd::listen_fd().map_err(|e| ConfigError::Activation(e.to_string()))?
-            }
+            (None, None) => crate::control::systemd::listen_fd()
+                .map_err(|e| ConfigError::Activation(e.to_string()))?,
             _ => None,
         };
         Config::from_args(args, activated).map(Command::Serve)
@@ -431,7 +430,7 @@ fn parse_endpoint(text: &str) -> Result<Endpoint, ConfigError> {
 
 fn valid_tap_name(name: &str) -> bool {
     !name.is_empty()
-        && name.len() < crate::sys::IFNAMSIZ
+        && name.len() < crate::host::sys::IFNAMSIZ
         && !name.contains(|c: char| c == '/' || c.is_whitespace() || c == '\0')
         && name != "."
         && name != ".."

@@ -28,14 +28,14 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::guest::{GuestMem, IoVecBuf, IOV_MAX};
-use crate::notify::{Coalescer, Policy, Verdict};
-use crate::ring::{self, Batch, End, RingError};
-use crate::rx::{self, Bounce, RxChain, RxParams, Window};
+use crate::datapath::batch::{self, Batch, End, RingError};
+use crate::datapath::guest::{GuestMem, IoVecBuf, IOV_MAX};
+use crate::datapath::notify::{Coalescer, Policy, Verdict};
+use crate::datapath::rx::{self, Bounce, RxBuffers, RxChain, RxParams};
+use crate::datapath::tx;
+use crate::datapath::vring::TrackedVring;
+use crate::host::sys::Timer;
 use crate::stats::{QueueStats, Stats};
-use crate::sys::Timer;
-use crate::tx;
-use crate::vring::NetVring;
 
 /// Frames one direction may move before the other gets a turn.
 pub const BUDGET_FRAMES: u64 = 64;
@@ -128,7 +128,7 @@ struct Connection {
     /// This pair's `[rx, tx]` vrings, kept from the first event so a held
     /// interrupt can be signalled from outside the worker (ring stop,
     /// device reset, disconnect) while the call fd is still there.
-    vrings: Option<[NetVring; 2]>,
+    vrings: Option<[TrackedVring; 2]>,
 }
 
 /// One queue pair: RX is ring 0 of the pair, TX ring 1.
@@ -155,7 +155,7 @@ pub struct QueuePair {
     conn: Option<Connection>,
     tx_iov: IoVecBuf,
     rx_iov: IoVecBuf,
-    rx_window: Vec<RxChain>,
+    rx_chains: Vec<RxChain>,
     rx_bounce: Bounce,
 }
 
@@ -188,7 +188,7 @@ impl QueuePair {
             conn: None,
             tx_iov: IoVecBuf::with_capacity(IOV_MAX),
             rx_iov: IoVecBuf::with_capacity(IOV_MAX),
-            rx_window: Vec::with_capacity(usize::from(u16::MAX)),
+            rx_chains: Vec::with_capacity(usize::from(u16::MAX)),
             rx_bounce: Bounce::default(),
         })
     }
@@ -204,7 +204,7 @@ impl QueuePair {
         if self.tap_attached == attached {
             return;
         }
-        match crate::sys::tun_set_queue(&self.tap, attached) {
+        match crate::host::sys::tun_set_queue(&self.tap, attached) {
             Ok(()) => {
                 self.tap_attached = attached;
                 log::info!(
@@ -234,8 +234,8 @@ impl QueuePair {
 
     /// Re-attaches our fd to the re-created tap `name` with `framing`, and
     /// gets both directions moving again.
-    pub fn reattach(&mut self, name: &str, framing: crate::tap::Framing) -> io::Result<()> {
-        crate::tap::reattach(&self.tap, name, framing)?;
+    pub fn reattach(&mut self, name: &str, framing: crate::host::tap::Framing) -> io::Result<()> {
+        crate::host::tap::reattach(&self.tap, name, framing)?;
         self.tap_gone = false;
         self.tap_attached = true;
         log::info!("pair {}: tap {name} is back", self.index);
@@ -335,7 +335,7 @@ impl QueuePair {
     }
 
     /// Handles one event; `vrings` are this pair's `[rx, tx]`.
-    pub fn handle(&mut self, event: Event, vrings: &[NetVring]) {
+    pub fn handle(&mut self, event: Event, vrings: &[TrackedVring]) {
         let Some(conn) = self.conn.as_mut() else {
             return;
         };
@@ -353,7 +353,7 @@ impl QueuePair {
             Event::RxKick | Event::TapReadable => (true, false),
             Event::TxKick => (false, true),
             Event::TapWritable => {
-                self.set_tap_out(false);
+                self.watch_tap_writable(false);
                 (false, true)
             }
             Event::Resume => {
@@ -381,7 +381,7 @@ impl QueuePair {
         &self.stats.queues[2 * self.index + ring]
     }
 
-    fn run_tx(&mut self, vring: &NetVring) {
+    fn run_tx(&mut self, vring: &TrackedVring) {
         let conn = self.conn.as_ref().expect("caller checked");
         if conn.broken[TX] {
             return;
@@ -402,33 +402,33 @@ impl QueuePair {
             tap_failed = batch.tap_failed();
             Ok((end, batch.finish(coalescer)?))
         })();
-        let end = self.conclude(result, vring, &state, TX);
+        let end = self.settle_batch(result, vring, &state, TX);
         drop(state);
         if tap_failed {
             self.mark_tap_gone();
         }
         match end {
-            Some(End::TapBlocked) => self.set_tap_out(true),
+            Some(End::TapBlocked) => self.watch_tap_writable(true),
             Some(End::BudgetSpent) => self.resume_later(TX),
             Some(End::RingEmpty) | None => {}
         }
     }
 
-    fn run_rx(&mut self, vring: &NetVring) {
+    fn run_rx(&mut self, vring: &TrackedVring) {
         let conn = self.conn.as_ref().expect("caller checked");
         let mem = conn.mem.memory();
         let mut state = vring.get_mut();
         if self.tap_gone || conn.broken[RX] || !state.is_enabled() || !state.get_queue().ready() {
             drop(state);
-            self.set_tap_in(false);
+            self.watch_tap_readable(false);
             return;
         }
         let queue_index = 2 * self.index + RX;
         let stats = &self.stats.queues[queue_index];
         let (tap, params) = (&self.tap, self.rx_params);
         let mut iovecs = self.rx_iov.bind(&mem);
-        let mut window = Window {
-            chains: &mut self.rx_window,
+        let mut buffers = RxBuffers {
+            chains: &mut self.rx_chains,
             iovecs: &mut iovecs,
             bounce: &mut self.rx_bounce,
         };
@@ -436,27 +436,27 @@ impl QueuePair {
         let mut tap_failed = false;
         let result = (|| {
             let mut batch = Batch::begin(state.get_queue_mut(), &mem, stats, queue_index)?;
-            let end = batch.drain(BUDGET_FRAMES, |b| rx::step(b, &mut window, tap, params));
-            window.give_back(&mut batch);
+            let end = batch.drain(BUDGET_FRAMES, |b| rx::step(b, &mut buffers, tap, params));
+            buffers.give_back(&mut batch);
             tap_failed = batch.tap_failed();
             let end = end?;
             Ok((end, batch.finish(coalescer)?))
         })();
         drop(iovecs);
-        let end = self.conclude(result, vring, &state, RX);
+        let end = self.settle_batch(result, vring, &state, RX);
         drop(state);
         if tap_failed {
             self.mark_tap_gone();
-            self.set_tap_in(false);
+            self.watch_tap_readable(false);
             return;
         }
         match end {
-            Some(End::TapBlocked) => self.set_tap_in(true),
-            Some(End::RingEmpty) | None => self.set_tap_in(false),
+            Some(End::TapBlocked) => self.watch_tap_readable(true),
+            Some(End::RingEmpty) | None => self.watch_tap_readable(false),
             Some(End::BudgetSpent) => {
                 // The resume event gives RX its next turn, after TX's: a
                 // level-triggered tap watch would give it a second one.
-                self.set_tap_in(false);
+                self.watch_tap_readable(false);
                 self.resume_later(RX);
             }
         }
@@ -464,17 +464,17 @@ impl QueuePair {
 
     /// Acts on the batch's interrupt verdict; on a ring error, stops the
     /// ring (a guest fault: the daemon and other rings go on).
-    fn conclude(
+    fn settle_batch(
         &mut self,
         result: Result<(End, Verdict), RingError>,
-        vring: &NetVring,
+        vring: &TrackedVring,
         state: &VringState<GuestMemoryAtomic<GuestMem>>,
         ring: usize,
     ) -> Option<End> {
         let queue_index = 2 * self.index + ring;
         match result {
             Ok((end, verdict)) => {
-                self.act(ring, verdict, vring, state);
+                self.apply_verdict(ring, verdict, vring, state);
                 Some(end)
             }
             Err(e) => {
@@ -492,11 +492,11 @@ impl QueuePair {
 
     /// Signals the guest, or arms the ring's timer for a deferred interrupt.
     /// `state` is `vring`'s, locked by the caller.
-    fn act(
+    fn apply_verdict(
         &mut self,
         ring: usize,
         verdict: Verdict,
-        vring: &NetVring,
+        vring: &TrackedVring,
         state: &VringState<GuestMemoryAtomic<GuestMem>>,
     ) {
         match verdict {
@@ -528,17 +528,17 @@ impl QueuePair {
 
     /// Signals a held interrupt of `ring` from outside a batch (counted
     /// here: batches count their own verdicts).
-    fn signal(&self, ring: usize, vring: &NetVring) {
+    fn signal(&self, ring: usize, vring: &TrackedVring) {
         self.queue_stats(ring).interrupts_sent.inc();
         self.signal_locked(ring, vring, &vring.get_ref());
     }
 
     /// Writes the ring's call eventfd (or owes the interrupt until the
-    /// frontend gives one: [`NetVring::signal`]); `state` is `vring`'s.
+    /// frontend gives one: [`TrackedVring::signal`]); `state` is `vring`'s.
     fn signal_locked(
         &self,
         ring: usize,
-        vring: &NetVring,
+        vring: &TrackedVring,
         state: &VringState<GuestMemoryAtomic<GuestMem>>,
     ) {
         if let Err(e) = vring.signal(state) {
@@ -550,7 +550,7 @@ impl QueuePair {
     }
 
     /// A ring's interrupt timer fired: decide about the held interrupt.
-    fn fire_timer(&mut self, ring: usize, vring: &NetVring) {
+    fn fire_timer(&mut self, ring: usize, vring: &TrackedVring) {
         let Some(conn) = self.conn.as_mut() else {
             return;
         };
@@ -558,8 +558,8 @@ impl QueuePair {
         let mem = conn.mem.memory();
         let state = vring.get_ref();
         let stats = &self.stats.queues[2 * self.index + ring];
-        let verdict = ring::on_timer(state.get_queue(), &mem, stats, &mut conn.coalescers[ring]);
-        self.act(ring, verdict, vring, &state);
+        let verdict = batch::on_timer(state.get_queue(), &mem, stats, &mut conn.coalescers[ring]);
+        self.apply_verdict(ring, verdict, vring, &state);
     }
 
     fn resume_later(&mut self, ring: usize) {
@@ -571,11 +571,11 @@ impl QueuePair {
         }
     }
 
-    fn set_tap_in(&mut self, armed: bool) {
+    fn watch_tap_readable(&mut self, armed: bool) {
         self.watch(Watch::TapIn, armed);
     }
 
-    fn set_tap_out(&mut self, armed: bool) {
+    fn watch_tap_writable(&mut self, armed: bool) {
         self.watch(Watch::TapOut, armed);
     }
 

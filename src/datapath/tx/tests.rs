@@ -1,17 +1,17 @@
 use std::io::{Read, Write};
 
 use super::*;
-use crate::driver::{Buf, AVAIL_F_NO_INTERRUPT, USED_F_NO_NOTIFY};
-use crate::guest::IoVecBuf;
-use crate::notify::{Coalescer, Policy, Verdict};
-use crate::ring::{Batch, End};
+use crate::datapath::batch::{Batch, End};
+use crate::datapath::guest::IoVecBuf;
+use crate::datapath::notify::{Coalescer, Policy, Verdict};
 use crate::stats::QueueStats;
-use crate::testutil::{add_tx_frame, buf_addr, memory, ring, tap_pair};
+use crate::testing::driver::{Buf, AVAIL_F_NO_INTERRUPT, USED_F_NO_NOTIFY};
+use crate::testing::unit::{add_tx_frame, buf_addr, memory, ring, tap_pair};
 use virtio_queue::QueueT;
 
 /// Runs one TX batch with an unlimited budget.
 fn run_batch(
-    mem: &crate::guest::GuestMem,
+    mem: &crate::datapath::guest::GuestMem,
     queue: &mut virtio_queue::Queue,
     stats: &QueueStats,
     tap: &File,
@@ -79,7 +79,7 @@ fn tx_chain_with_writable_descriptor_is_returned_with_len_zero_and_traffic_conti
 
     assert_eq!(
         r.pop_used(&mem),
-        Some(crate::driver::Used { head: bad, len: 0 })
+        Some(crate::testing::driver::Used { head: bad, len: 0 })
     );
     assert!(r.pop_used(&mem).is_some());
     assert_eq!(stats.bad_chains.get(), 1);
@@ -293,7 +293,10 @@ fn bogus_avail_index_is_reported_as_an_error() {
         .drain(u64::MAX, |b| step(b, &mut iov, &tap, 12))
         .unwrap_err();
 
-    assert!(matches!(err, crate::ring::RingError::BadAvailIndex(_)));
+    assert!(matches!(
+        err,
+        crate::datapath::batch::RingError::BadAvailIndex(_)
+    ));
 }
 
 #[test]
@@ -302,7 +305,7 @@ fn indirect_chain_built_by_mock_split_queue_is_one_writev() {
     use vm_memory::{GuestAddress, GuestMemoryMmap};
     // virtio-queue's own mock driver: indirect table at 0x3000_0000 in a
     // second memory region, three readable 4 KiB buffers at 0x1000.
-    let mem: crate::guest::GuestMem = GuestMemoryMmap::from_ranges(&[
+    let mem: crate::datapath::guest::GuestMem = GuestMemoryMmap::from_ranges(&[
         (GuestAddress(0), 0x10_0000),
         (GuestAddress(0x3000_0000), 0x1_0000),
     ])
@@ -344,12 +347,12 @@ fn frames_policy_defers_a_short_batch_and_the_timer_signals_it() {
     assert_eq!(stats.interrupts_deferred.get(), 1);
     std::thread::sleep(std::time::Duration::from_micros(300));
     assert_eq!(
-        crate::ring::on_timer(&q, &mem, &stats, &mut c),
+        crate::datapath::batch::on_timer(&q, &mem, &stats, &mut c),
         Verdict::Signal
     );
     assert_eq!(stats.interrupts_sent.get(), 1);
     assert_eq!(
-        crate::ring::on_timer(&q, &mem, &stats, &mut c),
+        crate::datapath::batch::on_timer(&q, &mem, &stats, &mut c),
         Verdict::Suppress
     );
     assert_eq!(stats.interrupts_sent.get(), 1, "nothing left to signal");

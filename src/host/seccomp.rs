@@ -111,7 +111,7 @@ mod tests {
             assert_eq!(sock.raw_os_error(), Some(libc::EPERM));
             // What the data path does still works.
             efd.write(3).unwrap();
-            assert_eq!(crate::sys::eventfd_take(efd.as_raw_fd()).unwrap(), 3);
+            assert_eq!(crate::host::sys::eventfd_take(efd.as_raw_fd()).unwrap(), 3);
             let v: Vec<u8> = vec![0; 1 << 20];
             drop(v);
         })

@@ -3,7 +3,7 @@
 //! A [`Batch`] pops chains, writes used entries without publishing them,
 //! re-arms guest kicks (with the event-index re-check) when the ring looks
 //! empty, and at the end publishes the used index once and makes the one
-//! notification decision ([`crate::notify`]). RX and TX supply only the
+//! notification decision ([`crate::datapath::notify`]). RX and TX supply only the
 //! per-frame step; neither has its own loop.
 //!
 //! We write the used ring ourselves instead of using virtio-queue's
@@ -19,8 +19,8 @@ use std::time::Instant;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::guest::GuestMem;
-use crate::notify::{self, Coalescer, Verdict};
+use crate::datapath::guest::GuestMem;
+use crate::datapath::notify::{self, Coalescer, Verdict};
 use crate::stats::QueueStats;
 
 /// Offset of `ring[0]` in the used ring (after `flags` and `idx`).
@@ -254,20 +254,20 @@ impl<'q> Batch<'q> {
             self.next_used.0,
             self.queue.size(),
             now.saturating_duration_since(self.started),
-            wants(self.queue, self.mem),
+            guest_wish(self.queue, self.mem),
         );
         // Every interrupt sent is counted, including a fresh start's with
         // nothing new; suppressed and deferred only for batches that
         // completed something.
         if completed > 0 || verdict == Verdict::Signal {
-            count(self.stats, verdict);
+            count_verdict(self.stats, verdict);
         }
         Ok(verdict)
     }
 }
 
 /// The guest's wish for entries `old..new` of `queue`.
-fn wants<'a>(queue: &'a Queue, mem: &'a GuestMem) -> impl Fn(u16, u16) -> bool + 'a {
+fn guest_wish<'a>(queue: &'a Queue, mem: &'a GuestMem) -> impl Fn(u16, u16) -> bool + 'a {
     let (avail, size, event_idx) = (
         GuestAddress(queue.avail_ring()),
         queue.size(),
@@ -276,7 +276,7 @@ fn wants<'a>(queue: &'a Queue, mem: &'a GuestMem) -> impl Fn(u16, u16) -> bool +
     move |old, new| notify::guest_wants(mem, avail, size, event_idx, old, new)
 }
 
-fn count(stats: &QueueStats, verdict: Verdict) {
+fn count_verdict(stats: &QueueStats, verdict: Verdict) {
     let counter = match verdict {
         Verdict::Signal => &stats.interrupts_sent,
         Verdict::Suppress => &stats.interrupts_suppressed,
@@ -296,10 +296,10 @@ pub fn on_timer(
     if !coalescer.deferred() {
         return Verdict::Suppress;
     }
-    let verdict = coalescer.on_timer(Instant::now(), queue.size(), wants(queue, mem));
+    let verdict = coalescer.on_timer(Instant::now(), queue.size(), guest_wish(queue, mem));
     // A still-deferred interrupt was counted when it was deferred.
     if !matches!(verdict, Verdict::Defer(_)) {
-        count(stats, verdict);
+        count_verdict(stats, verdict);
     }
     verdict
 }

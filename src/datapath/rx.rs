@@ -1,14 +1,14 @@
 //! How one frame moves from the tap to the guest.
 //!
-//! Guest buffers are gathered into a window of popped chains, then one
+//! Guest buffers are gathered into a set of popped chains ([`RxBuffers`]), then one
 //! `readv` straight into guest memory reads exactly one frame. The chains
 //! the frame filled are completed, each with its own length, and
-//! `num_buffers` is set; chains not needed stay in the window for the next
+//! `num_buffers` is set; chains not needed stay in the buffers for the next
 //! frame, and are given back to the ring when the batch ends. The loop
-//! around this step is [`crate::ring::Batch::drain`].
+//! around this step is [`crate::datapath::batch::Batch::drain`].
 //!
-//! Without `VIRTIO_NET_F_MRG_RXBUF` the window is one chain. With it, the
-//! window gathers chains until it can hold the largest frame the guest may
+//! Without `VIRTIO_NET_F_MRG_RXBUF` the buffers are one chain. With it, the
+//! buffers gathers chains until it can hold the largest frame the guest may
 //! receive; when the ring runs dry first, the frame is read into the
 //! buffers there are, so a small frame never waits for 64 KiB of buffers.
 //!
@@ -23,8 +23,8 @@
 use std::fs::File;
 use std::io;
 
-use crate::guest::{Access, ChainError, GuestIoVecs};
-use crate::ring::{Batch, RingError, Step};
+use crate::datapath::batch::{Batch, RingError, Step};
+use crate::datapath::guest::{Access, ChainError, GuestIoVecs};
 use crate::stats::QueueStats;
 use crate::VNET_HDR_LEN;
 
@@ -138,15 +138,15 @@ impl Bounce {
     }
 }
 
-/// How a window's filling ended.
+/// How filling the RX buffers ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Fill {
-    /// The window holds the bytes asked for (without mergeable buffers,
+    /// The buffers hold the bytes asked for (without mergeable buffers,
     /// one chain).
     Ready,
     /// The guest has posted fewer bytes than asked for, and some.
-    /// `can_grow`: the window could still take more chains (it is false
-    /// when the window already holds a queue's worth of chains, or as many
+    /// `can_grow`: the buffers could still take more chains (it is false
+    /// when the buffers already holds a queue's worth of chains, or as many
     /// memory segments as one `readv` takes).
     Short { can_grow: bool },
     /// The guest has posted no buffers.
@@ -155,18 +155,18 @@ enum Fill {
 
 /// Buffers popped for RX in the current batch, the iovecs covering them,
 /// and the worker's host-side [`Bounce`] buffer.
-pub struct Window<'a, 'b, 'm> {
+pub struct RxBuffers<'a, 'b, 'm> {
     pub chains: &'a mut Vec<RxChain>,
     pub iovecs: &'a mut GuestIoVecs<'b, 'm>,
     pub bounce: &'a mut Bounce,
 }
 
-impl Window<'_, '_, '_> {
+impl RxBuffers<'_, '_, '_> {
     fn capacity(&self) -> usize {
         self.chains.iter().map(|c| c.len).sum()
     }
 
-    /// Completes every chain in the window with length 0 (used when a broken
+    /// Completes every chain in the buffers with length 0 (used when a broken
     /// chain sits behind them in the ring, so they cannot be given back).
     fn flush_unused(&mut self, batch: &mut Batch<'_>) -> Result<(), RingError> {
         for c in self.chains.drain(..) {
@@ -177,7 +177,7 @@ impl Window<'_, '_, '_> {
         Ok(())
     }
 
-    /// Gives the window's chains back to the ring (end of batch).
+    /// Gives the popped chains back to the ring (end of batch).
     pub fn give_back(&mut self, batch: &mut Batch<'_>) {
         batch.give_back(self.chains.len());
         self.chains.clear();
@@ -185,7 +185,7 @@ impl Window<'_, '_, '_> {
         self.iovecs.drop_front(n);
     }
 
-    /// Pops chains until the window holds `want` bytes, or (without
+    /// Pops chains until the buffers hold `want` bytes, or (without
     /// `mergeable` buffers) one chain.
     /// Chains shorter than a `hdr_len`-byte header are refused.
     fn fill(
@@ -234,7 +234,7 @@ impl Window<'_, '_, '_> {
                     });
                 }
                 Err(ChainError::TooManySegments) if !self.chains.is_empty() => {
-                    // A good chain that only the window's other chains
+                    // A good chain that only the other popped chains
                     // leave no iovecs for: it waits in the ring.
                     batch.give_back(1);
                     return Ok(Fill::Short { can_grow: false });
@@ -249,7 +249,7 @@ impl Window<'_, '_, '_> {
     }
 
     /// Completes the chains a frame of `n` bytes (with a `hdr_len`-byte
-    /// header), already in the window, filled, with `num_buffers` set if the
+    /// header), already in the buffers, filled, with `num_buffers` set if the
     /// header has it, and counts it.
     fn complete_frame(
         &mut self,
@@ -269,7 +269,7 @@ impl Window<'_, '_, '_> {
                 break;
             }
         }
-        let num_buffers = u16::try_from(used).expect("a window holds at most a queue of chains");
+        let num_buffers = u16::try_from(used).expect("the buffers hold at most a queue of chains");
         // Little-endian with VERSION_1; a legacy header is in the guest's
         // byte order, which is the host's (no cross-endian support) and, as
         // virtio-queue reads rings as little-endian only, little-endian too.
@@ -332,14 +332,14 @@ impl Window<'_, '_, '_> {
 }
 
 /// What to do with a frame of `n` bytes (as the tap reported it) read into
-/// a window of `capacity` bytes.
+/// RX buffers of `capacity` bytes.
 #[derive(Debug, PartialEq, Eq)]
 enum Verdict {
     /// It fits: complete the chains it filled.
     Deliver,
     /// Longer than the guest may receive: drop, count as oversize.
     Oversize,
-    /// Longer than the window, but the guest may receive it in more
+    /// Longer than the buffers, but the guest may receive it in more
     /// mergeable buffers: hold it until they are posted.
     Hold,
     /// Shorter than a header, or longer than the guest's buffers can ever
@@ -347,7 +347,7 @@ enum Verdict {
     Unfit,
 }
 
-/// Decides about a frame of `n` bytes read into a window of `capacity`
+/// Decides about a frame of `n` bytes read into RX buffers of `capacity`
 /// bytes that `can_grow` (see [`Fill::Short`]); `gso_type` reads the
 /// frame's header, only for frames above the MTU.
 fn judge(
@@ -374,20 +374,20 @@ fn judge(
 /// first, before the tap is read again).
 pub fn step(
     batch: &mut Batch<'_>,
-    window: &mut Window<'_, '_, '_>,
+    buffers: &mut RxBuffers<'_, '_, '_>,
     tap: &File,
     params: RxParams,
 ) -> Result<Step, RingError> {
-    if window.bounce.holds_frame() {
-        return window.deliver_held(batch, params);
+    if buffers.bounce.holds_frame() {
+        return buffers.deliver_held(batch, params);
     }
-    let can_grow = match window.fill(batch, params.max_frame, params.mergeable, params.hdr_len)? {
+    let can_grow = match buffers.fill(batch, params.max_frame, params.mergeable, params.hdr_len)? {
         Fill::Empty => return Ok(Step::RingEmpty),
         Fill::Ready => true,
         Fill::Short { can_grow } => can_grow,
     };
     let stats = batch.stats();
-    let n = match window.iovecs.read_from(tap, &mut window.bounce.buf) {
+    let n = match buffers.iovecs.read_from(tap, &mut buffers.bounce.buf) {
         Ok(n) => n,
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
             stats.tap_eagain.inc();
@@ -398,8 +398,8 @@ pub fn step(
             return Ok(Step::TapBlocked);
         }
     };
-    let capacity = window.capacity();
-    let iovecs = &*window.iovecs;
+    let capacity = buffers.capacity();
+    let iovecs = &*buffers.iovecs;
     let gso_type = || {
         let mut b = [0u8];
         // The header sits in the first chain, which is at least a header
@@ -407,15 +407,15 @@ pub fn step(
         iovecs.read_at(GSO_TYPE_OFFSET, &mut b).map_or(0, |()| b[0])
     };
     match judge(n, capacity, params, can_grow, gso_type) {
-        Verdict::Deliver => window.complete_frame(batch, n, params.hdr_len),
+        Verdict::Deliver => buffers.complete_frame(batch, n, params.hdr_len),
         Verdict::Oversize => {
             // The buffers keep nothing the guest will see: they stay in
-            // the window for the next frame.
+            // the buffers for the next frame.
             stats.rx_dropped_oversize_frames.inc();
             Ok(Step::Progress)
         }
         Verdict::Hold => {
-            if window.bounce.hold(n, capacity, window.iovecs) {
+            if buffers.bounce.hold(n, capacity, buffers.iovecs) {
                 // Stop reading the tap; the drain loop re-arms the guest's
                 // kick, which brings the buffers the frame needs.
                 Ok(Step::RingEmpty)

@@ -27,13 +27,13 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::config::DeviceConfig;
-use crate::guest::GuestMem;
-use crate::queue_pair::{Event, Listeners, QueuePair};
-use crate::rx::RxParams;
+use crate::control::config::DeviceConfig;
+use crate::datapath::guest::GuestMem;
+use crate::datapath::queue_pair::{Event, Listeners, QueuePair};
+use crate::datapath::rx::RxParams;
+use crate::datapath::vring::TrackedVring;
+use crate::host::tap::{self, Tap};
 use crate::stats::Stats;
-use crate::tap::{self, Tap};
-use crate::vring::NetVring;
 
 /// Virtio features offered to the driver.
 pub fn offered_features(pairs: usize) -> u64 {
@@ -133,7 +133,7 @@ pub struct NetBackend {
 
 impl NetBackend {
     /// A device serving `tap`'s queues with `config`; workers install
-    /// `worker_filter` (see [`crate::seccomp`]).
+    /// `worker_filter` (see [`crate::host::seccomp`]).
     pub fn new(
         config: DeviceConfig,
         tap: Tap,
@@ -245,7 +245,7 @@ impl NetBackend {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
         );
-        crate::sys::close_abandoned(fds);
+        crate::host::sys::close_abandoned(fds);
     }
 
     /// The frontend (re)configured vring `queue`: resolve a held interrupt,
@@ -280,7 +280,7 @@ impl NetBackend {
 
 impl VhostUserBackend for NetBackend {
     type Bitmap = ();
-    type Vring = NetVring;
+    type Vring = TrackedVring;
 
     fn num_queues(&self) -> usize {
         2 * self.config.queue_pairs
@@ -396,10 +396,10 @@ impl VhostUserBackend for NetBackend {
         &self,
         device_event: u16,
         evset: EventSet,
-        vrings: &[NetVring],
+        vrings: &[TrackedVring],
         thread_id: usize,
     ) -> io::Result<()> {
-        crate::seccomp::apply_once(self.worker_filter.as_ref());
+        crate::host::seccomp::apply_once(self.worker_filter.as_ref());
         let Some(event) = Event::from_id(device_event, self.num_queues()) else {
             log::warn!("pair {thread_id}: unknown event id {device_event} ({evset:?})");
             return Ok(());

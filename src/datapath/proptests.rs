@@ -14,13 +14,13 @@ use proptest::prelude::*;
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::driver::{Desc, SplitRing, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
-use crate::guest::{GuestMem, IoVecBuf};
-use crate::notify::{Coalescer, Policy};
-use crate::ring::Batch;
-use crate::rx::{self, Bounce, RxChain, RxParams, Window};
+use crate::datapath::batch::Batch;
+use crate::datapath::guest::{GuestMem, IoVecBuf};
+use crate::datapath::notify::{Coalescer, Policy};
+use crate::datapath::rx::{self, Bounce, RxBuffers, RxChain, RxParams};
 use crate::stats::QueueStats;
-use crate::testutil::tap_pair;
+use crate::testing::driver::{Desc, SplitRing, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
+use crate::testing::unit::tap_pair;
 
 const SIZE: u16 = 16;
 const R1: (u64, usize) = (0x1_0000, 0x4_0000);
@@ -83,7 +83,7 @@ fn setup(mem: &GuestMem, descs: &[Desc], heads: &[u16], bogus: bool) -> (SplitRi
     } else {
         r.publish(mem);
     }
-    let q = crate::testutil::device_queue(&r, true);
+    let q = crate::testing::unit::device_queue(&r, true);
     (r, q)
 }
 
@@ -98,14 +98,14 @@ proptest! {
         let stats = QueueStats::default();
         let mut iov = IoVecBuf::default();
         let mut batch = Batch::begin(&mut q, &mem, &stats, 1).unwrap();
-        let result = batch.drain(u64::MAX, |b| crate::tx::step(b, &mut iov, &tap, 12));
+        let result = batch.drain(u64::MAX, |b| crate::datapath::tx::step(b, &mut iov, &tap, 12));
         batch.finish(&mut Coalescer::new(Policy::Immediate)).unwrap();
         if bogus {
             prop_assert!(result.is_err());
         } else {
             let end = result.unwrap();
             let used: Vec<u16> = std::iter::from_fn(|| r.pop_used(&mem)).map(|u| u.head).collect();
-            if end == crate::ring::End::TapBlocked {
+            if end == crate::datapath::batch::End::TapBlocked {
                 // The tap stand-in filled up: the rest waits in the ring.
                 prop_assert!(heads.starts_with(&used));
             } else {
@@ -135,15 +135,15 @@ proptest! {
         let mut iovecs = buf.bind(&mem);
         let mut chains: Vec<RxChain> = Vec::new();
         let mut bounce = Bounce::default();
-        let mut window = Window { chains: &mut chains, iovecs: &mut iovecs, bounce: &mut bounce };
+        let mut buffers = RxBuffers { chains: &mut chains, iovecs: &mut iovecs, bounce: &mut bounce };
         let params = RxParams { hdr_len: 12, mergeable, max_frame: 3000, max_plain_frame: 3000 };
         let mut batch = Batch::begin(&mut q, &mem, &stats, 0).unwrap();
         // A guest whose buffers overlap its own ring can corrupt it through
         // our writes; the daemon must then report it, not crash.
-        if let Err(e) = batch.drain(u64::MAX, |b| rx::step(b, &mut window, &tap, params)) {
-            prop_assert!(matches!(e, crate::ring::RingError::BadAvailIndex(_)), "{e}");
+        if let Err(e) = batch.drain(u64::MAX, |b| rx::step(b, &mut buffers, &tap, params)) {
+            prop_assert!(matches!(e, crate::datapath::batch::RingError::BadAvailIndex(_)), "{e}");
         }
-        window.give_back(&mut batch);
+        buffers.give_back(&mut batch);
         batch.finish(&mut Coalescer::new(Policy::Immediate)).unwrap();
         drop(iovecs);
 

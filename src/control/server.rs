@@ -5,7 +5,7 @@
 //! one connection per daemon) built on the same [`NetBackend`], which keeps
 //! the tap and the counters, so a frontend that goes away and comes back (or
 //! a new one) finds the device as it was. Between the frontend and the
-//! daemon sits [`crate::relay`], on a private socket pair.
+//! daemon sits [`crate::control::relay`], on a private socket pair.
 
 use std::fs;
 use std::io::{self, Write};
@@ -23,12 +23,12 @@ use vhost::vhost_user::{Error as ProtocolError, Listener};
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-use crate::backend::NetBackend;
-use crate::config::{format_mac, Config, Endpoint, Frontend};
-use crate::queue_pair::Listeners;
-use crate::relay;
-use crate::sys;
-use crate::tap::{Tap, TapError};
+use crate::control::backend::NetBackend;
+use crate::control::config::{format_mac, Config, Endpoint, Frontend};
+use crate::control::relay;
+use crate::datapath::queue_pair::Listeners;
+use crate::host::sys;
+use crate::host::tap::{Tap, TapError};
 
 /// Why the daemon could not start or had to stop. All are host faults.
 #[derive(Debug, thiserror::Error)]
@@ -99,7 +99,7 @@ pub fn run(config: Config) -> Result<(), Error> {
         None => None,
     };
 
-    let filter = crate::seccomp::worker_filter(config.seccomp).map_err(Error::Seccomp)?;
+    let filter = crate::host::seccomp::worker_filter(config.seccomp).map_err(Error::Seccomp)?;
     let tap = Tap::open(&config.tap, config.device.queue_pairs, config.tap_mtu)?;
     if let Some(warning) = tap.mtu_mismatch(config.device.mtu) {
         log::warn!("{warning}");
@@ -169,10 +169,10 @@ pub fn run(config: Config) -> Result<(), Error> {
         .map_err(Error::Device)?;
     // Everything is set up and frontends are being accepted (or connected
     // to): tell a `Type=notify` service manager.
-    crate::systemd::ready(&format!("serving tap {}", config.tap));
+    crate::control::systemd::ready(&format!("serving tap {}", config.tap));
 
     let result = done_rx.recv().unwrap_or(Ok(()));
-    crate::systemd::stopping();
+    crate::control::systemd::stopping();
     if let Some(conn) = current.lock().unwrap_or_else(|e| e.into_inner()).take() {
         let _ = conn.shutdown(std::net::Shutdown::Both);
     }

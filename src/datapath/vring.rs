@@ -8,7 +8,7 @@
 //! The framework drops a ring's call fd at GET_VRING_BASE, and QEMU sets a
 //! ring up again with SET_VRING_KICK (the ring runs) before SET_VRING_CALL:
 //! an interrupt decided in between would go nowhere, and the guest would
-//! wait for it forever. [`NetVring::signal`] marks it owed instead, and
+//! wait for it forever. [`TrackedVring::signal`] marks it owed instead, and
 //! `set_call` sends it as soon as the frontend gives the fd. Every other
 //! call goes to [`VringMutex`] unchanged.
 
@@ -22,21 +22,21 @@ use vhost_user_backend::{VringMutex, VringState, VringStateGuard, VringStateMutG
 use virtio_queue::Error as QueueError;
 use vm_memory::GuestMemoryAtomic;
 
-use crate::guest::GuestMem;
-use crate::sys;
+use crate::datapath::guest::GuestMem;
+use crate::host::sys;
 
 type Mem = GuestMemoryAtomic<GuestMem>;
 
 /// A vring whose kicks are counted.
 #[derive(Clone)]
-pub struct NetVring {
+pub struct TrackedVring {
     inner: VringMutex<Mem>,
     kicks: Arc<AtomicU64>,
     /// An interrupt was decided while the ring had no call fd.
     owed: Arc<AtomicBool>,
 }
 
-impl NetVring {
+impl TrackedVring {
     /// Returns the kicks received since the last call.
     pub fn take_kicks(&self) -> u64 {
         self.kicks.swap(0, Ordering::Relaxed)
@@ -57,17 +57,17 @@ impl NetVring {
     }
 }
 
-impl<'a> VringStateGuard<'a, Mem> for NetVring {
+impl<'a> VringStateGuard<'a, Mem> for TrackedVring {
     type G = MutexGuard<'a, VringState<Mem>>;
 }
 
-impl<'a> VringStateMutGuard<'a, Mem> for NetVring {
+impl<'a> VringStateMutGuard<'a, Mem> for TrackedVring {
     type G = MutexGuard<'a, VringState<Mem>>;
 }
 
-impl VringT<Mem> for NetVring {
+impl VringT<Mem> for TrackedVring {
     fn new(mem: Mem, max_queue_size: u16) -> Result<Self, QueueError> {
-        Ok(NetVring {
+        Ok(TrackedVring {
             inner: VringMutex::new(mem, max_queue_size)?,
             kicks: Arc::default(),
             owed: Arc::default(),
@@ -154,7 +154,7 @@ impl VringT<Mem> for NetVring {
     }
 
     /// Stores the call fd, then sends an interrupt owed since the ring
-    /// lost its previous one ([`NetVring::signal`]).
+    /// lost its previous one ([`TrackedVring::signal`]).
     fn set_call(&self, file: Option<File>) {
         let present = file.is_some();
         self.inner.set_call(file);

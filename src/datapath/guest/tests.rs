@@ -1,10 +1,10 @@
 use vm_memory::GuestAddress;
 
 use super::*;
-use crate::driver::{Buf, Desc, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
-use crate::ring::Batch;
+use crate::datapath::batch::Batch;
 use crate::stats::QueueStats;
-use crate::testutil::{buf_addr, memory, ring};
+use crate::testing::driver::{Buf, Desc, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
+use crate::testing::unit::{buf_addr, memory, ring};
 
 fn readable(addr: GuestAddress, len: u32) -> Buf {
     Buf {
@@ -94,7 +94,7 @@ fn descriptor_outside_guest_memory_is_refused() {
 fn descriptor_straddling_the_end_of_guest_memory_is_refused() {
     let mem = memory();
     let (mut r, mut q) = ring(&mem, 16, true);
-    let end = crate::testutil::MEM_BASE + crate::testutil::MEM_SIZE as u64;
+    let end = crate::testing::unit::MEM_BASE + crate::testing::unit::MEM_SIZE as u64;
     let head = r
         .add_chain(&mem, &[readable(GuestAddress(end - 10), 100)])
         .unwrap();
@@ -303,7 +303,7 @@ fn used_ring_in_unmapped_memory_is_an_error_not_a_crash() {
     let stats = QueueStats::default();
     assert!(matches!(
         Batch::begin(&mut q, &mem, &stats, 0),
-        Err(crate::ring::RingError::RingAccess(_))
+        Err(crate::datapath::batch::RingError::RingAccess(_))
     ));
 }
 
@@ -323,7 +323,7 @@ fn read_from_goes_on_into_the_overflow_buffer_past_the_guest_buffers() {
     let mut buf = IoVecBuf::default();
     let mut iov = buf.bind(&mem);
     push_first(&mem, &mut q, &mut iov, Access::DeviceWrites, 1000).unwrap();
-    let (tap, mut peer) = crate::testutil::tap_pair();
+    let (tap, mut peer) = crate::testing::unit::tap_pair();
     let frame: Vec<u8> = (0..40).collect();
     peer.write_all(&frame).unwrap();
     let mut overflow = [0u8; 16];

@@ -26,7 +26,7 @@ fn reserved_exit_id_is_not_one_of_our_events() {
 
 use std::os::fd::AsFd;
 
-use crate::testutil::world::World;
+use crate::testing::unit::world::World;
 use vhost_user_backend::VringT;
 
 #[test]

@@ -2,7 +2,7 @@
 //! counter reads, and receiving file descriptors over a unix socket.
 //!
 //! This is one of the two modules allowed to contain `unsafe` (the other is
-//! [`crate::guest`], which owns every raw pointer into guest memory). Nothing
+//! [`crate::datapath::guest`], which owns every raw pointer into guest memory). Nothing
 //! here knows about virtio; callers pass plain fds, names and numbers.
 
 use std::fs::{File, OpenOptions};
@@ -247,7 +247,8 @@ impl AsRawFd for Timer {
 
 /// Waits until one of `fds` is readable or `timeout_ms` passes; returns
 /// how many are readable (used by the benchmark's guest to wait for
-/// interrupts on call eventfds).
+/// interrupts on call eventfds). Test support: not in the daemon's build.
+#[cfg(any(test, feature = "test-utils"))]
 pub fn wait_readable(fds: &[RawFd], timeout_ms: i32) -> io::Result<usize> {
     let mut pfds: Vec<libc::pollfd> = fds
         .iter()

@@ -11,8 +11,8 @@ use std::sync::atomic::{fence, Ordering};
 
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::guest::GuestMem;
-use crate::notify::need_event;
+use crate::datapath::guest::GuestMem;
+use crate::datapath::notify::need_event;
 
 /// `VRING_DESC_F_NEXT`.
 pub const DESC_F_NEXT: u16 = 1;

@@ -4,11 +4,11 @@ use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
-use crate::driver::{Buf, Used};
-use crate::guest::IoVecBuf;
-use crate::ring::{Batch, End};
+use crate::datapath::batch::{Batch, End};
+use crate::datapath::guest::IoVecBuf;
 use crate::stats::QueueStats;
-use crate::testutil::{add_rx_buffers, add_rx_buffers_at, buf_addr, memory, ring, tap_pair};
+use crate::testing::driver::{Buf, Used};
+use crate::testing::unit::{add_rx_buffers, add_rx_buffers_at, buf_addr, memory, ring, tap_pair};
 
 const SMALL: RxParams = RxParams {
     hdr_len: 12,
@@ -31,7 +31,7 @@ const MRG_1500: RxParams = RxParams {
 
 /// Runs one RX batch with an unlimited budget, as the worker does.
 fn run_batch(
-    mem: &crate::guest::GuestMem,
+    mem: &crate::datapath::guest::GuestMem,
     queue: &mut virtio_queue::Queue,
     stats: &QueueStats,
     tap: &File,
@@ -43,7 +43,7 @@ fn run_batch(
 /// [`run_batch`] with the worker's `bounce` buffer, which outlives batches.
 fn run_batch_with(
     bounce: &mut Bounce,
-    mem: &crate::guest::GuestMem,
+    mem: &crate::datapath::guest::GuestMem,
     queue: &mut virtio_queue::Queue,
     stats: &QueueStats,
     tap: &File,
@@ -52,19 +52,19 @@ fn run_batch_with(
     let mut buf = IoVecBuf::default();
     let mut iovecs = buf.bind(mem);
     let mut chains = Vec::new();
-    let mut window = Window {
+    let mut buffers = RxBuffers {
         chains: &mut chains,
         iovecs: &mut iovecs,
         bounce,
     };
     let mut batch = Batch::begin(queue, mem, stats, 0).unwrap();
     let end = batch
-        .drain(u64::MAX, |b| step(b, &mut window, tap, params))
+        .drain(u64::MAX, |b| step(b, &mut buffers, tap, params))
         .unwrap();
-    window.give_back(&mut batch);
+    buffers.give_back(&mut batch);
     batch
-        .finish(&mut crate::notify::Coalescer::new(
-            crate::notify::Policy::Immediate,
+        .finish(&mut crate::datapath::notify::Coalescer::new(
+            crate::datapath::notify::Policy::Immediate,
         ))
         .unwrap();
     end
@@ -77,7 +77,7 @@ fn tap_frame(payload_len: usize, fill: u8) -> Vec<u8> {
     f
 }
 
-fn num_buffers(mem: &crate::guest::GuestMem, at: GuestAddress) -> u16 {
+fn num_buffers(mem: &crate::datapath::guest::GuestMem, at: GuestAddress) -> u16 {
     let v: u16 = mem.read_obj(GuestAddress(at.0 + 10)).unwrap();
     u16::from_le(v)
 }
@@ -389,7 +389,7 @@ fn small_frame_is_delivered_into_multi_descriptor_chains_short_of_the_largest_fr
 
 /// Frame bytes of `used` entries (buffers of one descriptor at `buf_addr(i, size)`
 /// for head `i`), concatenated.
-fn gather(mem: &crate::guest::GuestMem, used: &[Used], size: usize) -> Vec<u8> {
+fn gather(mem: &crate::datapath::guest::GuestMem, used: &[Used], size: usize) -> Vec<u8> {
     let mut out = Vec::new();
     for u in used {
         let mut part = vec![0u8; u.len as usize];

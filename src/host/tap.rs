@@ -2,7 +2,7 @@
 //! `IFF_VNET_HDR`, and the header length, byte order and offloads the
 //! guest's features call for ([`Framing`]).
 //!
-//! Knows the kernel's tap API (through [`crate::sys`]) and the mapping from
+//! Knows the kernel's tap API (through [`crate::host::sys`]) and the mapping from
 //! virtio-net offload feature bits to `TUN_F_*` flags; nothing about rings.
 
 use std::fs::File;
@@ -15,7 +15,7 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO,
 };
 
-use crate::sys;
+use crate::host::sys;
 use crate::VNET_HDR_LEN;
 
 /// Errors opening or configuring the tap. All are host faults.

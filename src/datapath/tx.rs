@@ -3,13 +3,13 @@
 //! The guest's chain (virtio-net header + frame, exactly as the guest wrote
 //! it) becomes one `writev` straight from guest memory; the tap, set to the
 //! same header length, takes the header as it is, so checksum and
-//! segmentation offloads cost nothing here. The loop around this step is [`crate::ring::Batch::drain`].
+//! segmentation offloads cost nothing here. The loop around this step is [`crate::datapath::batch::Batch::drain`].
 
 use std::fs::File;
 use std::io;
 
-use crate::guest::{Access, ChainError, IoVecBuf};
-use crate::ring::{Batch, RingError, Step};
+use crate::datapath::batch::{Batch, RingError, Step};
+use crate::datapath::guest::{Access, ChainError, IoVecBuf};
 use crate::VNET_HDR_LEN;
 
 /// Largest chain accepted: header plus a 64 KiB GSO frame with an Ethernet

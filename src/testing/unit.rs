@@ -8,8 +8,8 @@ use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::driver::{Buf, SplitRing};
-use crate::guest::GuestMem;
+use crate::datapath::guest::GuestMem;
+use crate::testing::driver::{Buf, SplitRing};
 
 pub const MEM_BASE: u64 = 0x1_0000;
 pub const MEM_SIZE: usize = 8 << 20;
@@ -121,14 +121,14 @@ pub mod world {
     use vm_memory::{GuestAddress, GuestMemoryAtomic};
     use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
-    use crate::driver::SplitRing;
-    use crate::guest::GuestMem;
-    use crate::notify::Policy;
-    use crate::queue_pair::{Event, Listeners, QueuePair};
-    use crate::rx::RxParams;
+    use crate::datapath::guest::GuestMem;
+    use crate::datapath::notify::Policy;
+    use crate::datapath::queue_pair::{Event, Listeners, QueuePair};
+    use crate::datapath::rx::RxParams;
+    use crate::datapath::vring::TrackedVring;
     use crate::stats::Stats;
-    use crate::testutil::{add_rx_buffers, add_tx_frame, memory, tap_pair, RING_BASE};
-    use crate::vring::NetVring;
+    use crate::testing::driver::SplitRing;
+    use crate::testing::unit::{add_rx_buffers, add_tx_frame, memory, tap_pair, RING_BASE};
 
     pub struct EpollListeners(pub Epoll);
 
@@ -146,7 +146,7 @@ pub mod world {
     pub struct World {
         pub mem: GuestMem,
         pub rings: [SplitRing; 2],
-        pub vrings: [NetVring; 2],
+        pub vrings: [TrackedVring; 2],
         pub kicks: [EventFd; 2],
         pub calls: [EventFd; 2],
         pub pair: QueuePair,
@@ -174,7 +174,7 @@ pub mod world {
             let kicks = [0, 1].map(|_| eventfd());
             let calls = [0, 1].map(|_| eventfd());
             let vrings = [0, 1].map(|i| {
-                let v = <NetVring as VringT<_>>::new(atomic.clone(), size).unwrap();
+                let v = <TrackedVring as VringT<_>>::new(atomic.clone(), size).unwrap();
                 let r = &rings[i];
                 v.set_queue_size(size);
                 v.set_queue_info(r.desc_addr().0, r.avail_addr().0, r.used_addr().0)
