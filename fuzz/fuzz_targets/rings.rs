@@ -113,7 +113,7 @@ fuzz_target!(|input: &[u8]| {
     let stats = QueueStats::default();
     let mut iov = IoVecBuf::default();
     let mut batch = Batch::begin(&mut q, &mem, &stats, 1).expect("ring in memory");
-    let result = batch.drain(u64::MAX, |b| tx::step(b, &mut iov, &tap, 12));
+    let result = batch.drain(u64::MAX, |b| tx::step(b, &mut iov, Some(&tap), 12));
     batch.finish(&mut Coalescer::new(Policy::Immediate)).expect("used ring in memory");
     match result {
         Err(RingError::BadAvailIndex(_)) => assert!(bogus),

@@ -49,6 +49,9 @@ pub enum Step {
     RingEmpty,
     /// The tap side cannot go on (TX: tap full; RX: tap empty).
     TapBlocked,
+    /// The tap's interface is gone (the step counted it; TX dropped the
+    /// frame and completed its chain).
+    TapGone,
 }
 
 /// Why a batch ended.
@@ -60,6 +63,8 @@ pub enum End {
     TapBlocked,
     /// The budget is spent and work remains: come back soon.
     BudgetSpent,
+    /// The tap's interface is gone; it will not come back by waiting.
+    TapGone,
 }
 
 /// A batch in progress on one queue.
@@ -73,7 +78,6 @@ pub struct Batch<'q> {
     warned: bool,
     queue_index: usize,
     started: Instant,
-    tap_failed: bool,
 }
 
 impl<'q> Batch<'q> {
@@ -103,7 +107,6 @@ impl<'q> Batch<'q> {
             warned: false,
             queue_index,
             started: Instant::now(),
-            tap_failed: false,
         })
     }
 
@@ -172,22 +175,6 @@ impl<'q> Batch<'q> {
         self.complete(head, 0)
     }
 
-    /// Notes that the tap failed with `err` (not EAGAIN): counted; the
-    /// worker learns it from [`Batch::tap_failed`]. A tap whose interface
-    /// was deleted (EBADFD) is "gone" until it is re-attached.
-    pub fn note_tap_error(&mut self, err: &std::io::Error) {
-        self.stats.tap_errors.inc();
-        if err.raw_os_error() == Some(libc::EBADFD) {
-            self.tap_failed = true;
-        }
-        log::debug!("queue {}: tap I/O failed: {err}", self.queue_index);
-    }
-
-    /// Whether the tap's interface went away during this batch.
-    pub fn tap_failed(&self) -> bool {
-        self.tap_failed
-    }
-
     /// Counts one frame moved, of `bytes` bytes (header excluded).
     pub fn count_frame(&mut self, bytes: usize) {
         self.frames += 1;
@@ -210,6 +197,7 @@ impl<'q> Batch<'q> {
             match step(self)? {
                 Step::Progress => handled += 1,
                 Step::TapBlocked => return Ok(End::TapBlocked),
+                Step::TapGone => return Ok(End::TapGone),
                 Step::RingEmpty => {
                     // Publish `avail_event` (or clear NO_NOTIFY) and look
                     // again: a buffer added just before would get no kick.

@@ -98,7 +98,7 @@ proptest! {
         let stats = QueueStats::default();
         let mut iov = IoVecBuf::default();
         let mut batch = Batch::begin(&mut q, &mem, &stats, 1).unwrap();
-        let result = batch.drain(u64::MAX, |b| crate::datapath::tx::step(b, &mut iov, &tap, 12));
+        let result = batch.drain(u64::MAX, |b| crate::datapath::tx::step(b, &mut iov, Some(&tap), 12));
         batch.finish(&mut Coalescer::new(Policy::Immediate)).unwrap();
         if bogus {
             prop_assert!(result.is_err());

@@ -113,22 +113,53 @@ where
     }
 }
 
+/// One ring's state for one frontend connection.
+struct RingState {
+    /// Stopped by a guest fault until the frontend sets the ring up again.
+    broken: bool,
+    /// Spent its budget with work left: runs again on [`Event::Resume`].
+    pending: bool,
+    /// Whether the tap fd this direction waits on is in the epoll set.
+    watching: bool,
+    /// Interrupt coalescing state.
+    coalescer: Coalescer,
+    /// The deadline the ring's timer is armed for.
+    timer_deadline: Option<Instant>,
+}
+
 /// State that lives for one frontend connection.
 struct Connection {
     mem: GuestMemoryAtomic<GuestMem>,
     listeners: Arc<dyn Listeners>,
-    /// Indexed by [`Watch`]: whether the fd is in the epoll set.
-    watching: [bool; 2],
-    broken: [bool; 2],
-    pending: [bool; 2],
-    /// Interrupt coalescing state per ring.
-    coalescers: [Coalescer; 2],
-    /// The deadline each ring's timer is armed for.
-    timer_deadline: [Option<Instant>; 2],
+    /// Indexed by ring: RX, TX.
+    rings: [RingState; 2],
     /// This pair's `[rx, tx]` vrings, kept from the first event so a held
     /// interrupt can be signalled from outside the worker (ring stop,
     /// device reset, disconnect) while the call fd is still there.
     vrings: Option<[TrackedVring; 2]>,
+}
+
+/// What one direction keeps across connections.
+struct Direction {
+    /// How it coalesces interrupts.
+    policy: Policy,
+    /// Fires when a held interrupt is due.
+    timer: Timer,
+    /// The tap fd it waits on when the tap blocks it (RX: the queue fd,
+    /// readable; TX: a `dup` of it, writable: epoll cannot hold one fd twice
+    /// with different interest), and the event that reports it.
+    tap_fd: File,
+    tap_events: EventSet,
+    tap_event: Event,
+    /// Iovec storage its steps reuse (no allocation per frame).
+    iov: IoVecBuf,
+}
+
+/// RX's buffers between steps: the chains popped for the next frame and
+/// the host buffer behind them ([`Bounce`]).
+struct RxScratch {
+    chains: Vec<RxChain>,
+    bounce: Bounce,
 }
 
 /// One queue pair: RX is ring 0 of the pair, TX ring 1.
@@ -136,14 +167,12 @@ pub struct QueuePair {
     index: usize,
     num_queues: usize,
     tap: File,
-    tap_out: File,
     resume: EventFd,
     stats: Arc<Stats>,
     rx_params: RxParams,
-    /// Coalescing policy per ring (RX, TX).
-    policies: [Policy; 2],
-    /// Timer per ring for deferred interrupts.
-    timers: [Timer; 2],
+    /// Indexed by ring: RX, TX.
+    dirs: [Direction; 2],
+    rx: RxScratch,
     /// Whether our tap queue is attached (receives frames from the kernel).
     tap_attached: bool,
     /// Whether it should be: a frontend has this pair's RX ring enabled.
@@ -153,10 +182,6 @@ pub struct QueuePair {
     /// (it would report an error forever).
     tap_gone: bool,
     conn: Option<Connection>,
-    tx_iov: IoVecBuf,
-    rx_iov: IoVecBuf,
-    rx_chains: Vec<RxChain>,
-    rx_bounce: Bounce,
 }
 
 const RX: usize = 0;
@@ -172,24 +197,40 @@ impl QueuePair {
         stats: Arc<Stats>,
         policies: [Policy; 2],
     ) -> io::Result<Self> {
+        let direction = |ring: usize, tap_fd: File| -> io::Result<Direction> {
+            let (tap_events, tap_event) = if ring == RX {
+                (EventSet::IN, Event::TapReadable)
+            } else {
+                (EventSet::OUT, Event::TapWritable)
+            };
+            Ok(Direction {
+                policy: policies[ring],
+                timer: Timer::new()?,
+                tap_fd,
+                tap_events,
+                tap_event,
+                iov: IoVecBuf::with_capacity(IOV_MAX),
+            })
+        };
         Ok(QueuePair {
             index,
             num_queues,
-            tap_out: tap.try_clone()?,
+            dirs: [
+                direction(RX, tap.try_clone()?)?,
+                direction(TX, tap.try_clone()?)?,
+            ],
             tap,
             resume: EventFd::new(EFD_NONBLOCK)?,
             stats,
             rx_params: RxParams::default(),
-            policies,
-            timers: [Timer::new()?, Timer::new()?],
+            rx: RxScratch {
+                chains: Vec::with_capacity(usize::from(u16::MAX)),
+                bounce: Bounce::default(),
+            },
             tap_attached: true,
             tap_wanted: true,
             tap_gone: false,
             conn: None,
-            tx_iov: IoVecBuf::with_capacity(IOV_MAX),
-            rx_iov: IoVecBuf::with_capacity(IOV_MAX),
-            rx_chains: Vec::with_capacity(usize::from(u16::MAX)),
-            rx_bounce: Bounce::default(),
         })
     }
 
@@ -243,7 +284,9 @@ impl QueuePair {
             self.set_tap_attached(false);
         }
         if let Some(conn) = self.conn.as_mut() {
-            conn.pending = [true, true];
+            for r in &mut conn.rings {
+                r.pending = true;
+            }
             self.resume.write(1)?;
         }
         Ok(())
@@ -262,18 +305,21 @@ impl QueuePair {
     ) -> io::Result<()> {
         let n = self.num_queues;
         listeners.register(self.resume.as_raw_fd(), EventSet::IN, Event::Resume.id(n))?;
-        for (timer, event) in self.timers.iter().zip([Event::RxTimer, Event::TxTimer]) {
-            timer.set(None)?;
-            listeners.register(timer.as_raw_fd(), EventSet::IN, event.id(n))?;
+        for (dir, event) in self.dirs.iter().zip([Event::RxTimer, Event::TxTimer]) {
+            dir.timer.set(None)?;
+            listeners.register(dir.timer.as_raw_fd(), EventSet::IN, event.id(n))?;
         }
+        let ring = |dir: &Direction| RingState {
+            broken: false,
+            pending: false,
+            watching: false,
+            coalescer: Coalescer::new(dir.policy),
+            timer_deadline: None,
+        };
         self.conn = Some(Connection {
             mem,
             listeners,
-            watching: [false; 2],
-            broken: [false; 2],
-            pending: [false; 2],
-            coalescers: self.policies.map(Coalescer::new),
-            timer_deadline: [None; 2],
+            rings: [ring(&self.dirs[RX]), ring(&self.dirs[TX])],
             vrings: None,
         });
         Ok(())
@@ -289,7 +335,8 @@ impl QueuePair {
         for ring in [RX, TX] {
             self.ring_stopped(ring);
         }
-        self.rx_bounce
+        self.rx
+            .bounce
             .drop_held(&self.stats.queues[2 * self.index + RX]);
         self.conn = None;
         self.set_tap_attached(false);
@@ -299,8 +346,8 @@ impl QueuePair {
     /// was broken; the next interrupt decision is a fresh start's.
     pub fn ring_reset(&mut self, ring: usize) {
         self.ring_stopped(ring);
-        if let Some(b) = self.conn.as_mut().and_then(|c| c.broken.get_mut(ring)) {
-            *b = false;
+        if let Some(r) = self.conn.as_mut().and_then(|c| c.rings.get_mut(ring)) {
+            r.broken = false;
         }
     }
 
@@ -309,19 +356,14 @@ impl QueuePair {
     /// still there, disarm its timer, and make the next decision a fresh
     /// start's (which signals if the guest may still be waiting).
     pub fn ring_stopped(&mut self, ring: usize) {
-        let Some(conn) = self.conn.as_mut() else {
+        let (Some(conn), Some(dir)) = (self.conn.as_mut(), self.dirs.get(ring)) else {
             return;
         };
-        let (Some(coalescer), Some(deadline)) = (
-            conn.coalescers.get_mut(ring),
-            conn.timer_deadline.get_mut(ring),
-        ) else {
-            return;
-        };
-        let held = coalescer.take_held();
-        coalescer.reset();
-        if deadline.take().is_some() {
-            if let Err(e) = self.timers[ring].set(None) {
+        let r = &mut conn.rings[ring];
+        let held = r.coalescer.take_held();
+        r.coalescer.reset();
+        if r.timer_deadline.take().is_some() {
+            if let Err(e) = dir.timer.set(None) {
                 log::warn!(
                     "pair {}: cannot disarm the interrupt timer: {e}",
                     self.index
@@ -349,31 +391,28 @@ impl QueuePair {
                 self.queue_stats(ring).kicks.add(kicks);
             }
         }
-        let (run_rx, run_tx) = match event {
-            Event::RxKick | Event::TapReadable => (true, false),
-            Event::TxKick => (false, true),
-            Event::TapWritable => {
-                self.watch_tap_writable(false);
-                (false, true)
-            }
+        let runs = match event {
+            Event::RxKick | Event::TapReadable => [true, false],
+            Event::TxKick | Event::TapWritable => [false, true],
             Event::Resume => {
                 let _ = self.resume.read();
                 let conn = self.conn.as_mut().expect("checked above");
-                let pending = std::mem::take(&mut conn.pending);
-                (pending[RX], pending[TX])
+                conn.rings
+                    .each_mut()
+                    .map(|r| std::mem::take(&mut r.pending))
             }
             Event::RxTimer | Event::TxTimer => {
                 let ring = if event == Event::RxTimer { RX } else { TX };
-                let _ = self.timers[ring].take();
+                let _ = self.dirs[ring].timer.take();
                 self.fire_timer(ring, &vrings[ring]);
-                (false, false)
+                [false, false]
             }
         };
-        if run_tx {
-            self.run_tx(&vrings[TX]);
-        }
-        if run_rx {
-            self.run_rx(&vrings[RX]);
+        // TX first: its completions free guest memory RX may then fill.
+        for ring in [TX, RX] {
+            if runs[ring] {
+                self.run(ring, &vrings[ring]);
+            }
         }
     }
 
@@ -381,83 +420,70 @@ impl QueuePair {
         &self.stats.queues[2 * self.index + ring]
     }
 
-    fn run_tx(&mut self, vring: &TrackedVring) {
-        let conn = self.conn.as_ref().expect("caller checked");
-        if conn.broken[TX] {
+    /// Runs one batch on ring `ring` (RX or TX: only the step differs),
+    /// acts on its interrupt verdict, and decides what to wait for next.
+    fn run(&mut self, ring: usize, vring: &TrackedVring) {
+        let Some(conn) = self.conn.as_mut() else {
             return;
-        }
-        let mem = conn.mem.memory();
-        let stats = &self.stats.queues[2 * self.index + TX];
-        let mut state = vring.get_mut();
-        if !state.is_enabled() || !state.get_queue().ready() {
-            return;
-        }
-        let queue_index = 2 * self.index + TX;
-        let (tap, iov, hdr_len) = (&self.tap, &mut self.tx_iov, self.rx_params.hdr_len);
-        let coalescer = &mut self.conn.as_mut().expect("caller checked").coalescers[TX];
-        let mut tap_failed = false;
-        let result = (|| {
-            let mut batch = Batch::begin(state.get_queue_mut(), &mem, stats, queue_index)?;
-            let end = batch.drain(BUDGET_FRAMES, |b| tx::step(b, iov, tap, hdr_len))?;
-            tap_failed = batch.tap_failed();
-            Ok((end, batch.finish(coalescer)?))
-        })();
-        let end = self.settle_batch(result, vring, &state, TX);
-        drop(state);
-        if tap_failed {
-            self.mark_tap_gone();
-        }
-        match end {
-            Some(End::TapBlocked) => self.watch_tap_writable(true),
-            Some(End::BudgetSpent) => self.resume_later(TX),
-            Some(End::RingEmpty) | None => {}
-        }
-    }
-
-    fn run_rx(&mut self, vring: &TrackedVring) {
-        let conn = self.conn.as_ref().expect("caller checked");
-        let mem = conn.mem.memory();
-        let mut state = vring.get_mut();
-        if self.tap_gone || conn.broken[RX] || !state.is_enabled() || !state.get_queue().ready() {
-            drop(state);
-            self.watch_tap_readable(false);
-            return;
-        }
-        let queue_index = 2 * self.index + RX;
-        let stats = &self.stats.queues[queue_index];
-        let (tap, params) = (&self.tap, self.rx_params);
-        let mut iovecs = self.rx_iov.bind(&mem);
-        let mut buffers = RxBuffers {
-            chains: &mut self.rx_chains,
-            iovecs: &mut iovecs,
-            bounce: &mut self.rx_bounce,
         };
-        let coalescer = &mut self.conn.as_mut().expect("caller checked").coalescers[RX];
-        let mut tap_failed = false;
-        let result = (|| {
-            let mut batch = Batch::begin(state.get_queue_mut(), &mem, stats, queue_index)?;
-            let end = batch.drain(BUDGET_FRAMES, |b| rx::step(b, &mut buffers, tap, params));
-            buffers.give_back(&mut batch);
-            tap_failed = batch.tap_failed();
-            let end = end?;
-            Ok((end, batch.finish(coalescer)?))
-        })();
-        drop(iovecs);
-        let end = self.settle_batch(result, vring, &state, RX);
-        drop(state);
-        if tap_failed {
-            self.mark_tap_gone();
-            self.watch_tap_readable(false);
+        let mem = conn.mem.memory();
+        let mut state = vring.get_mut();
+        let idle = conn.rings[ring].broken
+            || !state.is_enabled()
+            || !state.get_queue().ready()
+            || (ring == RX && self.tap_gone);
+        if idle {
+            drop(state);
+            self.watch_tap(ring, false);
             return;
         }
+        let queue_index = 2 * self.index + ring;
+        let stats = &self.stats.queues[queue_index];
+        let coalescer = &mut conn.rings[ring].coalescer;
+        let (dir, rx, params) = (&mut self.dirs[ring], &mut self.rx, self.rx_params);
+        let tap = (!self.tap_gone).then_some(&self.tap);
+        let result =
+            Batch::begin(state.get_queue_mut(), &mem, stats, queue_index).and_then(|mut batch| {
+                let end = match ring {
+                    RX => {
+                        let tap = tap.expect("RX does not run while the tap is gone");
+                        let mut iovecs = dir.iov.bind(&mem);
+                        let mut buffers = RxBuffers {
+                            chains: &mut rx.chains,
+                            iovecs: &mut iovecs,
+                            bounce: &mut rx.bounce,
+                        };
+                        let end =
+                            batch.drain(BUDGET_FRAMES, |b| rx::step(b, &mut buffers, tap, params));
+                        buffers.give_back(&mut batch);
+                        end
+                    }
+                    _ => batch.drain(BUDGET_FRAMES, |b| {
+                        tx::step(b, &mut dir.iov, tap, params.hdr_len)
+                    }),
+                }?;
+                Ok((end, batch.finish(coalescer)?))
+            });
+        let end = self.settle_batch(result, vring, &state, ring);
+        drop(state);
         match end {
-            Some(End::TapBlocked) => self.watch_tap_readable(true),
-            Some(End::RingEmpty) | None => self.watch_tap_readable(false),
+            Some(End::TapBlocked) => self.watch_tap(ring, true),
+            Some(End::RingEmpty) | None => self.watch_tap(ring, false),
             Some(End::BudgetSpent) => {
-                // The resume event gives RX its next turn, after TX's: a
-                // level-triggered tap watch would give it a second one.
-                self.watch_tap_readable(false);
-                self.resume_later(RX);
+                // The resume event gives this direction its next turn, after
+                // the other's: a level-triggered tap watch would give RX a
+                // second one.
+                self.watch_tap(ring, false);
+                self.resume_later(ring);
+            }
+            Some(End::TapGone) => {
+                self.mark_tap_gone();
+                self.watch_tap(ring, false);
+                if ring == TX {
+                    // The rest of the guest's frames are dropped without
+                    // touching the tap, on the next turn.
+                    self.resume_later(TX);
+                }
             }
         }
     }
@@ -471,7 +497,6 @@ impl QueuePair {
         state: &VringState<GuestMemoryAtomic<GuestMem>>,
         ring: usize,
     ) -> Option<End> {
-        let queue_index = 2 * self.index + ring;
         match result {
             Ok((end, verdict)) => {
                 self.apply_verdict(ring, verdict, vring, state);
@@ -479,11 +504,14 @@ impl QueuePair {
             }
             Err(e) => {
                 if matches!(e, RingError::BadAvailIndex(_)) {
-                    self.stats.queues[queue_index].bad_avail_index.inc();
+                    self.queue_stats(ring).bad_avail_index.inc();
                 }
-                log::error!("queue {queue_index} stopped until the frontend resets it: {e}");
+                log::error!(
+                    "queue {} stopped until the frontend resets it: {e}",
+                    2 * self.index + ring
+                );
                 if let Some(conn) = self.conn.as_mut() {
-                    conn.broken[ring] = true;
+                    conn.rings[ring].broken = true;
                 }
                 None
             }
@@ -499,28 +527,28 @@ impl QueuePair {
         vring: &TrackedVring,
         state: &VringState<GuestMemoryAtomic<GuestMem>>,
     ) {
-        match verdict {
-            Verdict::Signal => self.signal_locked(ring, vring, state),
-            Verdict::Suppress => {}
-            Verdict::Defer(deadline) => {
-                let Some(conn) = self.conn.as_mut() else {
-                    return;
-                };
-                if conn.timer_deadline[ring] == Some(deadline) {
-                    return;
-                }
-                let after = deadline.saturating_duration_since(Instant::now());
-                match self.timers[ring].set(Some(after)) {
-                    Ok(()) => conn.timer_deadline[ring] = Some(deadline),
-                    Err(e) => {
-                        // Nothing would ever fire: signal now rather than
-                        // leave the guest waiting.
-                        log::error!("pair {}: cannot arm the interrupt timer: {e}", self.index);
-                        if conn.coalescers[ring].take_held() {
-                            self.queue_stats(ring).interrupts_sent.inc();
-                            self.signal_locked(ring, vring, state);
-                        }
-                    }
+        let deadline = match verdict {
+            Verdict::Signal => return self.signal_locked(ring, vring, state),
+            Verdict::Suppress => return,
+            Verdict::Defer(deadline) => deadline,
+        };
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        let r = &mut conn.rings[ring];
+        if r.timer_deadline == Some(deadline) {
+            return;
+        }
+        let after = deadline.saturating_duration_since(Instant::now());
+        match self.dirs[ring].timer.set(Some(after)) {
+            Ok(()) => r.timer_deadline = Some(deadline),
+            Err(e) => {
+                // Nothing would ever fire: signal now rather than leave the
+                // guest waiting.
+                log::error!("pair {}: cannot arm the interrupt timer: {e}", self.index);
+                if r.coalescer.take_held() {
+                    self.queue_stats(ring).interrupts_sent.inc();
+                    self.signal_locked(ring, vring, state);
                 }
             }
         }
@@ -554,43 +582,38 @@ impl QueuePair {
         let Some(conn) = self.conn.as_mut() else {
             return;
         };
-        conn.timer_deadline[ring] = None;
+        let r = &mut conn.rings[ring];
+        r.timer_deadline = None;
         let mem = conn.mem.memory();
         let state = vring.get_ref();
         let stats = &self.stats.queues[2 * self.index + ring];
-        let verdict = batch::on_timer(state.get_queue(), &mem, stats, &mut conn.coalescers[ring]);
+        let verdict = batch::on_timer(state.get_queue(), &mem, stats, &mut r.coalescer);
         self.apply_verdict(ring, verdict, vring, &state);
     }
 
     fn resume_later(&mut self, ring: usize) {
         if let Some(conn) = self.conn.as_mut() {
-            conn.pending[ring] = true;
+            conn.rings[ring].pending = true;
         }
         if let Err(e) = self.resume.write(1) {
             log::error!("pair {}: cannot schedule more work: {e}", self.index);
         }
     }
 
-    fn watch_tap_readable(&mut self, armed: bool) {
-        self.watch(Watch::TapIn, armed);
-    }
-
-    fn watch_tap_writable(&mut self, armed: bool) {
-        self.watch(Watch::TapOut, armed);
-    }
-
-    /// Registers or unregisters a tap fd in the connection's epoll when its
-    /// watched state changes.
-    fn watch(&mut self, what: Watch, armed: bool) {
-        let (fd, events, event) = match what {
-            Watch::TapIn => (self.tap.as_raw_fd(), EventSet::IN, Event::TapReadable),
-            Watch::TapOut => (self.tap_out.as_raw_fd(), EventSet::OUT, Event::TapWritable),
-        };
-        let id = event.id(self.num_queues);
+    /// Registers or unregisters the tap fd direction `ring` waits on (RX:
+    /// readable, TX: writable) in the connection's epoll when its watched
+    /// state changes.
+    fn watch_tap(&mut self, ring: usize, armed: bool) {
+        let dir = &self.dirs[ring];
+        let (fd, events, id) = (
+            dir.tap_fd.as_raw_fd(),
+            dir.tap_events,
+            dir.tap_event.id(self.num_queues),
+        );
         let Some(conn) = self.conn.as_mut() else {
             return;
         };
-        let watching = &mut conn.watching[what as usize];
+        let watching = &mut conn.rings[ring].watching;
         if *watching == armed {
             return;
         }
@@ -601,16 +624,13 @@ impl QueuePair {
         };
         match result {
             Ok(()) => *watching = armed,
-            Err(e) => log::error!("pair {}: cannot change {what:?} watch: {e}", self.index),
+            Err(e) => log::error!(
+                "pair {}: cannot change the {:?} watch: {e}",
+                self.index,
+                dir.tap_event
+            ),
         }
     }
-}
-
-/// The tap fds a worker may watch.
-#[derive(Clone, Copy, Debug)]
-enum Watch {
-    TapIn = 0,
-    TapOut = 1,
 }
 
 #[cfg(test)]

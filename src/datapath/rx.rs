@@ -394,8 +394,13 @@ pub fn step(
             return Ok(Step::TapBlocked);
         }
         Err(e) => {
-            batch.note_tap_error(&e);
-            return Ok(Step::TapBlocked);
+            stats.tap_errors.inc();
+            log::debug!("RX tap read failed: {e}");
+            return Ok(if crate::host::tap::is_gone(&e) {
+                Step::TapGone
+            } else {
+                Step::TapBlocked
+            });
         }
     };
     let capacity = buffers.capacity();

@@ -204,6 +204,12 @@ fn set_vnet_hdr_size(queue: &File, len: usize) -> io::Result<()> {
     sys::tun_set_vnet_hdr_size(queue, i32::try_from(len).expect("10 or 12 fits"))
 }
 
+/// Whether a tap read or write failed because the interface was deleted
+/// under our fd (EBADFD): it stays so until [`reattach`].
+pub fn is_gone(err: &io::Error) -> bool {
+    err.raw_os_error() == Some(libc::EBADFD)
+}
+
 /// Whether interface `name` exists.
 pub fn exists(name: &str) -> bool {
     Path::new("/sys/class/net").join(name).exists()
