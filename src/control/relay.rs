@@ -21,6 +21,10 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 
+use vhost::vhost_user::message::{
+    FrontendReq, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
+
 use crate::host::sys;
 
 /// vhost-user message header: request, flags, payload size (all u32 LE).
@@ -28,26 +32,28 @@ const HEADER_LEN: usize = 12;
 /// Largest payload accepted (the protocol's messages are far smaller).
 const MAX_PAYLOAD: usize = 4096;
 
+/// The protocol version every message carries in its flags (the crate
+/// names the field's mask, not the value).
 const VERSION: u32 = 0x1;
-const FLAG_REPLY: u32 = 0x4;
-const FLAG_NEED_REPLY: u32 = 0x8;
+const FLAG_REPLY: u32 = VhostUserHeaderFlag::REPLY.bits();
+const FLAG_NEED_REPLY: u32 = VhostUserHeaderFlag::NEED_REPLY.bits();
 
-const SET_FEATURES: u32 = 2;
-const RESET_OWNER: u32 = 4;
-const SET_VRING_NUM: u32 = 8;
-const SET_VRING_ADDR: u32 = 9;
-const SET_VRING_BASE: u32 = 10;
-const SET_PROTOCOL_FEATURES: u32 = 16;
-const SET_MEM_TABLE: u32 = 5;
-const SET_VRING_KICK: u32 = 12;
-const SET_VRING_CALL: u32 = 13;
-const SET_VRING_ERR: u32 = 14;
-const SET_VRING_ENABLE: u32 = 18;
-const RESET_DEVICE: u32 = 34;
-const ADD_MEM_REG: u32 = 37;
+const SET_FEATURES: u32 = FrontendReq::SET_FEATURES as u32;
+const RESET_OWNER: u32 = FrontendReq::RESET_OWNER as u32;
+const SET_VRING_NUM: u32 = FrontendReq::SET_VRING_NUM as u32;
+const SET_VRING_ADDR: u32 = FrontendReq::SET_VRING_ADDR as u32;
+const SET_VRING_BASE: u32 = FrontendReq::SET_VRING_BASE as u32;
+const SET_PROTOCOL_FEATURES: u32 = FrontendReq::SET_PROTOCOL_FEATURES as u32;
+const SET_MEM_TABLE: u32 = FrontendReq::SET_MEM_TABLE as u32;
+const SET_VRING_KICK: u32 = FrontendReq::SET_VRING_KICK as u32;
+const SET_VRING_CALL: u32 = FrontendReq::SET_VRING_CALL as u32;
+const SET_VRING_ERR: u32 = FrontendReq::SET_VRING_ERR as u32;
+const SET_VRING_ENABLE: u32 = FrontendReq::SET_VRING_ENABLE as u32;
+const RESET_DEVICE: u32 = FrontendReq::RESET_DEVICE as u32;
+const ADD_MEM_REG: u32 = FrontendReq::ADD_MEM_REG as u32;
 
-const PROTOCOL_FEATURES_BIT: u64 = 1 << 30;
-const PROTOCOL_F_REPLY_ACK: u64 = 1 << 3;
+const PROTOCOL_FEATURES_BIT: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+const PROTOCOL_F_REPLY_ACK: u64 = VhostUserProtocolFeatures::REPLY_ACK.bits();
 
 /// What the relay tells the backend about.
 pub trait Hooks: Send + Sync {

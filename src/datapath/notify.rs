@@ -33,8 +33,9 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::datapath::guest::GuestMem;
 
-/// `VRING_AVAIL_F_NO_INTERRUPT` from the virtio spec.
-const AVAIL_F_NO_INTERRUPT: u16 = 1;
+/// `VRING_AVAIL_F_NO_INTERRUPT`, as the `u16` the avail ring's flags hold.
+#[allow(clippy::cast_possible_truncation)] // bit 0
+const AVAIL_F_NO_INTERRUPT: u16 = virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT as u16;
 
 /// The split-ring formula from the virtio spec (`vring_need_event`): the
 /// guest wants an interrupt when `used_event` lies in `[old, new)`.

@@ -11,19 +11,30 @@ use std::sync::atomic::{fence, Ordering};
 
 use vm_memory::{Bytes, GuestAddress};
 
+use virtio_bindings::virtio_ring;
+
 use crate::datapath::guest::GuestMem;
 use crate::datapath::notify::need_event;
 
+/// Ring flags from `virtio_bindings` as the `u16`s the ring fields hold
+/// (the bindings declare them `u32`; each is a small bit).
+const fn flag(bit: u32) -> u16 {
+    assert!(bit <= u16::MAX as u32, "a ring flag fits the 16-bit field");
+    #[allow(clippy::cast_possible_truncation)] // checked just above
+    let v = bit as u16;
+    v
+}
+
 /// `VRING_DESC_F_NEXT`.
-pub const DESC_F_NEXT: u16 = 1;
+pub const DESC_F_NEXT: u16 = flag(virtio_ring::VRING_DESC_F_NEXT);
 /// `VRING_DESC_F_WRITE` (the device writes this buffer).
-pub const DESC_F_WRITE: u16 = 2;
+pub const DESC_F_WRITE: u16 = flag(virtio_ring::VRING_DESC_F_WRITE);
 /// `VRING_DESC_F_INDIRECT`.
-pub const DESC_F_INDIRECT: u16 = 4;
+pub const DESC_F_INDIRECT: u16 = flag(virtio_ring::VRING_DESC_F_INDIRECT);
 /// `VRING_USED_F_NO_NOTIFY`.
-pub const USED_F_NO_NOTIFY: u16 = 1;
+pub const USED_F_NO_NOTIFY: u16 = flag(virtio_ring::VRING_USED_F_NO_NOTIFY);
 /// `VRING_AVAIL_F_NO_INTERRUPT`.
-pub const AVAIL_F_NO_INTERRUPT: u16 = 1;
+pub const AVAIL_F_NO_INTERRUPT: u16 = flag(virtio_ring::VRING_AVAIL_F_NO_INTERRUPT);
 
 /// One raw descriptor as it sits in the table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
