@@ -125,14 +125,14 @@ pub fn tun_set_queue(tap: &File, attach: bool) -> io::Result<()> {
 
 /// A datagram socket, the handle the kernel wants for interface ioctls.
 fn inet_socket() -> io::Result<File> {
-    // SAFETY: plain socket(2) call; the returned fd is checked and then owned
-    // by the `File`, which closes it.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
-    Ok(unsafe { File::from_raw_fd(fd) })
+    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    Ok(File::from(fd))
 }
 
 /// Sets `IFF_UP` on interface `name` (leaves the other flags as they are).
@@ -168,80 +168,50 @@ pub fn mtu(name: &str) -> io::Result<u32> {
 /// Reads and resets an eventfd's (or timerfd's) counter: the number of
 /// notifications (expirations) since the last read (0 when there were none).
 pub fn eventfd_take(fd: RawFd) -> io::Result<u64> {
-    let mut value: u64 = 0;
-    // SAFETY: reads exactly 8 bytes into `value`, which is 8 bytes long and
-    // lives across the call. A bad fd makes read(2) fail, nothing more.
-    let n = unsafe { libc::read(fd, (&raw mut value).cast(), std::mem::size_of::<u64>()) };
-    if n < 0 {
-        let err = io::Error::last_os_error();
-        if err.kind() == io::ErrorKind::WouldBlock {
-            return Ok(0);
-        }
-        return Err(err);
+    let mut value = [0u8; 8];
+    match nix::unistd::read(fd, &mut value) {
+        Ok(_) => Ok(u64::from_ne_bytes(value)),
+        Err(nix::errno::Errno::EAGAIN) => Ok(0),
+        Err(e) => Err(e.into()),
     }
-    Ok(value)
 }
 
 /// A one-shot monotonic timer whose fd becomes readable when it fires
 /// (`timerfd`, non-blocking).
 #[derive(Debug)]
-pub struct Timer(File);
+pub struct Timer(nix::sys::timerfd::TimerFd);
 
 impl Timer {
     pub fn new() -> io::Result<Timer> {
-        // SAFETY: plain timerfd_create(2); the result is checked and then
-        // owned by the `File`.
-        let fd = unsafe {
-            libc::timerfd_create(
-                libc::CLOCK_MONOTONIC,
-                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a fresh descriptor that nothing else owns.
-        Ok(Timer(unsafe { File::from_raw_fd(fd) }))
+        use nix::sys::timerfd::{ClockId, TimerFd, TimerFlags};
+        let flags = TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC;
+        Ok(Timer(TimerFd::new(ClockId::CLOCK_MONOTONIC, flags)?))
     }
 
     /// Fires once after `after` (at least 1 ns); `None` disarms.
     pub fn set(&self, after: Option<std::time::Duration>) -> io::Result<()> {
-        let value = after.map_or(
-            libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            },
-            |d| {
+        use nix::sys::time::TimeSpec;
+        use nix::sys::timerfd::{Expiration, TimerSetTimeFlags};
+        match after {
+            Some(d) => {
                 let d = d.max(std::time::Duration::from_nanos(1));
-                libc::timespec {
-                    tv_sec: libc::time_t::try_from(d.as_secs()).unwrap_or(libc::time_t::MAX),
-                    tv_nsec: libc::c_long::from(d.subsec_nanos()),
-                }
-            },
-        );
-        let spec = libc::itimerspec {
-            it_interval: libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            },
-            it_value: value,
-        };
-        // SAFETY: `spec` is a live, initialised itimerspec the kernel only
-        // reads; the old value is not requested (null).
-        check(unsafe {
-            libc::timerfd_settime(self.0.as_raw_fd(), 0, &raw const spec, std::ptr::null_mut())
-        })
+                let when = Expiration::OneShot(TimeSpec::from_duration(d));
+                self.0.set(when, TimerSetTimeFlags::empty())?;
+            }
+            None => self.0.unset()?,
+        }
+        Ok(())
     }
 
     /// Consumes the expirations; 0 if it has not fired.
     pub fn take(&self) -> io::Result<u64> {
-        eventfd_take(self.0.as_raw_fd())
+        eventfd_take(self.as_raw_fd())
     }
 }
 
 impl AsRawFd for Timer {
     fn as_raw_fd(&self) -> RawFd {
-        self.0.as_raw_fd()
+        std::os::fd::AsFd::as_fd(&self.0).as_raw_fd()
     }
 }
 
@@ -277,12 +247,11 @@ pub fn wait_readable(fds: &[RawFd], timeout_ms: i32) -> io::Result<usize> {
 /// Drops root: supplementary groups cleared, then gid, then uid (in that
 /// order: after setuid we could no longer change groups).
 pub fn drop_privileges(uid: u32, gid: u32) -> io::Result<()> {
-    // SAFETY: setgroups(0, NULL) reads no memory; the others take plain ids.
-    check(unsafe { libc::setgroups(0, std::ptr::null()) })?;
-    // SAFETY: as above.
-    check(unsafe { libc::setgid(gid) })?;
-    // SAFETY: as above.
-    check(unsafe { libc::setuid(uid) })
+    use nix::unistd::{setgid, setgroups, setuid, Gid, Uid};
+    setgroups(&[])?;
+    setgid(Gid::from_raw(gid))?;
+    setuid(Uid::from_raw(uid))?;
+    Ok(())
 }
 
 /// Changes the group of `path` (owner unchanged).
@@ -338,45 +307,28 @@ pub fn send_with_files(sock: &UnixStream, data: &[u8], files: &[File]) -> io::Re
         .map_err(|e| io::Error::from_raw_os_error(e.errno()))
 }
 
-fn sockopt_int(fd: RawFd, opt: libc::c_int) -> io::Result<libc::c_int> {
-    let mut val: libc::c_int = 0;
-    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).expect("4");
-    // SAFETY: getsockopt writes at most `len` (4) bytes into `val`, which is
-    // a live c_int; a bad fd or a non-socket makes it fail, nothing more.
-    let ret = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            opt,
-            (&raw mut val).cast(),
-            &raw mut len,
-        )
-    };
-    check(ret)?;
-    Ok(val)
-}
-
 /// Takes ownership of an inherited, already listening unix socket (the
 /// `--fd` convention of vhost-user backend programs), after checking that it
 /// is one, and marks it close-on-exec.
 pub fn inherited_listener(fd: RawFd) -> io::Result<UnixListener> {
-    if sockopt_int(fd, libc::SO_DOMAIN)? != libc::AF_UNIX {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "not a unix socket",
-        ));
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    use nix::sys::socket::{
+        getsockname, getsockopt, sockopt, AddressFamily, SockaddrLike, SockaddrStorage,
+    };
+    let invalid = |what| io::Error::new(io::ErrorKind::InvalidInput, what);
+    let addr: SockaddrStorage = getsockname(fd)?;
+    if addr.family() != Some(AddressFamily::Unix) {
+        return Err(invalid("not a unix socket"));
     }
-    if sockopt_int(fd, libc::SO_ACCEPTCONN)? == 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "socket is not listening",
-        ));
+    fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))?;
+    // SAFETY: by the --fd (or LISTEN_FDS) contract our parent handed this
+    // descriptor to us to own, nothing else in this process has opened or
+    // wrapped it, and getsockname just showed it is an open socket.
+    let listener = unsafe { UnixListener::from_raw_fd(fd) };
+    if !getsockopt(&listener, sockopt::AcceptConn)? {
+        return Err(invalid("socket is not listening"));
     }
-    // SAFETY: sets a descriptor flag on `fd`, checked above to be an open socket.
-    check(unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) })?;
-    // SAFETY: by the --fd contract our parent handed this descriptor to us to
-    // own, and nothing else in this process has opened or wrapped it.
-    Ok(unsafe { UnixListener::from_raw_fd(fd) })
+    Ok(listener)
 }
 
 #[cfg(test)]
