@@ -49,6 +49,13 @@ impl Stats {
         }
         out
     }
+
+    /// The counters now, per queue, as the `stats` command reads them: the
+    /// Prometheus text parsed back, so [`table`] shows the exit report and
+    /// `stats` from the same figures.
+    pub fn snapshot(&self) -> Vec<QueueSnapshot> {
+        parse(&self.prometheus())
+    }
 }
 
 /// The counters of one queue as read back from the text format.
@@ -124,7 +131,8 @@ fn label_value(labels: &str, key: &str) -> Option<String> {
     None
 }
 
-/// A table of the counters per queue. With `since` (an earlier snapshot
+/// A table of the counters per queue: what `stats` prints, and the exit
+/// report (of the final [`Stats::snapshot`]). With `since` (an earlier snapshot
 /// and the time between), frames, bytes, kicks and interrupts are rates per
 /// second and the ratios cover that interval only.
 pub fn table(now: &[QueueSnapshot], since: Option<(&[QueueSnapshot], f64)>) -> String {
@@ -214,7 +222,7 @@ pub fn table(now: &[QueueSnapshot], since: Option<(&[QueueSnapshot], f64)>) -> S
     out
 }
 
-pub(super) fn ratio(num: u64, den: u64) -> String {
+fn ratio(num: u64, den: u64) -> String {
     if den == 0 {
         "-".to_owned()
     } else {

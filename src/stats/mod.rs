@@ -14,7 +14,6 @@
 pub mod client;
 pub mod format;
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A count that only grows: written by one queue's worker, read by anyone
@@ -226,34 +225,6 @@ impl Stats {
             queues: (0..num_queues).map(|_| QueueStats::default()).collect(),
             policies,
         }
-    }
-
-    /// A short human summary per queue, with the derived ratios
-    /// (frames per interrupt, kicks per frame).
-    pub fn summary(&self) -> String {
-        let mut out = String::new();
-        for (q, s) in self.queues.iter().enumerate() {
-            let frames = s.frames.get();
-            let irqs = s.interrupts_sent.get();
-            let kicks = s.kicks.get();
-            let _ = writeln!(
-                out,
-                "queue {q} ({}): frames={frames} bytes={} kicks={kicks} interrupts={irqs} \
-                 suppressed={} frames/interrupt={} kicks/frame={} bad_chains={} \
-                 rx_dropped={} rx_oversize={} tap_errors={} tap_eagain={}",
-                direction(q),
-                s.bytes.get(),
-                s.interrupts_suppressed.get(),
-                format::ratio(frames, irqs),
-                format::ratio(kicks, frames),
-                s.bad_chains.get(),
-                s.rx_dropped_frames.get(),
-                s.rx_dropped_oversize_frames.get(),
-                s.tap_errors.get(),
-                s.tap_eagain.get(),
-            );
-        }
-        out
     }
 }
 
