@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use crate::stats::{direction, Kind, QueueStats, Stats, BATCH_BUCKETS};
+use crate::stats::{direction, Histogram, Kind, QueueStats, Stats, BATCH_BUCKETS};
 
 impl Stats {
     /// The counters in Prometheus text format (`# HELP`/`# TYPE` lines,
@@ -33,7 +33,7 @@ impl Stats {
             let name = format!("vhost_user_net_{}", field.name);
             let kind = match field.kind {
                 Kind::Counter(_) => "counter",
-                Kind::Histogram => "histogram",
+                Kind::Histogram(_) => "histogram",
             };
             let _ = writeln!(out, "# HELP {name} {}", field.help);
             let _ = writeln!(out, "# TYPE {name} {kind}");
@@ -43,7 +43,7 @@ impl Stats {
                     Kind::Counter(get) => {
                         let _ = writeln!(out, "{name}{{{labels}}} {}", get(stats).get());
                     }
-                    Kind::Histogram => write_histogram(&mut out, &name, &labels, stats),
+                    Kind::Histogram(get) => write_histogram(&mut out, &name, &labels, get(stats)),
                 }
             }
         }
@@ -232,9 +232,9 @@ fn ratio(num: u64, den: u64) -> String {
     }
 }
 
-fn write_histogram(out: &mut String, name: &str, labels: &str, stats: &QueueStats) {
+fn write_histogram(out: &mut String, name: &str, labels: &str, histogram: &Histogram) {
     let mut cumulative = 0;
-    for (bound, count) in BATCH_BUCKETS.iter().zip(&stats.batch_frames_hist) {
+    for (bound, count) in BATCH_BUCKETS.iter().zip(&histogram.buckets) {
         cumulative += count.get();
         let le = if *bound == u64::MAX {
             "+Inf".to_owned()
@@ -243,7 +243,7 @@ fn write_histogram(out: &mut String, name: &str, labels: &str, stats: &QueueStat
         };
         let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}");
     }
-    let _ = writeln!(out, "{name}_sum{{{labels}}} {}", stats.completions.get());
+    let _ = writeln!(out, "{name}_sum{{{labels}}} {}", histogram.sum.get());
     let _ = writeln!(out, "{name}_count{{{labels}}} {cumulative}");
 }
 

@@ -43,6 +43,34 @@ impl Counter {
 /// The last bucket counts every batch larger than the previous bound.
 pub const BATCH_BUCKETS: [u64; 8] = [1, 2, 4, 8, 16, 32, 64, u64::MAX];
 
+/// A histogram over [`BATCH_BUCKETS`], as Prometheus defines one: how many
+/// values fell in each bucket, and the sum of the values.
+#[derive(Default, Debug)]
+pub struct Histogram {
+    /// Values observed per bucket (each counted in its own bucket only;
+    /// the text format makes them cumulative).
+    pub buckets: [Counter; BATCH_BUCKETS.len()],
+    /// Sum of the values observed.
+    pub sum: Counter,
+}
+
+impl Histogram {
+    /// Counts `value` in its bucket and adds it to the sum.
+    pub fn observe(&self, value: u64) {
+        let bucket = BATCH_BUCKETS
+            .iter()
+            .position(|&bound| value <= bound)
+            .expect("the last bucket is unbounded");
+        self.buckets[bucket].inc();
+        self.sum.add(value);
+    }
+
+    /// How many values were observed.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().map(Counter::get).sum()
+    }
+}
+
 /// Counters of one virtqueue.
 #[derive(Default, Debug)]
 pub struct QueueStats {
@@ -66,8 +94,8 @@ pub struct QueueStats {
     /// Batches whose interrupt a coalescing policy held back (always 0
     /// with the `immediate` policy).
     pub interrupts_deferred: Counter,
-    /// Batch sizes, one counter per bucket of [`BATCH_BUCKETS`].
-    pub batch_frames_hist: [Counter; BATCH_BUCKETS.len()],
+    /// Frames per batch, for the batches counted in `batches`.
+    pub batch_frames: Histogram,
     /// RX frames read from the tap that the guest's buffers could not hold
     /// (or shorter than the virtio-net header, or held for more mergeable
     /// buffers when the connection ended), dropped.
@@ -88,10 +116,10 @@ pub struct QueueStats {
     pub tap_eagain: Counter,
 }
 
-/// How a counter is exposed: a plain counter or the histogram.
+/// How a field is exposed: a plain counter or a histogram.
 pub enum Kind {
     Counter(fn(&QueueStats) -> &Counter),
-    Histogram,
+    Histogram(fn(&QueueStats) -> &Histogram),
 }
 
 /// One exported field: name (with unit), help text, accessor.
@@ -183,7 +211,7 @@ impl QueueStats {
         Field {
             name: "batch_frames",
             help: "Frames completed per batch.",
-            kind: Kind::Histogram,
+            kind: Kind::Histogram(|s| &s.batch_frames),
         },
     ];
 
@@ -193,11 +221,7 @@ impl QueueStats {
             return;
         }
         self.batches.inc();
-        let bucket = BATCH_BUCKETS
-            .iter()
-            .position(|&bound| frames <= bound)
-            .expect("the last bucket is unbounded");
-        self.batch_frames_hist[bucket].inc();
+        self.batch_frames.observe(frames);
     }
 }
 
@@ -232,7 +256,7 @@ impl Stats {
 mod tests {
     use super::*;
     use crate::datapath::notify::Policy;
-    use crate::testing::driver::{Desc, DESC_F_WRITE};
+    use crate::testing::driver::{Buf, Desc, DESC_F_WRITE};
     use crate::testing::unit::buf_addr;
     use crate::testing::unit::world::World;
 
@@ -243,8 +267,8 @@ mod tests {
         s.record_batch(100);
         s.record_batch(0);
         assert_eq!(s.batches.get(), 2);
-        assert_eq!(s.batch_frames_hist[0].get(), 1);
-        assert_eq!(s.batch_frames_hist[7].get(), 1);
+        assert_eq!(s.batch_frames.buckets[0].get(), 1);
+        assert_eq!(s.batch_frames.buckets[7].get(), 1);
     }
 
     #[test]
@@ -359,7 +383,7 @@ mod tests {
             let q = &w.stats.queues[queue];
             let value = match field.kind {
                 Kind::Counter(get) => get(q).get(),
-                Kind::Histogram => q.batch_frames_hist.iter().map(Counter::get).sum(),
+                Kind::Histogram(get) => get(q).count(),
             };
             assert!(value > 0, "{} did not move in its scenario", field.name);
             // ... and nothing moved on the other queue's copy of it.
@@ -385,7 +409,7 @@ mod tests {
         assert_eq!(tx.bytes.get(), 3 * 60, "frame bytes, header excluded");
         assert_eq!(tx.completions.get(), 3);
         assert_eq!(tx.batches.get(), 1);
-        assert_eq!(tx.batch_frames_hist[2].get(), 1, "one batch of 3: le_4");
+        assert_eq!(tx.batch_frames.buckets[2].get(), 1, "one batch of 3: le_4");
         assert_eq!(tx.interrupts_sent.get(), 1);
         let (w, _) = scenario("bad_chains_total").unwrap();
         let tx = &w.stats.queues[1];
@@ -394,5 +418,26 @@ mod tests {
             (1, 1, 0),
             "returned with length 0, not a frame"
         );
+    }
+
+    #[test]
+    fn batch_frames_sum_is_the_frames_of_the_batches_not_their_used_entries() {
+        let mut w = World::new(256, [Policy::Immediate; 2]);
+        // One batch of three chains: one the device would have to write
+        // (refused, returned with length 0), then two frames.
+        let refused = Buf {
+            addr: buf_addr(0, 2048),
+            len: 100,
+            device_writes: true,
+        };
+        let head = w.rings[1].add_chain(&w.mem, &[refused]).unwrap();
+        w.rings[1].push_avail(&w.mem, head);
+
+        w.transmit(2);
+
+        let tx = &w.stats.snapshot()[1];
+        assert_eq!(tx.get("completions_total"), 3);
+        assert_eq!(tx.get("batch_frames_count"), 1);
+        assert_eq!(tx.get("batch_frames_sum"), 2, "frames, not used entries");
     }
 }
