@@ -82,7 +82,8 @@ pub struct QueueStats {
     /// Guest kicks: sum of the kick eventfd's counter over every read (one
     /// read can stand for several kicks).
     pub kicks: Counter,
-    /// Batches that completed at least one chain.
+    /// Batches that moved at least one frame. A batch that only returned
+    /// refused chains (length 0) is not counted.
     pub batches: Counter,
     /// Used-ring entries written (frames plus chains returned with length 0).
     pub completions: Counter,
@@ -156,7 +157,7 @@ impl QueueStats {
         counter!(
             "batches_total",
             batches,
-            "Batches that completed at least one chain."
+            "Batches that moved at least one frame."
         ),
         counter!(
             "completions_total",
@@ -210,12 +211,13 @@ impl QueueStats {
         ),
         Field {
             name: "batch_frames",
-            help: "Frames completed per batch.",
+            help: "Frames moved per batch.",
             kind: Kind::Histogram(|s| &s.batch_frames),
         },
     ];
 
-    /// Records one batch of `frames` completions.
+    /// Records a batch that moved `frames` frames (chains refused with
+    /// length 0 are not frames); a batch that moved none is not recorded.
     pub fn record_batch(&self, frames: u64) {
         if frames == 0 {
             return;
@@ -414,9 +416,14 @@ mod tests {
         let (w, _) = scenario("bad_chains_total").unwrap();
         let tx = &w.stats.queues[1];
         assert_eq!(
-            (tx.bad_chains.get(), tx.completions.get(), tx.frames.get()),
-            (1, 1, 0),
-            "returned with length 0, not a frame"
+            (
+                tx.bad_chains.get(),
+                tx.completions.get(),
+                tx.frames.get(),
+                tx.batches.get()
+            ),
+            (1, 1, 0, 0),
+            "returned with length 0, not a frame, in no counted batch"
         );
     }
 
