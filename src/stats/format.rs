@@ -207,11 +207,7 @@ pub fn table(now: &[QueueSnapshot], since: Option<(&[QueueSnapshot], f64)>) -> S
         let mut last = 0;
         let mut cells = Vec::new();
         for bound in BATCH_BUCKETS {
-            let le = if bound == u64::MAX {
-                "+Inf".to_owned()
-            } else {
-                bound.to_string()
-            };
+            let le = le_label(bound);
             let key = format!("batch_frames_bucket_le_{le}");
             let cum = q.get(&key) - prev.map_or(0, |p| p.get(&key)).min(q.get(&key));
             cells.push(format!("<={le}:{}", cum.saturating_sub(last)));
@@ -232,15 +228,20 @@ fn ratio(num: u64, den: u64) -> String {
     }
 }
 
+/// The `le` label of a histogram bucket's upper bound.
+fn le_label(bound: u64) -> String {
+    if bound == u64::MAX {
+        "+Inf".to_owned()
+    } else {
+        bound.to_string()
+    }
+}
+
 fn write_histogram(out: &mut String, name: &str, labels: &str, histogram: &Histogram) {
     let mut cumulative = 0;
     for (bound, count) in BATCH_BUCKETS.iter().zip(&histogram.buckets) {
         cumulative += count.get();
-        let le = if *bound == u64::MAX {
-            "+Inf".to_owned()
-        } else {
-            bound.to_string()
-        };
+        let le = le_label(*bound);
         let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}");
     }
     let _ = writeln!(out, "{name}_sum{{{labels}}} {}", histogram.sum.get());
