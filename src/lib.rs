@@ -35,7 +35,8 @@
 //! | [`host::tap`] | the tap interface |
 //! | [`host::sys`] | kernel calls that need `unsafe` |
 //! | [`host::seccomp`] | what the worker threads may ask of the kernel |
-//! | [`stats`] | what is counted, and its text formats |
+//! | [`stats`] | what is counted |
+//! | [`stats::format`] | the counters as text: Prometheus, its parser, the `stats` table |
 //! | [`stats::client`] | the `stats` command: a running daemon's counters |
 
 #![deny(unsafe_op_in_unsafe_fn)]

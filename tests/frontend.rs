@@ -302,11 +302,27 @@ fn descriptor_loop_in_rx_chain_is_returned_and_counted() {
 fn sigterm_exits_cleanly_prints_counters_and_removes_the_socket() {
     let ns = Netns::new();
     let mut d = Daemon::start(&ns, &[]);
+    let mut fe = TestFrontend::connect(&d.socket, 1, 256, 0);
+    for tag in 0..3 {
+        fe.send(0, &eth_frame(default_mac(&d.tap), &marker(tag)));
+    }
+    fe.wait_used(1, 3);
 
     let (status, log) = d.stop();
 
     assert!(status.success(), "exit status {status}: {log}");
-    assert!(log.contains("queue 1 (tx): frames=0"), "{log}");
+    // The exit report is the `stats` table: its columns, and queue 1's row
+    // with the 3 frames sent.
+    let rows: Vec<String> = log
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect();
+    let has_row = |start: &str| rows.iter().any(|r| r.starts_with(start));
+    assert!(
+        has_row("queue dir frames bytes kicks irqs suppressed deferred "),
+        "{log}"
+    );
+    assert!(has_row("1 tx 3 "), "{log}");
     assert!(!d.socket.exists());
     assert!(!d.stats_socket.exists());
 }

@@ -177,8 +177,8 @@ pub fn run(config: Config) -> Result<(), Error> {
         let _ = conn.shutdown(std::net::Shutdown::Both);
     }
     drop(sockets);
-    let summary = backend.stats().summary();
-    let _ = io::stderr().write_all(summary.as_bytes());
+    let report = crate::stats::format::table(&backend.stats().snapshot(), None);
+    let _ = io::stderr().write_all(report.as_bytes());
     result
 }
 

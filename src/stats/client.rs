@@ -1,7 +1,7 @@
 //! The `stats` command: reads a running daemon's counters from its stats
 //! socket and prints them per queue, once or every second with rates.
 //!
-//! Knows the text format ([`crate::stats::parse`]) and the terminal; nothing
+//! Knows the text format ([`crate::stats::format::parse`]) and the terminal; nothing
 //! about the data path.
 
 use std::io::{self, Read, Write};
@@ -9,7 +9,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::stats::{parse, table, QueueSnapshot};
+use crate::stats::format::{parse, table, QueueSnapshot};
 
 /// Why the counters could not be read.
 #[derive(Debug, thiserror::Error)]

@@ -363,14 +363,12 @@ pub struct Stats {
 }
 
 impl Stats {
-    /// Value of `vhost_user_net_<name>` for queue `q`.
+    /// Value of `vhost_user_net_<name>` for queue `q`, read by the parser
+    /// the `stats` command uses.
     pub fn get(&self, name: &str, q: usize) -> u64 {
-        let prefix = format!("vhost_user_net_{name}{{queue=\"{q}\",");
-        self.text
-            .lines()
-            .find(|l| l.starts_with(&prefix))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
+        vhost_user_net::stats::format::parse(&self.text)
+            .get(q)
+            .and_then(|queue| queue.values.get(name).copied())
             .unwrap_or_else(|| panic!("no {name} for queue {q} in:\n{}", self.text))
     }
 }
