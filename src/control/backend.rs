@@ -33,6 +33,7 @@ use crate::datapath::queue_pair::{Event, Listeners, QueuePair};
 use crate::datapath::rx::RxParams;
 use crate::datapath::vring::TrackedVring;
 use crate::host::tap::{self, Tap};
+use crate::stats::connections::connection_log;
 use crate::stats::Stats;
 
 /// Virtio features offered to the driver.
@@ -315,7 +316,9 @@ impl VhostUserBackend for NetBackend {
         for i in 0..self.pairs.len() {
             self.pair(i).set_rx_params(params);
         }
-        log::info!(
+        connection_log!(
+            &self.stats.connections,
+            log::Level::Info,
             "features acked: {features:#x} ({}-byte header, tap offloads {:#x}, mergeable RX {}, \
              event index {})",
             framing.hdr_len,

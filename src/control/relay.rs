@@ -26,6 +26,7 @@ use vhost::vhost_user::message::{
 };
 
 use crate::host::sys;
+use crate::stats::connections::connection_log;
 
 /// vhost-user message header: request, flags, payload size (all u32 LE).
 const HEADER_LEN: usize = 12;
@@ -63,6 +64,8 @@ pub trait Hooks: Send + Sync {
     fn vring_enabled(&self, queue: usize, enabled: bool);
     /// Number of rings the device serves.
     fn num_queues(&self) -> usize;
+    /// The daemon's connections, whose log budget the relay's lines use.
+    fn connections(&self) -> &crate::stats::connections::Connections;
 }
 
 /// Names a frontend misconfiguration that the backend would only answer
@@ -234,7 +237,7 @@ fn forward_requests(
     while let Some(mut msg) = Message::read(front)? {
         if !state.diagnosed {
             if let Some(problem) = diagnose(&msg, hooks.num_queues()) {
-                log::error!("{problem}");
+                connection_log!(hooks.connections(), log::Level::Error, "{problem}");
                 state.diagnosed = true;
             }
         }

@@ -29,6 +29,7 @@ use crate::control::relay;
 use crate::datapath::queue_pair::Listeners;
 use crate::host::sys;
 use crate::host::tap::{Tap, TapError};
+use crate::stats::connections::connection_log;
 
 /// Why the daemon could not start or had to stop. All are host faults.
 #[derive(Debug, thiserror::Error)]
@@ -144,6 +145,7 @@ pub fn run(config: Config) -> Result<(), Error> {
             .spawn(move || loop {
                 thread::sleep(TAP_WATCH_INTERVAL);
                 backend.reattach_gone_taps();
+                backend.stats().connections.tick(std::time::Instant::now());
             })
             .map_err(Error::Device)?;
     }
@@ -307,13 +309,25 @@ fn serve_frontends(
 ) -> Result<(), Error> {
     loop {
         let frontend = source.next()?;
-        log::info!("frontend connected");
+        let connections = &backend.stats().connections;
+        connections.begin(std::time::Instant::now());
+        connection_log!(connections, log::Level::Info, "frontend connected");
         if let Ok(clone) = frontend.try_clone() {
             *current.lock().unwrap_or_else(|e| e.into_inner()) = Some(clone);
         }
-        match serve_connection(backend, frontend) {
-            Ok(()) => log::info!("frontend disconnected; waiting for the next one"),
-            Err(e) => log::warn!("connection ended with an error: {e}; waiting for the next one"),
+        let result = serve_connection(backend, frontend);
+        connections.end(result.is_err());
+        match result {
+            Ok(()) => connection_log!(
+                connections,
+                log::Level::Info,
+                "frontend disconnected; waiting for the next one"
+            ),
+            Err(e) => connection_log!(
+                connections,
+                log::Level::Warn,
+                "connection ended with an error: {e}; waiting for the next one"
+            ),
         }
         current.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
@@ -382,6 +396,10 @@ impl relay::Hooks for NetBackend {
 
     fn num_queues(&self) -> usize {
         vhost_user_backend::VhostUserBackend::num_queues(self)
+    }
+
+    fn connections(&self) -> &crate::stats::connections::Connections {
+        &self.stats().connections
     }
 }
 

@@ -35,6 +35,7 @@ use crate::datapath::rx::{self, Bounce, RxBuffers, RxChain, RxParams};
 use crate::datapath::tx;
 use crate::datapath::vring::TrackedVring;
 use crate::host::sys::Timer;
+use crate::stats::connections::connection_log;
 use crate::stats::{QueueStats, Stats};
 
 /// Frames one direction may move before the other gets a turn.
@@ -248,7 +249,9 @@ impl QueuePair {
         match crate::host::sys::tun_set_queue(&self.tap, attached) {
             Ok(()) => {
                 self.tap_attached = attached;
-                log::info!(
+                connection_log!(
+                    &self.stats.connections,
+                    log::Level::Info,
                     "pair {}: tap queue {}",
                     self.index,
                     if attached { "attached" } else { "detached" }

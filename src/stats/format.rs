@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use crate::stats::{direction, Histogram, Kind, QueueStats, Stats, BATCH_BUCKETS};
+use crate::stats::{direction, Histogram, Kind, QueueStats, Stats, BATCH_BUCKETS, DEVICE_FIELDS};
 
 impl Stats {
     /// The counters in Prometheus text format (`# HELP`/`# TYPE` lines,
@@ -28,6 +28,12 @@ impl Stats {
                 "{info}{{queue=\"{q}\",dir=\"{}\",policy=\"{policy}\"}} 1",
                 direction(q)
             );
+        }
+        for (name, help, get) in DEVICE_FIELDS {
+            let name = format!("vhost_user_net_{name}");
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} counter");
+            let _ = writeln!(out, "{name} {}", get(self).get());
         }
         for field in QueueStats::FIELDS {
             let name = format!("vhost_user_net_{}", field.name);
@@ -113,6 +119,19 @@ pub fn parse(text: &str) -> Vec<QueueSnapshot> {
         }
     }
     queues
+}
+
+/// The daemon-wide counters (samples without labels) in Prometheus text,
+/// by name without the `vhost_user_net_` prefix.
+pub fn parse_device(text: &str) -> BTreeMap<String, u64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.contains('{'))
+        .filter_map(|l| l.strip_prefix("vhost_user_net_"))
+        .filter_map(|l| {
+            let (name, value) = l.split_once(' ')?;
+            Some((name.to_owned(), value.trim().parse().ok()?))
+        })
+        .collect()
 }
 
 /// The value of `key` in a label set `a="x",b="y,z"` (values may contain

@@ -12,6 +12,7 @@
 //! daemon's.
 
 pub mod client;
+pub mod connections;
 pub mod format;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -234,7 +235,27 @@ pub struct Stats {
     pub queues: Vec<QueueStats>,
     /// Coalescing policy of each direction, `[rx, tx]`, as configured.
     pub policies: [String; 2],
+    /// The daemon's frontend connections.
+    pub connections: connections::Connections,
 }
+
+/// The daemon-wide counters (no queue label): name, help, accessor.
+#[allow(clippy::type_complexity)]
+pub const DEVICE_FIELDS: &[(&str, &str, fn(&Stats) -> &Counter)] = &[
+    ("connections_total", "Frontend connections served.", |s| {
+        &s.connections.total
+    }),
+    (
+        "connection_errors_total",
+        "Frontend connections that ended with a protocol error.",
+        |s| &s.connections.errors,
+    ),
+    (
+        "log_lines_suppressed_total",
+        "Log lines about single connections written at debug level during a flood of connections.",
+        |s| &s.connections.log_lines_suppressed,
+    ),
+];
 
 /// Name of a queue's direction from its index.
 pub fn direction(queue: usize) -> &'static str {
@@ -250,6 +271,7 @@ impl Stats {
         Stats {
             queues: (0..num_queues).map(|_| QueueStats::default()).collect(),
             policies,
+            connections: connections::Connections::default(),
         }
     }
 }
@@ -276,6 +298,9 @@ mod tests {
     #[test]
     fn every_field_is_documented_in_metrics_md() {
         let doc = include_str!("../../docs/metrics.md");
+        for (name, _, _) in DEVICE_FIELDS {
+            assert!(doc.contains(name), "docs/metrics.md lacks {name}");
+        }
         for field in QueueStats::FIELDS {
             assert!(
                 doc.contains(field.name),

@@ -192,6 +192,8 @@ pub struct Daemon {
     pub tap: String,
     stderr_path: PathBuf,
     pub mode: Mode,
+    /// The daemon's `RUST_LOG` (debug unless a test counts log lines).
+    pub log_filter: &'static str,
 }
 
 impl Daemon {
@@ -217,6 +219,7 @@ impl Daemon {
             tap,
             stderr_path,
             mode: Mode::Listen,
+            log_filter: "debug",
         };
         d.mode = mode;
         d.spawn(ns, extra);
@@ -234,6 +237,7 @@ impl Daemon {
             tap: unique("vt"),
             stderr_path: dir.path().join("daemon.log"),
             mode: Mode::Listen,
+            log_filter: "debug",
             dir,
         }
     }
@@ -268,7 +272,7 @@ impl Daemon {
             .args(&args)
             // Its own process group: kill() takes down a wrapper's children too.
             .process_group(0)
-            .env("RUST_LOG", "debug")
+            .env("RUST_LOG", self.log_filter)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -370,6 +374,14 @@ impl Stats {
             .get(q)
             .and_then(|queue| queue.values.get(name).copied())
             .unwrap_or_else(|| panic!("no {name} for queue {q} in:\n{}", self.text))
+    }
+
+    /// Value of the daemon-wide counter `vhost_user_net_<name>`.
+    pub fn get_device(&self, name: &str) -> u64 {
+        vhost_user_net::stats::format::parse_device(&self.text)
+            .get(name)
+            .copied()
+            .unwrap_or_else(|| panic!("no {name} in:\n{}", self.text))
     }
 }
 
