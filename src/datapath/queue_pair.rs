@@ -35,6 +35,7 @@ use crate::datapath::rx::{self, Bounce, RxBuffers, RxChain, RxParams};
 use crate::datapath::tx;
 use crate::datapath::vring::TrackedVring;
 use crate::host::sys::Timer;
+use crate::host::tap::{Framing, TapControl};
 use crate::stats::{QueueStats, Stats};
 
 /// Frames one direction may move before the other gets a turn.
@@ -137,6 +138,8 @@ pub struct QueuePair {
     num_queues: usize,
     tap: File,
     tap_out: File,
+    /// Attaches and detaches `tap` (the kernel's tap, or a test's recorder).
+    tap_ctl: Arc<dyn TapControl>,
     resume: EventFd,
     stats: Arc<Stats>,
     rx_params: RxParams,
@@ -163,12 +166,14 @@ const RX: usize = 0;
 const TX: usize = 1;
 
 impl QueuePair {
-    /// A pair serving tap queue `tap` as queue pair `index` of `num_queues`,
-    /// with interrupt coalescing `policies` (RX, TX).
+    /// A pair serving tap queue `tap` (attached and detached through
+    /// `tap_ctl`) as queue pair `index` of `num_queues`, with interrupt
+    /// coalescing `policies` (RX, TX).
     pub fn new(
         index: usize,
         num_queues: usize,
         tap: File,
+        tap_ctl: Arc<dyn TapControl>,
         stats: Arc<Stats>,
         policies: [Policy; 2],
     ) -> io::Result<Self> {
@@ -177,6 +182,7 @@ impl QueuePair {
             num_queues,
             tap_out: tap.try_clone()?,
             tap,
+            tap_ctl,
             resume: EventFd::new(EFD_NONBLOCK)?,
             stats,
             rx_params: RxParams::default(),
@@ -204,7 +210,10 @@ impl QueuePair {
         if self.tap_attached == attached {
             return;
         }
-        match crate::host::sys::tun_set_queue(&self.tap, attached) {
+        match self
+            .tap_ctl
+            .set_queue_attached(self.index, &self.tap, attached)
+        {
             Ok(()) => {
                 self.tap_attached = attached;
                 log::info!(
@@ -232,13 +241,13 @@ impl QueuePair {
         }
     }
 
-    /// Re-attaches our fd to the re-created tap `name` with `framing`, and
-    /// gets both directions moving again.
-    pub fn reattach(&mut self, name: &str, framing: crate::host::tap::Framing) -> io::Result<()> {
-        crate::host::tap::reattach(&self.tap, name, framing)?;
+    /// Re-attaches our fd to the re-created tap with `framing`, and gets
+    /// both directions moving again.
+    pub fn reattach(&mut self, framing: Framing) -> io::Result<()> {
+        self.tap_ctl.reattach(self.index, &self.tap, framing)?;
         self.tap_gone = false;
         self.tap_attached = true;
-        log::info!("pair {}: tap {name} is back", self.index);
+        log::info!("pair {}: tap {} is back", self.index, self.tap_ctl.name());
         if !self.tap_wanted {
             self.set_tap_attached(false);
         }
