@@ -76,7 +76,7 @@ pub fn guest_wants(
 /// `--tx-coalesce` spell it:
 ///
 /// ```
-/// use vhost_user_net::notify::Policy;
+/// use vhost_user_net::datapath::notify::Policy;
 ///
 /// let p: Policy = "frames=32,usecs=1000".parse().unwrap();
 /// assert_eq!(p, Policy::Frames { frames: 32, usecs: 1000 });
