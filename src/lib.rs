@@ -16,7 +16,8 @@
 //!                interrupt decisions, guest memory, the vrings
 //!       host/    the host kernel: tap, syscalls, seccomp
 //! stats/         what is counted, its text formats, the `stats` client
-//! testing/       the guest side of a ring (feature `test-utils`) and unit-test helpers
+//! testing/       the guest side of a ring and a recording tap control (feature
+//!                `test-utils`), unit-test helpers
 //! ```
 //!
 //! | module | question |

@@ -5,6 +5,11 @@
 //! by that pair's worker thread and, briefly, by configuration requests) and
 //! the counters. It outlives frontend connections: [`NetBackend::connect`]
 //! and [`NetBackend::disconnect`] bracket each one.
+//!
+//! It serves tap queue fds: a real tap's ([`NetBackend::new`]), or any fds
+//! that carry one frame per read and write, with a [`TapControl`] for what
+//! only a tap can do ([`NetBackend::from_queues`]; the tests use socket
+//! pairs and a recorder).
 
 use std::fs::File;
 use std::io;
@@ -32,7 +37,7 @@ use crate::datapath::guest::GuestMem;
 use crate::datapath::queue_pair::{Event, Listeners, QueuePair};
 use crate::datapath::rx::RxParams;
 use crate::datapath::vring::TrackedVring;
-use crate::host::tap::{self, Tap};
+use crate::host::tap::{self, Tap, TapControl};
 use crate::stats::connections::connection_log;
 use crate::stats::Stats;
 
@@ -118,9 +123,8 @@ pub fn rx_params(features: u64, mtu: u16) -> RxParams {
 pub struct NetBackend {
     config: DeviceConfig,
     pairs: Vec<Mutex<QueuePair>>,
-    /// A second handle on the tap for device-wide ioctls, so configuration
-    /// requests never wait for a worker.
-    tap_ctl: File,
+    /// The tap's device-wide settings and queue attachment.
+    tap_ctl: Arc<dyn TapControl>,
     stats: Arc<Stats>,
     acked_features: AtomicU64,
     /// Exit-event fds handed to vhost-user-backend, which never closes them;
@@ -128,8 +132,6 @@ pub struct NetBackend {
     abandoned_fds: Mutex<Vec<std::os::fd::RawFd>>,
     /// Syscall filter each worker installs on its first event.
     worker_filter: Option<seccompiler::BpfProgram>,
-    /// The tap interface's name (to re-attach after it is re-created).
-    tap_name: String,
 }
 
 impl NetBackend {
@@ -140,24 +142,43 @@ impl NetBackend {
         tap: Tap,
         worker_filter: Option<seccompiler::BpfProgram>,
     ) -> io::Result<Self> {
+        let tap_ctl = Arc::new(tap.control()?);
+        Self::from_queues(config, tap.into_queues(), tap_ctl, worker_filter)
+    }
+
+    /// A device serving `queues` (one non-blocking fd per queue pair, in
+    /// order, each carrying one frame with its virtio-net header per read
+    /// and write, as a tap queue does), whose device-wide settings and
+    /// attachment go through `tap_ctl`.
+    pub fn from_queues(
+        config: DeviceConfig,
+        queues: Vec<File>,
+        tap_ctl: Arc<dyn TapControl>,
+        worker_filter: Option<seccompiler::BpfProgram>,
+    ) -> io::Result<Self> {
+        if queues.len() != config.queue_pairs {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{} tap queue(s) for {} queue pair(s)",
+                    queues.len(),
+                    config.queue_pairs
+                ),
+            ));
+        }
         let num_queues = 2 * config.queue_pairs;
-        let tap_name = tap.name().to_owned();
         let policies = [
             config.rx_coalesce.to_string(),
             config.tx_coalesce.to_string(),
         ];
         let stats = Arc::new(Stats::new(num_queues, policies));
-        let queues = tap.into_queues();
-        let tap_ctl = queues
-            .first()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "tap has no queues"))?
-            .try_clone()?;
         let pairs = queues
             .into_iter()
             .enumerate()
             .map(|(i, q)| {
                 let policies = [config.rx_coalesce, config.tx_coalesce];
-                let mut pair = QueuePair::new(i, num_queues, q, stats.clone(), policies)?;
+                let ctl = tap_ctl.clone();
+                let mut pair = QueuePair::new(i, num_queues, q, ctl, stats.clone(), policies)?;
                 // No frontend yet: the kernel must neither queue frames for
                 // nobody nor steer flows to us (another backend may share
                 // the tap). Attached again when a frontend enables the ring.
@@ -173,7 +194,6 @@ impl NetBackend {
             acked_features: AtomicU64::new(0),
             abandoned_fds: Mutex::default(),
             worker_filter,
-            tap_name,
         })
     }
 
@@ -226,12 +246,15 @@ impl NetBackend {
         let mut back = 0;
         for i in 0..self.pairs.len() {
             let mut pair = self.pair(i);
-            if !pair.tap_gone() || !tap::exists(&self.tap_name) {
+            if !pair.tap_gone() || !self.tap_ctl.exists() {
                 continue;
             }
-            match pair.reattach(&self.tap_name, framing) {
+            match pair.reattach(framing) {
                 Ok(()) => back += 1,
-                Err(e) => log::debug!("pair {i}: cannot re-attach tap {}: {e}", self.tap_name),
+                Err(e) => log::debug!(
+                    "pair {i}: cannot re-attach tap {}: {e}",
+                    self.tap_ctl.name()
+                ),
             }
         }
         back
@@ -298,7 +321,7 @@ impl VhostUserBackend for NetBackend {
     fn acked_features(&self, features: u64) {
         self.acked_features.store(features, Ordering::Relaxed);
         let framing = tap::Framing::from_features(features);
-        if let Err(e) = tap::apply(&self.tap_ctl, framing) {
+        if let Err(e) = self.tap_ctl.apply(framing) {
             // The header length is what a misframed frame would get wrong:
             // say so, the ring's frames will not make sense to the guest.
             log::error!(

@@ -326,62 +326,136 @@ fn serve_frontends(
             Err(e) => connection_log!(
                 connections,
                 log::Level::Warn,
-                "connection ended with an error: {e}; waiting for the next one"
+                "connection ended with an error: {}; waiting for the next one",
+                error_chain(&e)
             ),
         }
         current.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 }
 
-/// Serves one frontend connection until it ends.
-pub fn serve_connection(backend: &Arc<NetBackend>, frontend: UnixStream) -> Result<(), String> {
+/// Why serving one frontend connection failed (a host fault: the next
+/// frontend is served all the same).
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectionError {
+    #[error("cannot create the vhost-user daemon")]
+    NewDaemon(#[source] vhost_user_backend::VhostUserHandlerError),
+    #[error("cannot register worker events")]
+    Register(#[source] io::Error),
+    #[error("cannot set up the private socket to the vhost-user daemon")]
+    PrivateSocket(#[source] io::Error),
+    #[error("cannot listen on the private socket")]
+    PrivateListener(#[source] ProtocolError),
+    #[error("cannot start serving")]
+    Start(#[source] io::Error),
+    #[error("cannot start the relay")]
+    Relay(#[source] io::Error),
+    #[error("a frontend request failed")]
+    Request(#[source] ProtocolError),
+    #[error("the vhost-user request thread panicked")]
+    Panicked,
+}
+
+impl ConnectionError {
+    /// vhost-user-backend's errors show their cause but do not give it as
+    /// `source()`: take it out.
+    fn from_daemon(e: vhost_user_backend::Error) -> ConnectionError {
+        use vhost_user_backend::Error as E;
+        match e {
+            E::NewVhostUserHandler(e) => ConnectionError::NewDaemon(e),
+            E::CreateBackendListener(e)
+            | E::CreateBackendReqHandler(e)
+            | E::CreateVhostUserListener(e) => ConnectionError::PrivateListener(e),
+            E::StartDaemon(e) => ConnectionError::Start(e),
+            E::HandleRequest(e) => ConnectionError::Request(e),
+            E::WaitDaemon(_) => ConnectionError::Panicked,
+        }
+    }
+}
+
+/// `e` and its causes, as one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    text
+}
+
+/// Serves one frontend connection until it ends: a fresh
+/// `VhostUserDaemon` on `backend`, reached through the relay. The
+/// frontend disconnecting is a normal end (`Ok`). Returns once the
+/// connection's workers are stopped and `backend` has forgotten it, on
+/// every path, so the next connection starts clean.
+pub fn serve_connection(
+    backend: &Arc<NetBackend>,
+    frontend: UnixStream,
+) -> Result<(), ConnectionError> {
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
     let mut daemon = VhostUserDaemon::new("vhost-user-net".into(), backend.clone(), mem.clone())
-        .map_err(|e| format!("cannot create the vhost-user daemon: {e}"))?;
+        .map_err(ConnectionError::from_daemon)?;
+    let result = serve_with(&mut daemon, backend, &mem, frontend);
+    for handler in daemon.get_epoll_handlers() {
+        handler.send_exit_event();
+    }
+    backend.disconnect();
+    drop(daemon);
+    backend.close_abandoned_fds();
+    result
+}
+
+/// The part of [`serve_connection`] that may fail half way; the caller
+/// cleans up.
+fn serve_with(
+    daemon: &mut VhostUserDaemon<Arc<NetBackend>>,
+    backend: &Arc<NetBackend>,
+    mem: &GuestMemoryAtomic<GuestMemoryMmap>,
+    frontend: UnixStream,
+) -> Result<(), ConnectionError> {
     let listeners = daemon
         .get_epoll_handlers()
         .into_iter()
         .map(|h| h as Arc<dyn Listeners>)
         .collect();
     backend
-        .connect(&mem, listeners)
-        .map_err(|e| format!("cannot register worker events: {e}"))?;
+        .connect(mem, listeners)
+        .map_err(ConnectionError::Register)?;
 
     // The daemon accepts only from a Listener: give it a private one, in a
     // fresh 0700 directory, and connect the relay to it.
     let dir = tempfile::Builder::new()
         .prefix("vhost-user-net.")
         .tempdir()
-        .map_err(|e| format!("cannot create a private socket directory: {e}"))?;
+        .map_err(ConnectionError::PrivateSocket)?;
     let inner_path = dir.path().join("backend.sock");
-    let mut inner =
-        Listener::new(&inner_path, true).map_err(|e| format!("cannot listen privately: {e}"))?;
-    let backend_side =
-        UnixStream::connect(&inner_path).map_err(|e| format!("cannot connect privately: {e}"))?;
+    let mut inner = Listener::new(&inner_path, true).map_err(ConnectionError::PrivateListener)?;
+    let backend_side = UnixStream::connect(&inner_path).map_err(ConnectionError::PrivateSocket)?;
     daemon
         .start(&mut inner)
-        .map_err(|e| format!("cannot start serving: {e}"))?;
+        .map_err(ConnectionError::from_daemon)?;
     drop(inner);
     drop(dir);
 
-    let relays = relay::spawn(frontend, backend_side, backend.clone())
-        .map_err(|e| format!("cannot start the relay: {e}"))?;
+    let relays = match relay::spawn(frontend, backend_side, backend.clone()) {
+        Ok(relays) => relays,
+        Err(e) => {
+            daemon.request_shutdown();
+            let _ = daemon.wait();
+            return Err(ConnectionError::Relay(e));
+        }
+    };
     let result = daemon.wait();
-    for handler in daemon.get_epoll_handlers() {
-        handler.send_exit_event();
-    }
-    backend.disconnect();
     for r in relays {
         let _ = r.join();
     }
-    drop(daemon);
-    backend.close_abandoned_fds();
     match result {
         Ok(()) => Ok(()),
         Err(vhost_user_backend::Error::HandleRequest(
             ProtocolError::Disconnected | ProtocolError::PartialMessage,
         )) => Ok(()),
-        Err(e) => Err(e.to_string()),
+        Err(e) => Err(ConnectionError::from_daemon(e)),
     }
 }
 

@@ -35,6 +35,7 @@ use crate::datapath::rx::{self, Bounce, RxBuffers, RxChain, RxParams};
 use crate::datapath::tx;
 use crate::datapath::vring::TrackedVring;
 use crate::host::sys::Timer;
+use crate::host::tap::{Framing, TapControl};
 use crate::stats::connections::connection_log;
 use crate::stats::{QueueStats, Stats};
 
@@ -168,6 +169,8 @@ pub struct QueuePair {
     index: usize,
     num_queues: usize,
     tap: File,
+    /// Attaches and detaches `tap` (the kernel's tap, or a test's recorder).
+    tap_ctl: Arc<dyn TapControl>,
     resume: EventFd,
     stats: Arc<Stats>,
     rx_params: RxParams,
@@ -189,12 +192,14 @@ const RX: usize = 0;
 const TX: usize = 1;
 
 impl QueuePair {
-    /// A pair serving tap queue `tap` as queue pair `index` of `num_queues`,
-    /// with interrupt coalescing `policies` (RX, TX).
+    /// A pair serving tap queue `tap` (attached and detached through
+    /// `tap_ctl`) as queue pair `index` of `num_queues`, with interrupt
+    /// coalescing `policies` (RX, TX).
     pub fn new(
         index: usize,
         num_queues: usize,
         tap: File,
+        tap_ctl: Arc<dyn TapControl>,
         stats: Arc<Stats>,
         policies: [Policy; 2],
     ) -> io::Result<Self> {
@@ -221,6 +226,7 @@ impl QueuePair {
                 direction(TX, tap.try_clone()?)?,
             ],
             tap,
+            tap_ctl,
             resume: EventFd::new(EFD_NONBLOCK)?,
             stats,
             rx_params: RxParams::default(),
@@ -246,7 +252,10 @@ impl QueuePair {
         if self.tap_attached == attached {
             return;
         }
-        match crate::host::sys::tun_set_queue(&self.tap, attached) {
+        match self
+            .tap_ctl
+            .set_queue_attached(self.index, &self.tap, attached)
+        {
             Ok(()) => {
                 self.tap_attached = attached;
                 connection_log!(
@@ -276,13 +285,13 @@ impl QueuePair {
         }
     }
 
-    /// Re-attaches our fd to the re-created tap `name` with `framing`, and
-    /// gets both directions moving again.
-    pub fn reattach(&mut self, name: &str, framing: crate::host::tap::Framing) -> io::Result<()> {
-        crate::host::tap::reattach(&self.tap, name, framing)?;
+    /// Re-attaches our fd to the re-created tap with `framing`, and gets
+    /// both directions moving again.
+    pub fn reattach(&mut self, framing: Framing) -> io::Result<()> {
+        self.tap_ctl.reattach(self.index, &self.tap, framing)?;
         self.tap_gone = false;
         self.tap_attached = true;
-        log::info!("pair {}: tap {name} is back", self.index);
+        log::info!("pair {}: tap {} is back", self.index, self.tap_ctl.name());
         if !self.tap_wanted {
             self.set_tap_attached(false);
         }

@@ -4,6 +4,12 @@
 //!
 //! Knows the kernel's tap API (through [`crate::host::sys`]) and the mapping from
 //! virtio-net offload feature bits to `TUN_F_*` flags; nothing about rings.
+//!
+//! The device reads and writes frames on the queue fds; everything else it
+//! asks of the tap goes through [`TapControl`], which [`KernelTap`]
+//! implements with ioctls. A socket pair standing in for a tap queue (in the
+//! tests) carries frames the same way but has none of those ioctls: its
+//! control is a recorder instead.
 
 use std::fs::File;
 use std::io;
@@ -92,6 +98,58 @@ pub fn offload_flags(features: u64) -> u32 {
         flags = 0;
     }
     flags
+}
+
+/// What the device asks of the tap besides frames on its queue fds: the
+/// framing of every queue, and which queues the kernel hands frames to.
+pub trait TapControl: Send + Sync {
+    /// The interface's name, for logs.
+    fn name(&self) -> &str;
+
+    /// Applies `framing` to the whole device (every queue).
+    fn apply(&self, framing: Framing) -> io::Result<()>;
+
+    /// Attaches (or detaches) queue `index`, whose fd is `queue`: whether
+    /// the kernel queues frames on it and steers flows to it.
+    fn set_queue_attached(&self, index: usize, queue: &File, attached: bool) -> io::Result<()>;
+
+    /// Whether the interface exists (it may be deleted and re-created
+    /// while we hold its queues).
+    fn exists(&self) -> bool;
+
+    /// Attaches queue `index` (fd `queue`) to the re-created interface,
+    /// with `framing`.
+    fn reattach(&self, index: usize, queue: &File, framing: Framing) -> io::Result<()>;
+}
+
+/// The kernel's tap as [`TapControl`]: device-wide ioctls through a second
+/// handle on queue 0, so configuration requests never wait for a worker.
+#[derive(Debug)]
+pub struct KernelTap {
+    name: String,
+    device: File,
+}
+
+impl TapControl for KernelTap {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn apply(&self, framing: Framing) -> io::Result<()> {
+        apply(&self.device, framing)
+    }
+
+    fn set_queue_attached(&self, _index: usize, queue: &File, attached: bool) -> io::Result<()> {
+        sys::tun_set_queue(queue, attached)
+    }
+
+    fn exists(&self) -> bool {
+        exists(&self.name)
+    }
+
+    fn reattach(&self, _index: usize, queue: &File, framing: Framing) -> io::Result<()> {
+        reattach(queue, &self.name, framing)
+    }
 }
 
 impl Tap {
@@ -184,6 +242,18 @@ impl Tap {
     /// Takes the per-queue fds (one per queue pair, in order).
     pub fn into_queues(self) -> Vec<File> {
         self.queues
+    }
+
+    /// The device's control, on a second handle of queue 0.
+    pub fn control(&self) -> io::Result<KernelTap> {
+        let first = self
+            .queues
+            .first()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "tap has no queues"))?;
+        Ok(KernelTap {
+            name: self.name.clone(),
+            device: first.try_clone()?,
+        })
     }
 
     /// Applies `TUN_F_*` offload flags (device-wide, through queue 0).

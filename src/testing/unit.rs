@@ -188,7 +188,8 @@ pub mod world {
             });
             let (tap, peer) = tap_pair();
             let stats = Arc::new(Stats::new(2, [String::new(), String::new()]));
-            let mut pair = QueuePair::new(0, 2, tap, stats.clone(), policies).unwrap();
+            let tap_ctl = Arc::new(crate::testing::tap::RecordingTap::new());
+            let mut pair = QueuePair::new(0, 2, tap, tap_ctl, stats.clone(), policies).unwrap();
             pair.set_rx_params(RxParams {
                 hdr_len: 12,
                 mergeable: false,

@@ -564,7 +564,8 @@ impl TestFrontend {
         self.setup_vring_at(q, u16::try_from(base).expect("a ring index"));
     }
 
-    fn setup_vring_at(&mut self, q: usize, base: u16) {
+    /// Per-queue NUM, BASE (`base`), ADDR, KICK, CALL.
+    pub fn setup_vring_at(&mut self, q: usize, base: u16) {
         let vq = &self.vqs[q];
         let host = |a: GuestAddress| {
             self.mem
