@@ -16,8 +16,7 @@
 //! Options (after `--`): `--secs S` per run (default 1.5), `--quick`
 //! (fewer combinations), `--svg PATH` (plot of the loop runs).
 
-#[path = "../tests/common/mod.rs"]
-mod common;
+use vhost_user_net_harness as common;
 
 use std::fmt::Write as _;
 use std::io::Write as _;

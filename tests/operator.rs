@@ -3,7 +3,7 @@
 //! a network namespace the test creates): `#[ignore]`d for a plain
 //! `cargo test`. The errors that need no root are in `tests/cli.rs`.
 
-mod common;
+use vhost_user_net_harness as common;
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

@@ -8,7 +8,7 @@
 //!
 //! Nothing here needs /dev/net/tun, a network namespace or CAP_NET_ADMIN.
 
-mod common;
+use vhost_user_net_harness as common;
 
 use std::fs::File;
 use std::io::{Read, Write};

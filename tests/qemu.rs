@@ -9,7 +9,7 @@
 //! installs them. `#[ignore]`d for a plain `cargo test`; CI runs them with
 //! `--include-ignored`. Guests run one at a time (TCG on a 2-core machine).
 
-mod common;
+use vhost_user_net_harness as common;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};

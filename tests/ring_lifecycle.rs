@@ -7,7 +7,7 @@
 //! Need root and /dev/net/tun: `#[ignore]`d for a plain `cargo test`;
 //! `cargo test -- --include-ignored` (as root, what CI runs) runs them.
 
-mod common;
+use vhost_user_net_harness as common;
 
 use std::time::{Duration, Instant};
 

@@ -6,7 +6,7 @@
 //! Need root, /dev/net/tun and Debian's `systemd` package (installed by
 //! `.ci/install-deps.sh`): `#[ignore]`d for a plain `cargo test`.
 
-mod common;
+use vhost_user_net_harness as common;
 
 use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::os::unix::process::CommandExt;

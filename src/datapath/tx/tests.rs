@@ -431,7 +431,7 @@ fn only_a_deleted_tap_counts_as_gone_other_write_errors_keep_the_batch_going() {
     r.publish(&mem);
     let stats = QueueStats::default();
     // Only a real tap whose interface was deleted returns EBADFD (end to
-    // end: frontend::tap_deleted_under_traffic_...); here the classifier
+    // end: lifecycle::tap_deleted_under_traffic_...); here the classifier
     // the step relies on, and a write error that is not that.
     let gone = std::io::Error::from_raw_os_error(libc::EBADFD);
     assert!(crate::host::tap::is_gone(&gone));

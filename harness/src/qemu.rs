@@ -296,7 +296,7 @@ impl Drop for Qemu {
     fn drop(&mut self) {
         self.kill();
         if std::thread::panicking() {
-            let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("qemu-artifacts");
+            let dir = crate::artifacts_dir().join("qemu-artifacts");
             let _ = std::fs::create_dir_all(&dir);
             let keep = dir.join(format!("{}-console.log", self.name));
             let _ = std::fs::copy(&self.console, &keep);

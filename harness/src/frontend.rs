@@ -1,0 +1,339 @@
+//! A vhost-user frontend that drives the daemon exactly as QEMU does, with
+//! rings written by `vhost_user_net::testing::driver` in memfd-backed guest
+//! memory.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost_user_net::datapath::guest::GuestMem;
+use vhost_user_net::testing::driver::{Buf, SplitRing, Used};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::{wait_for, TIMEOUT};
+
+pub const GUEST_BASE: u64 = 0x10_0000;
+pub const GUEST_SIZE: usize = 160 << 20;
+const RINGS_SIZE: u64 = 1 << 20;
+pub const BUF_AREA: u64 = 16 << 20;
+
+/// One virtqueue as the frontend (the guest) sees it.
+pub struct Vq {
+    pub ring: SplitRing,
+    pub kick: EventFd,
+    pub call: EventFd,
+    err: EventFd,
+    buf_base: u64,
+    buf_size: u32,
+    next_buf: usize,
+    pub event_idx: bool,
+}
+
+impl Vq {
+    /// Sets the size of the buffers [`Vq::next_buffer`] hands out.
+    pub fn set_buf_size(&mut self, size: u32) {
+        self.buf_size = size;
+    }
+
+    /// Address of a fresh buffer in this queue's area (round robin).
+    pub fn next_buffer(&mut self) -> GuestAddress {
+        let slots = usize::try_from(BUF_AREA / u64::from(self.buf_size)).expect("small");
+        let i = self.next_buf % slots;
+        self.next_buf += 1;
+        GuestAddress(self.buf_base + i as u64 * u64::from(self.buf_size))
+    }
+
+    /// Interrupts received since the last call (reads the call eventfd).
+    pub fn take_interrupts(&self) -> u64 {
+        self.call.read().unwrap_or(0)
+    }
+}
+
+/// A vhost-user frontend with its guest memory and rings.
+pub struct TestFrontend {
+    pub fe: Frontend,
+    raw: UnixStream,
+    pub mem: GuestMem,
+    _mem_file: File,
+    pub vqs: Vec<Vq>,
+    pub features: u64,
+}
+
+/// Virtio-net features a Linux guest acks (everything we offer but the ones
+/// `drop` names).
+pub fn guest_features(offered: u64, drop: u64) -> u64 {
+    offered & !drop
+}
+
+impl TestFrontend {
+    /// Connects to `socket` and sets the device up with QEMU's exact
+    /// message order (early SET_VRING_ENABLE with NEED_REPLY included).
+    /// Features the frontend acks are what is offered minus `drop`.
+    pub fn connect(socket: &Path, pairs: usize, queue_size: u16, drop: u64) -> TestFrontend {
+        let sock = wait_for("the daemon's socket", || UnixStream::connect(socket).ok());
+        Self::over(sock, pairs, queue_size, drop)
+    }
+
+    /// Like [`TestFrontend::connect`] over a stream already connected to
+    /// the daemon (client mode: the daemon connected to us).
+    pub fn over(sock: UnixStream, pairs: usize, queue_size: u16, drop: u64) -> TestFrontend {
+        sock.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+        let raw = sock.try_clone().expect("clone");
+        let num_queues = 2 * pairs;
+        let mut fe = Frontend::from_stream(sock, num_queues as u64);
+
+        let mem_file = tempfile::tempfile().expect("memory file");
+        mem_file.set_len(GUEST_SIZE as u64).expect("size");
+        let mem = GuestMemoryMmap::from_ranges_with_files(&[(
+            GuestAddress(GUEST_BASE),
+            GUEST_SIZE,
+            Some(FileOffset::new(mem_file.try_clone().expect("clone"), 0)),
+        )])
+        .expect("guest memory");
+
+        // 1-7: what QEMU asks first.
+        let offered = fe.get_features().expect("GET_FEATURES");
+        let proto = fe.get_protocol_features().expect("GET_PROTOCOL_FEATURES");
+        let wanted = VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::RESET_DEVICE;
+        fe.set_protocol_features(proto & wanted)
+            .expect("SET_PROTOCOL_FEATURES");
+        let queues = fe.get_queue_num().expect("GET_QUEUE_NUM");
+        assert!(queues >= num_queues as u64, "daemon serves {queues} queues");
+        fe.get_max_mem_slots().expect("GET_MAX_MEM_SLOTS");
+        fe.set_owner().expect("SET_OWNER");
+        let offered_again = fe.get_features().expect("GET_FEATURES");
+        assert_eq!(offered, offered_again);
+
+        let event_idx = offered & (1 << 29) != 0 && drop & (1 << 29) == 0;
+        let mut vqs = Vec::new();
+        for q in 0..num_queues {
+            let base = GUEST_BASE + q as u64 * (RINGS_SIZE / 8);
+            let ring = SplitRing::new(&mem, GuestAddress(base), queue_size);
+            let buf_base = GUEST_BASE + RINGS_SIZE + q as u64 * BUF_AREA;
+            let vq = Vq {
+                ring,
+                kick: EventFd::new(EFD_NONBLOCK).expect("eventfd"),
+                call: EventFd::new(EFD_NONBLOCK).expect("eventfd"),
+                err: EventFd::new(EFD_NONBLOCK).expect("eventfd"),
+                buf_base,
+                buf_size: 4096,
+                next_buf: 0,
+                event_idx,
+            };
+            // 8: call and err fds per queue.
+            fe.set_vring_call(q, &vq.call).expect("SET_VRING_CALL");
+            fe.set_vring_err(q, &vq.err).expect("SET_VRING_ERR");
+            vqs.push(vq);
+        }
+        let mut t = TestFrontend {
+            fe,
+            raw,
+            mem,
+            _mem_file: mem_file,
+            vqs,
+            features: 0,
+        };
+        // 9: SET_VRING_ENABLE(q, 1) with NEED_REPLY, before SET_FEATURES.
+        for q in 0..num_queues {
+            t.raw_vring_enable(q, true);
+        }
+        // 10: SET_FEATURES.
+        let features = guest_features(offered, drop);
+        t.fe.set_features(features).expect("SET_FEATURES");
+        t.features = features;
+        // 11: ADD_MEM_REG.
+        let region = t.mem.find_region(GuestAddress(GUEST_BASE)).expect("region");
+        let info = VhostUserMemoryRegionInfo::from_guest_region(region).expect("region info");
+        t.fe.add_mem_region(&info).expect("ADD_MEM_REG");
+        // 12: per queue NUM, BASE, ADDR, KICK, CALL.
+        for q in 0..num_queues {
+            t.setup_vring(q);
+        }
+        t
+    }
+
+    /// Per-queue NUM, BASE, ADDR, KICK, CALL, as QEMU sends them.
+    pub fn setup_vring(&mut self, q: usize) {
+        let base = self.vqs[q].ring.last_used();
+        self.setup_vring_at(q, base);
+    }
+
+    /// Stops ring `q` (GET_VRING_BASE) and sets it up again from where the
+    /// device stopped, as QEMU does when it restarts a device.
+    pub fn restart_vring(&mut self, q: usize) {
+        let base = self.fe.get_vring_base(q).expect("GET_VRING_BASE");
+        self.setup_vring_at(q, u16::try_from(base).expect("a ring index"));
+    }
+
+    /// Per-queue NUM, BASE (`base`), ADDR, KICK, CALL.
+    pub fn setup_vring_at(&mut self, q: usize, base: u16) {
+        let vq = &self.vqs[q];
+        let host = |a: GuestAddress| {
+            self.mem
+                .get_host_address(a)
+                .expect("ring address in memory") as u64
+        };
+        let size = vq.ring.size();
+        let cfg = VringConfigData {
+            queue_max_size: size,
+            queue_size: size,
+            flags: 0,
+            desc_table_addr: host(vq.ring.desc_addr()),
+            used_ring_addr: host(vq.ring.used_addr()),
+            avail_ring_addr: host(vq.ring.avail_addr()),
+            log_addr: None,
+        };
+        self.fe.set_vring_num(q, size).expect("SET_VRING_NUM");
+        self.fe.set_vring_base(q, base).expect("SET_VRING_BASE");
+        self.fe.set_vring_addr(q, &cfg).expect("SET_VRING_ADDR");
+        self.fe.set_vring_kick(q, &vq.kick).expect("SET_VRING_KICK");
+        self.fe.set_vring_call(q, &vq.call).expect("SET_VRING_CALL");
+    }
+
+    /// SET_VRING_ENABLE written by hand: vhost's Frontend refuses to send it
+    /// before SET_FEATURES, but QEMU does exactly that.
+    pub fn raw_vring_enable(&mut self, q: usize, enable: bool) {
+        let mut msg = Vec::new();
+        msg.extend_from_slice(&18u32.to_le_bytes()); // SET_VRING_ENABLE
+        msg.extend_from_slice(&(0x1u32 | 0x8).to_le_bytes()); // version | NEED_REPLY
+        msg.extend_from_slice(&8u32.to_le_bytes());
+        msg.extend_from_slice(&u32::try_from(q).expect("small").to_le_bytes());
+        msg.extend_from_slice(&u32::from(enable).to_le_bytes());
+        self.raw.write_all(&msg).expect("send SET_VRING_ENABLE");
+        let mut reply = [0u8; 20];
+        self.raw
+            .read_exact(&mut reply)
+            .expect("SET_VRING_ENABLE reply");
+        assert_eq!(u32::from_le_bytes(reply[0..4].try_into().unwrap()), 18);
+        assert_eq!(
+            u64::from_le_bytes(reply[12..20].try_into().unwrap()),
+            0,
+            "NACK"
+        );
+    }
+
+    /// Queues one TX frame (header + `frame`) on pair `pair`,
+    /// publishes it and kicks if the device asks. Returns whether it kicked.
+    pub fn send(&mut self, pair: usize, frame: &[u8]) -> bool {
+        self.queue_tx(pair, frame);
+        self.publish_and_kick(2 * pair + 1)
+    }
+
+    /// Length of the virtio-net header the acked features call for: 12
+    /// bytes with VERSION_1 or MRG_RXBUF, else the legacy 10 bytes.
+    pub fn hdr_len(&self) -> usize {
+        const VERSION_1: u64 = 1 << 32;
+        const MRG_RXBUF: u64 = 1 << 15;
+        if self.features & (VERSION_1 | MRG_RXBUF) != 0 {
+            12
+        } else {
+            10
+        }
+    }
+
+    /// Queues one TX frame (a zeroed header of [`TestFrontend::hdr_len`]
+    /// bytes, then `frame`) without publishing it.
+    pub fn queue_tx(&mut self, pair: usize, frame: &[u8]) {
+        let hdr_len = self.hdr_len();
+        let vq = &mut self.vqs[2 * pair + 1];
+        let addr = vq.next_buffer();
+        let mut bytes = vec![0u8; hdr_len];
+        bytes.extend_from_slice(frame);
+        assert!(
+            bytes.len() <= vq.buf_size as usize,
+            "frame too large for a TX buffer"
+        );
+        self.mem.write_slice(&bytes, addr).expect("write frame");
+        let len = u32::try_from(bytes.len()).expect("small");
+        push_one(&self.mem, vq, addr, len, false);
+    }
+
+    /// Publishes queued chains of queue `q`; kicks if the device asks.
+    pub fn publish_and_kick(&mut self, q: usize) -> bool {
+        let vq = &mut self.vqs[q];
+        let (old, new) = vq.ring.publish(&self.mem);
+        let kick = vq.ring.needs_kick(&self.mem, vq.event_idx, old, new);
+        if kick {
+            vq.kick.write(1).expect("kick");
+        }
+        kick
+    }
+
+    /// Posts `count` writable RX buffers of `size` bytes on pair `pair`.
+    pub fn post_rx(&mut self, pair: usize, count: usize, size: u32) {
+        let vq = &mut self.vqs[2 * pair];
+        vq.buf_size = size;
+        for _ in 0..count {
+            let addr = vq.next_buffer();
+            push_one(&self.mem, vq, addr, size, true);
+        }
+        self.publish_and_kick(2 * pair);
+    }
+
+    /// Used entries of queue `q` published so far.
+    pub fn used(&mut self, q: usize) -> Vec<Used> {
+        let vq = &mut self.vqs[q];
+        std::iter::from_fn(|| vq.ring.pop_used(&self.mem)).collect()
+    }
+
+    /// Waits until queue `q` has used at least `n` entries in total (the
+    /// entries are returned, including earlier ones passed in `acc`).
+    pub fn wait_used(&mut self, q: usize, n: usize) -> Vec<Used> {
+        let mut acc = Vec::new();
+        wait_for(&format!("{n} used entries on queue {q}"), || {
+            acc.extend(self.used(q));
+            (acc.len() >= n).then(|| acc.clone())
+        })
+    }
+
+    /// Guest address of the buffer behind used entry `u` of RX queue `q`.
+    pub fn rx_buffer(&self, q: usize, u: Used) -> Vec<u8> {
+        let d = self.read_desc(q, u.head);
+        let mut out = vec![0u8; u.len as usize];
+        self.mem
+            .read_slice(&mut out, GuestAddress(d.0))
+            .expect("read buffer");
+        out
+    }
+
+    fn read_desc(&self, q: usize, index: u16) -> (u64, u32) {
+        let at = GuestAddress(self.vqs[q].ring.desc_addr().0 + 16 * u64::from(index));
+        let addr: u64 = self.mem.read_obj(at).expect("descriptor");
+        let len: u32 = self
+            .mem
+            .read_obj(GuestAddress(at.0 + 8))
+            .expect("descriptor");
+        (u64::from_le(addr), u32::from_le(len))
+    }
+}
+
+/// Adds a one-buffer chain to `vq` and puts it in the avail ring (not yet
+/// published).
+fn push_one(mem: &GuestMem, vq: &mut Vq, addr: GuestAddress, len: u32, device_writes: bool) {
+    let buf = Buf {
+        addr,
+        len,
+        device_writes,
+    };
+    let head = vq.ring.add_chain(mem, &[buf]).expect("free descriptors");
+    vq.ring.push_avail(mem, head);
+}
+
+/// An Ethernet frame: broadcast destination, `src` MAC, ethertype 0x88b5
+/// (local experimental), `payload`.
+pub fn eth_frame(src: [u8; 6], payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![0xff; 6];
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&[0x88, 0xb5]);
+    f.extend_from_slice(payload);
+    f
+}

@@ -1,0 +1,237 @@
+//! What the daemon tells: kicks and interrupts following the event index, a
+//! held interrupt sent by its timer, the `stats` command, the Prometheus
+//! endpoint, and counters that stay consistent under a synthetic guest.
+//!
+//! End to end with the real parts: the daemon process on a real tap in a
+//! network namespace, driven by the real vhost-user frontend protocol
+//! (`vhost::vhost_user::Frontend`) in QEMU's message order, over memfd-backed
+//! guest memory. They need root and /dev/net/tun, so they are `#[ignore]`d
+//! for a plain `cargo test`; `bash .ci/test` (as root, what CI runs) runs them.
+
+use std::time::Duration;
+
+use vhost_user_net::control::config::default_mac;
+use vhost_user_net_harness as common;
+use vhost_user_net_harness::frames::marker;
+use vhost_user_net_harness::{eth_frame, Daemon, Netns, TestFrontend};
+
+#[test]
+#[ignore = "needs root and /dev/net/tun (CI runs it)"]
+fn kicks_and_interrupts_follow_the_event_index() {
+    let ns = Netns::new();
+    let d = Daemon::start(&ns, &[]);
+    let mut fe = TestFrontend::connect(&d.socket, 1, 256, 0);
+    let src = default_mac(&d.tap);
+
+    // 64 frames published at once with one kick; used_event (0) asks for an
+    // interrupt as soon as the first is used.
+    for tag in 0..64 {
+        fe.queue_tx(0, &eth_frame(src, &marker(tag)));
+    }
+    assert!(fe.publish_and_kick(1), "the first publish needs a kick");
+    fe.wait_used(1, 64);
+    common::wait_for("the interrupt", || {
+        (fe.vqs[1].take_interrupts() == 1).then_some(())
+    });
+    let s = d.stats();
+    assert_eq!(s.get("frames_total", 1), 64);
+    assert_eq!(s.get("kicks_total", 1), 1);
+    assert_eq!(s.get("interrupts_sent_total", 1), 1);
+
+    // The guest now asks for no interrupt before entry 1000: ten more
+    // frames complete silently, and need one kick (the ring was empty).
+    let mem = fe.mem.clone();
+    fe.vqs[1].ring.set_used_event(&mem, 1000);
+    for tag in 64..74 {
+        fe.queue_tx(0, &eth_frame(src, &marker(tag)));
+    }
+    assert!(fe.publish_and_kick(1));
+    fe.wait_used(1, 10);
+    let s = common::wait_for("the second batch to be counted", || {
+        let s = d.stats();
+        (s.get("frames_total", 1) == 74).then_some(s)
+    });
+    assert_eq!(s.get("kicks_total", 1), 2);
+    assert_eq!(
+        s.get("interrupts_sent_total", 1),
+        1,
+        "no interrupt the guest did not ask for"
+    );
+    assert!(s.get("interrupts_suppressed_total", 1) >= 1);
+    assert_eq!(fe.vqs[1].take_interrupts(), 0);
+}
+
+#[test]
+#[ignore = "needs root and /dev/net/tun (CI runs it)"]
+fn held_interrupt_arrives_when_the_coalescing_timer_fires() {
+    let ns = Netns::new();
+    let d = Daemon::start(&ns, &["--tx-coalesce", "frames=32,usecs=2000"]);
+    let mut fe = TestFrontend::connect(&d.socket, 1, 256, 0);
+    let src = default_mac(&d.tap);
+
+    for tag in 0..5 {
+        fe.queue_tx(0, &eth_frame(src, &marker(tag)));
+    }
+    fe.publish_and_kick(1);
+    fe.wait_used(1, 5);
+
+    common::wait_for("the held interrupt", || {
+        (fe.vqs[1].take_interrupts() == 1).then_some(())
+    });
+    let s = d.stats();
+    assert_eq!(s.get("interrupts_deferred_total", 1), 1);
+    assert_eq!(s.get("interrupts_sent_total", 1), 1);
+}
+
+#[test]
+#[ignore = "needs root and /dev/net/tun (CI runs it)"]
+fn stats_command_prints_per_queue_counters_policies_and_rates() {
+    let ns = Netns::new();
+    let d = Daemon::start(
+        &ns,
+        &[
+            "--rx-coalesce",
+            "adaptive",
+            "--tx-coalesce",
+            "frames=32,usecs=1000",
+        ],
+    );
+    let mut fe = TestFrontend::connect(&d.socket, 1, 256, 0);
+    for tag in 0..10 {
+        fe.send(0, &eth_frame(default_mac(&d.tap), &marker(tag)));
+    }
+    fe.wait_used(1, 10);
+    let bin = env!("CARGO_BIN_EXE_vhost-user-net");
+    let stats = d.stats_socket.to_str().unwrap();
+
+    let out = std::process::Command::new(bin)
+        .args(["stats", "--stats-socket", stats])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tx = text
+        .lines()
+        .find(|l| l.starts_with("1 "))
+        .expect("queue 1 row");
+    assert!(
+        tx.contains(" tx ") && tx.contains(" 10 ") && tx.ends_with("frames=32,usecs=1000"),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("0 ") && l.ends_with("adaptive,usecs=250")),
+        "{text}"
+    );
+
+    let mut watch = std::process::Command::new(bin)
+        .args(["stats", "--stats-socket", stats, "--watch"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    let _ = watch.kill();
+    let out = watch.wait_with_output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("frames/s"));
+}
+
+/// GET over `conn` and returns the response.
+fn http_get(mut conn: impl std::io::Read + std::io::Write) -> String {
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut resp = String::new();
+    conn.read_to_string(&mut resp).unwrap();
+    resp
+}
+
+#[test]
+#[ignore = "needs root and /dev/net/tun (CI runs it)"]
+fn prometheus_endpoint_serves_http_on_loopback_and_on_a_unix_socket() {
+    let ns = Netns::new();
+    ns.ip(&["link", "set", "lo", "up"]);
+    let dir = tempfile::tempdir().unwrap();
+    let unix = dir.path().join("prom.sock");
+    let d = Daemon::start(&ns, &["--prometheus", "127.0.0.1:9717"]);
+    let d2 = Daemon::start(&ns, &["--prometheus", &format!("unix:{}", unix.display())]);
+
+    let tcp = ns.within(|| http_get(std::net::TcpStream::connect("127.0.0.1:9717").unwrap()));
+    let via_unix = http_get(std::os::unix::net::UnixStream::connect(&unix).unwrap());
+
+    for resp in [&tcp, &via_unix] {
+        assert!(resp.starts_with("HTTP/1.0 200 OK\r\n"), "{resp}");
+        assert!(resp.contains("Content-Type: text/plain; version=0.0.4"));
+        assert!(resp.contains("# TYPE vhost_user_net_frames_total counter"));
+        assert!(resp.contains(
+            "vhost_user_net_coalesce_policy_info{queue=\"0\",dir=\"rx\",policy=\"immediate\"} 1"
+        ));
+    }
+    drop((d, d2));
+}
+
+#[test]
+#[ignore = "needs root and /dev/net/tun (CI runs it)"]
+fn synthetic_guest_through_a_reflector_keeps_the_counters_consistent() {
+    use common::synthetic::{frame, Guest, Result_, RING, SINK_MAC};
+    let ns = Netns::new();
+    let d = Daemon::start(
+        &ns,
+        &[
+            "--rx-coalesce",
+            "adaptive",
+            "--tx-coalesce",
+            "frames=32,usecs=500",
+        ],
+    );
+    let exec = |args: &[&str]| {
+        let mut all = vec!["netns", "exec", &ns.name];
+        all.extend_from_slice(args);
+        common::run("ip", &all);
+    };
+    exec(&["tc", "qdisc", "add", "dev", &d.tap, "ingress"]);
+    exec(&[
+        "tc", "filter", "add", "dev", &d.tap, "parent", "ffff:", "protocol", "all", "prio", "1",
+        "u32", "match", "u32", "0", "0", "action", "mirred", "egress", "redirect", "dev", &d.tap,
+    ]);
+    let mut g = Guest::new(TestFrontend::connect(&d.socket, 1, RING, 0));
+    g.refill(usize::from(RING));
+    let f = frame(64, SINK_MAC);
+    let (mut sent, mut tx, mut rx) = (0u64, Result_::default(), Result_::default());
+
+    // Half a second of saturating traffic, then let everything drain.
+    let end = std::time::Instant::now() + Duration::from_millis(500);
+    while std::time::Instant::now() < end {
+        g.reclaim(Some(&mut tx), f.len());
+        sent += g.send(32, &f, 128).0 as u64;
+        g.napi_poll(64, &mut rx, common::synthetic::TS_AT);
+    }
+    common::wait_for("every frame to come back", || {
+        g.reclaim(Some(&mut tx), f.len());
+        g.napi_poll(64, &mut rx, common::synthetic::TS_AT);
+        (g.inflight() == 0 && rx.frames == sent).then_some(())
+    });
+
+    let s = d.stats();
+    assert!(sent > 1000, "only {sent} frames in half a second");
+    assert_eq!(
+        s.get("frames_total", 1),
+        sent,
+        "TX frames written = frames sent"
+    );
+    assert_eq!(tx.frames, sent, "every TX frame completed");
+    assert_eq!(
+        s.get("frames_total", 0),
+        rx.frames,
+        "RX frames delivered = received"
+    );
+    for q in 0..2 {
+        assert_eq!(s.get("kicks_total", q), g.kicks[q], "kicks on queue {q}");
+        assert!(
+            s.get("interrupts_sent_total", q) <= s.get("batches_total", q),
+            "at most one interrupt per batch on queue {q}"
+        );
+    }
+}
