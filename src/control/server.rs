@@ -27,6 +27,7 @@ use crate::control::backend::NetBackend;
 use crate::control::config::{format_mac, Config, Endpoint, Frontend};
 use crate::control::relay;
 use crate::datapath::queue_pair::Listeners;
+use crate::host::seccomp::{self, Class};
 use crate::host::sys;
 use crate::host::tap::{Tap, TapError};
 use crate::stats::connections::connection_log;
@@ -100,7 +101,8 @@ pub fn run(config: Config) -> Result<(), Error> {
         None => None,
     };
 
-    let filter = crate::host::seccomp::worker_filter(config.seccomp).map_err(Error::Seccomp)?;
+    let filter = seccomp::worker_filter(config.seccomp).map_err(Error::Seccomp)?;
+    seccomp::init(config.seccomp).map_err(Error::Seccomp)?;
     let tap = Tap::open(&config.tap, config.device.queue_pairs, config.tap_mtu)?;
     if let Some(warning) = tap.mtu_mismatch(config.device.mtu) {
         log::warn!("{warning}");
@@ -121,18 +123,26 @@ pub fn run(config: Config) -> Result<(), Error> {
             .unwrap_or_default()
     );
 
-    if let Some(endpoint) = &config.prometheus {
-        let path = spawn_prometheus(endpoint, backend.clone())?;
-        if let Some(p) = &path {
-            restrict(p, &config)?;
+    let prometheus = match &config.prometheus {
+        Some(endpoint) => {
+            let (listener, path) = bind_prometheus(endpoint)?;
+            if let Some(p) = &path {
+                restrict(p, &config)?;
+            }
+            sockets.0.extend(path);
+            Some((listener, endpoint))
         }
-        sockets.0.extend(path);
-    }
+        None => None,
+    };
     // Everything that needs privileges is done: the tap is open (the fds
-    // keep working), the sockets are bound.
+    // keep working), the sockets are bound. No other thread runs yet: a
+    // thread with a syscall filter would refuse glibc's set*id broadcast.
     if let Some((uid, gid)) = config.drop_to {
         sys::drop_privileges(uid, gid).map_err(Error::DropPrivileges)?;
         log::info!("running as uid {uid}, gid {gid}");
+    }
+    if let Some((listener, endpoint)) = prometheus {
+        spawn_prometheus(listener, endpoint, backend.clone())?;
     }
     // The stats socket answers once setup is complete (a readiness signal).
     if let Some(l) = stats_listener {
@@ -142,10 +152,13 @@ pub fn run(config: Config) -> Result<(), Error> {
         let backend = backend.clone();
         thread::Builder::new()
             .name("tap-watch".into())
-            .spawn(move || loop {
-                thread::sleep(TAP_WATCH_INTERVAL);
-                backend.reattach_gone_taps();
-                backend.stats().connections.tick(std::time::Instant::now());
+            .spawn(move || {
+                seccomp::enter(Class::TapWatch);
+                loop {
+                    thread::sleep(TAP_WATCH_INTERVAL);
+                    backend.reattach_gone_taps();
+                    backend.stats().connections.tick(std::time::Instant::now());
+                }
             })
             .map_err(Error::Device)?;
     }
@@ -156,6 +169,7 @@ pub fn run(config: Config) -> Result<(), Error> {
         thread::Builder::new()
             .name("frontends".into())
             .spawn(move || {
+                seccomp::enter(Class::Frontends);
                 let _ = done_tx.send(serve_frontends(&source, &backend, &current));
             })
             .map_err(Error::Device)?;
@@ -163,6 +177,7 @@ pub fn run(config: Config) -> Result<(), Error> {
     thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
+            seccomp::enter(Class::Signals);
             if let Some(sig) = signals.forever().next() {
                 log::info!("signal {sig}: shutting down");
                 let _ = done_tx.send(Ok(()));
@@ -172,6 +187,7 @@ pub fn run(config: Config) -> Result<(), Error> {
     // Everything is set up and frontends are being accepted (or connected
     // to): tell a `Type=notify` service manager.
     crate::control::systemd::ready(&format!("serving tap {}", config.tap));
+    seccomp::enter(Class::Main);
 
     let result = done_rx.recv().unwrap_or(Ok(()));
     crate::control::systemd::stopping();
@@ -403,14 +419,10 @@ impl relay::Hooks for NetBackend {
     }
 }
 
-/// Serves the counters over HTTP (any request gets them) for Prometheus, on
-/// a loopback TCP address or a unix socket. Returns the socket file to
-/// remove on exit, if any.
-fn spawn_prometheus(
-    endpoint: &Endpoint,
-    backend: Arc<NetBackend>,
-) -> Result<Option<PathBuf>, Error> {
-    let (listener, path) = match endpoint {
+/// Binds the Prometheus endpoint: a loopback TCP address or a unix socket.
+/// Returns the socket file to remove on exit, if any.
+fn bind_prometheus(endpoint: &Endpoint) -> Result<(HttpListener, Option<PathBuf>), Error> {
+    Ok(match endpoint {
         Endpoint::Tcp(addr) => {
             let l = std::net::TcpListener::bind(addr).map_err(|source| Error::Listen {
                 path: PathBuf::from(addr.to_string()),
@@ -419,22 +431,33 @@ fn spawn_prometheus(
             (HttpListener::Tcp(l), None)
         }
         Endpoint::Unix(path) => (HttpListener::Unix(bind(path)?), Some(path.clone())),
-    };
+    })
+}
+
+/// Serves the counters over HTTP (any request gets them) for Prometheus.
+fn spawn_prometheus(
+    listener: HttpListener,
+    endpoint: &Endpoint,
+    backend: Arc<NetBackend>,
+) -> Result<(), Error> {
     thread::Builder::new()
         .name("prometheus".into())
-        .spawn(move || loop {
-            match listener.accept() {
-                Ok(mut c) => {
-                    if let Err(e) = answer_http(&mut *c, &backend.stats().prometheus()) {
-                        log::debug!("prometheus client: {e}");
+        .spawn(move || {
+            seccomp::enter(Class::Prometheus);
+            loop {
+                match listener.accept() {
+                    Ok(mut c) => {
+                        if let Err(e) = answer_http(&mut *c, &backend.stats().prometheus()) {
+                            log::debug!("prometheus client: {e}");
+                        }
                     }
+                    Err(e) => log::warn!("prometheus endpoint: {e}"),
                 }
-                Err(e) => log::warn!("prometheus endpoint: {e}"),
             }
         })
         .map_err(Error::Device)?;
     log::info!("Prometheus metrics on {endpoint:?}");
-    Ok(path)
+    Ok(())
 }
 
 /// The Prometheus endpoint's listening socket.
@@ -490,6 +513,7 @@ fn answer_http(c: &mut dyn HttpConn, body: &str) -> io::Result<()> {
 
 fn spawn_stats_server(listener: UnixListener, backend: Arc<NetBackend>) -> io::Result<()> {
     thread::Builder::new().name("stats".into()).spawn(move || {
+        seccomp::enter(Class::Stats);
         for conn in listener.incoming() {
             match conn {
                 Ok(mut c) => {
