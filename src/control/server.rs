@@ -28,7 +28,7 @@ use crate::control::config::{format_mac, Config, Endpoint, Frontend};
 use crate::control::relay;
 use crate::datapath::queue_pair::Listeners;
 use crate::host::seccomp::{self, Class};
-use crate::host::sys;
+use crate::host::{capabilities, sys};
 use crate::host::tap::{Tap, TapError};
 use crate::stats::connections::connection_log;
 
@@ -71,6 +71,8 @@ pub enum Error {
     DropPrivileges(#[source] io::Error),
     #[error("cannot build the worker syscall filter (--seccomp off to run without)")]
     Seccomp(#[source] seccompiler::BackendError),
+    #[error("cannot drop the capabilities the daemon no longer needs")]
+    Capabilities(#[source] crate::host::capabilities::Error),
 }
 
 /// Runs the daemon until SIGINT or SIGTERM. Prints the counters on exit and
@@ -135,12 +137,9 @@ pub fn run(config: Config) -> Result<(), Error> {
         None => None,
     };
     // Everything that needs privileges is done: the tap is open (the fds
-    // keep working), the sockets are bound. No other thread runs yet: a
-    // thread with a syscall filter would refuse glibc's set*id broadcast.
-    if let Some((uid, gid)) = config.drop_to {
-        sys::drop_privileges(uid, gid).map_err(Error::DropPrivileges)?;
-        log::info!("running as uid {uid}, gid {gid}");
-    }
+    // keep working), the sockets are bound. No other thread runs yet, so
+    // every thread spawned below inherits what is left.
+    drop_privileges(&config)?;
     if let Some((listener, endpoint)) = prometheus {
         spawn_prometheus(listener, endpoint, backend.clone())?;
     }
@@ -417,6 +416,24 @@ impl relay::Hooks for NetBackend {
     fn connections(&self) -> &crate::stats::connections::Connections {
         &self.stats().connections
     }
+}
+
+/// What is left of root's privileges once set up: with `--user`, none
+/// (the bounding set emptied, then the user and group switched); as root
+/// without it, the capabilities [`capabilities::needed`] names. Either way
+/// `no_new_privs`. On the main thread before any other is spawned:
+/// capabilities belong to a thread, and new threads copy their creator's.
+fn drop_privileges(config: &Config) -> Result<(), Error> {
+    if let Some((uid, gid)) = config.drop_to {
+        capabilities::clear_bounding_set().map_err(Error::Capabilities)?;
+        sys::drop_privileges(uid, gid).map_err(Error::DropPrivileges)?;
+        log::info!("running as uid {uid}, gid {gid}");
+    } else {
+        let keep = capabilities::needed(matches!(config.frontend, Frontend::Connect(_)));
+        let left = capabilities::keep_only(&keep).map_err(Error::Capabilities)?;
+        log::info!("capabilities kept: {}", capabilities::names(&left));
+    }
+    capabilities::no_new_privs().map_err(Error::Capabilities)
 }
 
 /// Binds the Prometheus endpoint: a loopback TCP address or a unix socket.
