@@ -28,8 +28,8 @@ use crate::control::config::{format_mac, Config, Endpoint, Frontend};
 use crate::control::relay;
 use crate::datapath::queue_pair::Listeners;
 use crate::host::seccomp::{self, Class};
-use crate::host::{capabilities, sys};
 use crate::host::tap::{Tap, TapError};
+use crate::host::{capabilities, sys};
 use crate::stats::connections::connection_log;
 
 /// Why the daemon could not start or had to stop. All are host faults.

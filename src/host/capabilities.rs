@@ -108,7 +108,10 @@ mod tests {
 
     #[test]
     fn a_client_also_keeps_dac_override_to_reach_the_frontend_socket() {
-        assert_eq!(needed(false), CapsHashSet::from([Capability::CAP_NET_ADMIN]));
+        assert_eq!(
+            needed(false),
+            CapsHashSet::from([Capability::CAP_NET_ADMIN])
+        );
         assert!(needed(true).contains(&Capability::CAP_DAC_OVERRIDE));
         assert_eq!(names(&needed(false)), "CAP_NET_ADMIN");
     }

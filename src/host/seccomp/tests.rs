@@ -149,8 +149,14 @@ fn the_request_thread_maps_guest_memory_and_sets_tap_framing_but_opens_nothing()
                 .with_mmap_flags(libc::MAP_SHARED)
                 .build()
         };
-        assert!(map(libc::PROT_READ | libc::PROT_WRITE).is_ok(), "guest memory");
-        assert!(map(libc::PROT_READ | libc::PROT_EXEC).is_err(), "never executable");
+        assert!(
+            map(libc::PROT_READ | libc::PROT_WRITE).is_ok(),
+            "guest memory"
+        );
+        assert!(
+            map(libc::PROT_READ | libc::PROT_EXEC).is_err(),
+            "never executable"
+        );
     });
 }
 
