@@ -1074,6 +1074,75 @@ fn tap_deleted_under_traffic_drops_frames_without_spinning_and_recovers_when_rec
     assert!(rx.len > 0);
 }
 
+/// Why the daemon keeps CAP_NET_ADMIN: a tap re-created by its
+/// administrator for another user (`ip tuntap add ... user U`) can only be
+/// re-attached (`TUNSETIFF`) by that user or with the capability. (A tap
+/// without an owner needs none; the test above re-creates such a tap.)
+#[test]
+#[ignore = "needs root and /dev/net/tun (CI runs it)"]
+fn tap_re_created_for_another_user_is_re_attached_with_the_one_capability_kept() {
+    let ns = Netns::new();
+    let d = Daemon::start(&ns, &[]);
+    let mut fe = TestFrontend::connect(&d.socket, 1, 256, 0);
+    let src = default_mac(&d.tap);
+    fe.send(0, &eth_frame(src, &marker(1)));
+    fe.wait_used(1, 1);
+
+    ns.ip(&["link", "del", &d.tap]);
+    fe.send(0, &eth_frame(src, &marker(2)));
+    common::wait_for("the tap to be declared gone", || {
+        d.log().contains("tap interface is gone").then_some(())
+    });
+    ns.ip(&[
+        "tuntap",
+        "add",
+        "dev",
+        &d.tap,
+        "mode",
+        "tap",
+        "multi_queue",
+        "vnet_hdr",
+        "user",
+        "65534",
+        "group",
+        "65534",
+    ]);
+    ns.ip(&["link", "set", &d.tap, "up"]);
+    let back = format!("tap {} is back", d.tap);
+    common::wait_for("the tap to be re-attached", || {
+        d.log().contains(&back).then_some(())
+    });
+    let cap = ns.packet_socket();
+    fe.send(0, &eth_frame(src, &marker(3)));
+    assert!(
+        capture(&cap, common::TIMEOUT, |f| has_marker(f, 3)).is_some(),
+        "TX resumed"
+    );
+}
+
+/// Why a daemon with `--client` also keeps CAP_DAC_OVERRIDE: it connects
+/// again at every reconnect, after its capabilities were reduced, and a
+/// frontend running as another user (QEMU under libvirt) makes a socket
+/// only that user may write to.
+#[test]
+#[ignore = "needs root and /dev/net/tun (CI runs it)"]
+fn client_mode_reaches_a_frontend_socket_owned_by_another_user() {
+    use std::os::unix::fs::PermissionsExt;
+    let ns = Netns::new();
+    let mut d = Daemon::paths();
+    let listener = std::os::unix::net::UnixListener::bind(&d.socket).expect("bind");
+    std::os::unix::fs::chown(&d.socket, Some(65534), Some(65534)).expect("chown");
+    std::fs::set_permissions(&d.socket, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    d.mode = common::Mode::Client;
+    d.spawn(&ns, &[]);
+    let cap = ns.packet_socket();
+
+    let mut fe = TestFrontend::over(common::accept(&listener), 1, 256, 0);
+    fe.send(0, &eth_frame(default_mac(&d.tap), &marker(1)));
+
+    assert!(capture(&cap, common::TIMEOUT, |f| has_marker(f, 1)).is_some());
+}
+
 #[test]
 #[ignore = "needs root and /dev/net/tun (CI runs it)"]
 fn every_kind_of_broken_chain_is_returned_and_counted_while_the_other_pair_moves() {

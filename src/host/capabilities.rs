@@ -6,21 +6,26 @@
 //! thread after the set-up that needs privileges (the tap opened, the
 //! sockets bound) and before any other thread is spawned.
 //!
-//! What a running daemon started as root still needs (measured, see
-//! `docs/robustness.md`):
+//! What a running daemon started as root still needs (measured: every
+//! end-to-end test passes with no capability at all, except the two named
+//! here, which fail without theirs):
 //!
 //! - `CAP_NET_ADMIN`: re-attaching a queue fd to a tap that was deleted and
-//!   re-created (`TUNSETIFF` on an existing tap needs it unless the tap's
-//!   owner and group are ours), and attaching or detaching queues
-//!   (`TUNSETQUEUE`) on such a tap.
+//!   re-created for another user (`ip tuntap add ... user U`): `TUNSETIFF`
+//!   on an existing tap needs it unless the tap's owner and group are ours
+//!   (`frontend::tap_re_created_for_another_user_is_re_attached_with_the_one_capability_kept`).
+//!   Attaching and detaching queues (`TUNSETQUEUE`) needs no capability,
+//!   nor does re-attaching a tap without an owner.
 //! - With `--client` also `CAP_DAC_OVERRIDE`: the daemon connects to the
-//!   frontend's socket again at every reconnect, and a frontend running as
-//!   another user (QEMU under libvirt) makes its socket writable by that
-//!   user only.
+//!   frontend's socket after the drop, and again at every reconnect; a
+//!   frontend running as another user (QEMU under libvirt) makes a socket
+//!   only that user may write to
+//!   (`frontend::client_mode_reaches_a_frontend_socket_owned_by_another_user`).
 //!
 //! Nothing else: the sockets the daemon removes on exit are its own, in
-//! directories root owns (or, where root may not write without
-//! `CAP_DAC_OVERRIDE`, a stale socket the next start replaces).
+//! directories root owns; where root may not write without
+//! `CAP_DAC_OVERRIDE` (a directory of another user's) the socket stays
+//! behind, and the next start replaces it (a stale socket is replaced).
 
 use caps::{CapSet, Capability, CapsHashSet};
 
