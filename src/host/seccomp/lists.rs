@@ -52,6 +52,10 @@ fn bits(v: c_int) -> u64 {
 }
 
 /// `ioctl` with one of these request numbers.
+#[allow(
+    clippy::useless_conversion,
+    reason = "c_ulong is u64 here, u32 on 32-bit targets"
+)]
 fn ioctl(requests: &[c_ulong]) -> Allow {
     Allow {
         nr: libc::SYS_ioctl,
