@@ -69,7 +69,7 @@ pub enum Error {
     },
     #[error("cannot drop privileges (--user/--group)")]
     DropPrivileges(#[source] io::Error),
-    #[error("cannot build the worker syscall filter (--seccomp off to run without)")]
+    #[error("cannot build the syscall filters (--seccomp off to run without)")]
     Seccomp(#[source] seccompiler::BackendError),
     #[error("cannot drop the capabilities the daemon no longer needs")]
     Capabilities(#[source] crate::host::capabilities::Error),
