@@ -14,7 +14,7 @@
 //!                relay, the protocol backend, the configuration
 //!     datapath/  one batch on one ring and what drives it: RX, TX,
 //!                interrupt decisions, guest memory, the vrings
-//!       host/    the host kernel: tap, syscalls, seccomp
+//!       host/    the host kernel: tap, syscalls, seccomp, capabilities
 //! stats/         what is counted, its text formats, the `stats` client
 //! testing/       the guest side of a ring and a recording tap control (feature
 //!                `test-utils`), unit-test helpers
@@ -35,7 +35,8 @@
 //! | [`datapath::vring`] | the framework's vring, with kick counting and owed interrupts |
 //! | [`host::tap`] | the tap interface |
 //! | [`host::sys`] | kernel calls that need `unsafe` |
-//! | [`host::seccomp`] | what the worker threads may ask of the kernel |
+//! | [`host::seccomp`] | what each thread may ask of the kernel |
+//! | [`host::capabilities`] | which privileges the running daemon keeps |
 //! | [`stats`] | what is counted |
 //! | [`stats::format`] | the counters as text: Prometheus, its parser, the `stats` table |
 //! | [`stats::client`] | the `stats` command: a running daemon's counters |

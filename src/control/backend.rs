@@ -315,6 +315,10 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn features(&self) -> u64 {
+        // Called on the crate's request thread only (GET_FEATURES, which
+        // the relay sends before any frontend message, and SET_FEATURES):
+        // the thread's earliest hook, where it narrows its syscalls.
+        crate::host::seccomp::enter(crate::host::seccomp::Class::Requests);
         offered_features(self.config.queue_pairs)
     }
 

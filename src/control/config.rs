@@ -106,7 +106,8 @@ pub struct Args {
     #[arg(long, value_name = "GROUP")]
     pub group: Option<String>,
 
-    /// Syscall filter of the worker threads: on (forbidden syscalls fail
+    /// Syscall filters, one per thread (workers, relay, request thread,
+    /// frontends, stats, ...): on (syscalls outside a thread's list fail
     /// with EPERM), log (allowed, logged by the kernel's audit), off.
     #[arg(long, value_name = "MODE", default_value = "on")]
     pub seccomp: crate::host::seccomp::Mode,

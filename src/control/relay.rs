@@ -39,6 +39,7 @@ const VERSION: u32 = 0x1;
 const FLAG_REPLY: u32 = VhostUserHeaderFlag::REPLY.bits();
 const FLAG_NEED_REPLY: u32 = VhostUserHeaderFlag::NEED_REPLY.bits();
 
+const GET_FEATURES: u32 = FrontendReq::GET_FEATURES as u32;
 const SET_FEATURES: u32 = FrontendReq::SET_FEATURES as u32;
 const RESET_OWNER: u32 = FrontendReq::RESET_OWNER as u32;
 const SET_VRING_NUM: u32 = FrontendReq::SET_VRING_NUM as u32;
@@ -183,17 +184,26 @@ struct State {
 /// Starts relaying between `frontend` and `backend` (the socket
 /// vhost-user-backend serves). Returns the two relay threads; they end when
 /// either side closes.
+///
+/// Before any frontend message, the crate's request thread is sent a
+/// GET_FEATURES of the relay's own (its reply kept from the frontend): our
+/// `features()` callback is that thread's earliest hook, where it installs
+/// its syscall filter ([`crate::host::seccomp`]), so it reads the
+/// frontend's first byte already filtered. Harmless to the protocol: the
+/// frontend's own GET_FEATURES gets the same answer.
 pub fn spawn(
     frontend: UnixStream,
-    backend: UnixStream,
+    mut backend: UnixStream,
     hooks: Arc<dyn Hooks>,
 ) -> io::Result<[JoinHandle<()>; 2]> {
+    prime(&mut backend)?;
     let front_writer = Arc::new(Mutex::new(frontend.try_clone()?));
     let back_reader = backend.try_clone()?;
     let front_for_replies = front_writer.clone();
     let down = thread::Builder::new()
         .name("relay-requests".into())
         .spawn(move || {
+            crate::host::seccomp::enter(crate::host::seccomp::Class::RelayRequests);
             let mut front = frontend;
             if let Err(e) = forward_requests(&mut front, &backend, &front_writer, &*hooks) {
                 log::debug!("relay: request stream ended: {e}");
@@ -204,6 +214,7 @@ pub fn spawn(
     let up = thread::Builder::new()
         .name("relay-replies".into())
         .spawn(move || {
+            crate::host::seccomp::enter(crate::host::seccomp::Class::RelayReplies);
             let mut back = back_reader;
             if let Err(e) = forward_replies(&mut back, &front_for_replies) {
                 log::debug!("relay: reply stream ended: {e}");
@@ -215,6 +226,26 @@ pub fn spawn(
             let _ = back.shutdown(Shutdown::Both);
         })?;
     Ok([down, up])
+}
+
+/// Sends the crate a GET_FEATURES and reads its reply (see [`spawn`]).
+fn prime(backend: &mut UnixStream) -> io::Result<()> {
+    let mut header = [0u8; HEADER_LEN];
+    header[..4].copy_from_slice(&GET_FEATURES.to_le_bytes());
+    header[4..8].copy_from_slice(&VERSION.to_le_bytes());
+    let request = Message {
+        header,
+        payload: Vec::new(),
+        files: Vec::new(),
+    };
+    request.write(backend)?;
+    match Message::read(backend)? {
+        Some(reply) if reply.request() == GET_FEATURES && reply.flags() & FLAG_REPLY != 0 => Ok(()),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "the backend did not answer GET_FEATURES",
+        )),
+    }
 }
 
 fn forward_replies(back: &mut UnixStream, front: &Mutex<UnixStream>) -> io::Result<()> {

@@ -27,8 +27,9 @@ use crate::control::backend::NetBackend;
 use crate::control::config::{format_mac, Config, Endpoint, Frontend};
 use crate::control::relay;
 use crate::datapath::queue_pair::Listeners;
-use crate::host::sys;
+use crate::host::seccomp::{self, Class};
 use crate::host::tap::{Tap, TapError};
+use crate::host::{capabilities, sys};
 use crate::stats::connections::connection_log;
 
 /// Why the daemon could not start or had to stop. All are host faults.
@@ -68,8 +69,10 @@ pub enum Error {
     },
     #[error("cannot drop privileges (--user/--group)")]
     DropPrivileges(#[source] io::Error),
-    #[error("cannot build the worker syscall filter (--seccomp off to run without)")]
+    #[error("cannot build the syscall filters (--seccomp off to run without)")]
     Seccomp(#[source] seccompiler::BackendError),
+    #[error("cannot drop the capabilities the daemon no longer needs")]
+    Capabilities(#[source] crate::host::capabilities::Error),
 }
 
 /// Runs the daemon until SIGINT or SIGTERM. Prints the counters on exit and
@@ -100,7 +103,8 @@ pub fn run(config: Config) -> Result<(), Error> {
         None => None,
     };
 
-    let filter = crate::host::seccomp::worker_filter(config.seccomp).map_err(Error::Seccomp)?;
+    let filter = seccomp::worker_filter(config.seccomp).map_err(Error::Seccomp)?;
+    seccomp::init(config.seccomp).map_err(Error::Seccomp)?;
     let tap = Tap::open(&config.tap, config.device.queue_pairs, config.tap_mtu)?;
     if let Some(warning) = tap.mtu_mismatch(config.device.mtu) {
         log::warn!("{warning}");
@@ -121,18 +125,23 @@ pub fn run(config: Config) -> Result<(), Error> {
             .unwrap_or_default()
     );
 
-    if let Some(endpoint) = &config.prometheus {
-        let path = spawn_prometheus(endpoint, backend.clone())?;
-        if let Some(p) = &path {
-            restrict(p, &config)?;
+    let prometheus = match &config.prometheus {
+        Some(endpoint) => {
+            let (listener, path) = bind_prometheus(endpoint)?;
+            if let Some(p) = &path {
+                restrict(p, &config)?;
+            }
+            sockets.0.extend(path);
+            Some((listener, endpoint))
         }
-        sockets.0.extend(path);
-    }
+        None => None,
+    };
     // Everything that needs privileges is done: the tap is open (the fds
-    // keep working), the sockets are bound.
-    if let Some((uid, gid)) = config.drop_to {
-        sys::drop_privileges(uid, gid).map_err(Error::DropPrivileges)?;
-        log::info!("running as uid {uid}, gid {gid}");
+    // keep working), the sockets are bound. No other thread runs yet, so
+    // every thread spawned below inherits what is left.
+    drop_privileges(&config)?;
+    if let Some((listener, endpoint)) = prometheus {
+        spawn_prometheus(listener, endpoint, backend.clone())?;
     }
     // The stats socket answers once setup is complete (a readiness signal).
     if let Some(l) = stats_listener {
@@ -142,10 +151,13 @@ pub fn run(config: Config) -> Result<(), Error> {
         let backend = backend.clone();
         thread::Builder::new()
             .name("tap-watch".into())
-            .spawn(move || loop {
-                thread::sleep(TAP_WATCH_INTERVAL);
-                backend.reattach_gone_taps();
-                backend.stats().connections.tick(std::time::Instant::now());
+            .spawn(move || {
+                seccomp::enter(Class::TapWatch);
+                loop {
+                    thread::sleep(TAP_WATCH_INTERVAL);
+                    backend.reattach_gone_taps();
+                    backend.stats().connections.tick(std::time::Instant::now());
+                }
             })
             .map_err(Error::Device)?;
     }
@@ -156,6 +168,7 @@ pub fn run(config: Config) -> Result<(), Error> {
         thread::Builder::new()
             .name("frontends".into())
             .spawn(move || {
+                seccomp::enter(Class::Frontends);
                 let _ = done_tx.send(serve_frontends(&source, &backend, &current));
             })
             .map_err(Error::Device)?;
@@ -163,6 +176,7 @@ pub fn run(config: Config) -> Result<(), Error> {
     thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
+            seccomp::enter(Class::Signals);
             if let Some(sig) = signals.forever().next() {
                 log::info!("signal {sig}: shutting down");
                 let _ = done_tx.send(Ok(()));
@@ -172,6 +186,7 @@ pub fn run(config: Config) -> Result<(), Error> {
     // Everything is set up and frontends are being accepted (or connected
     // to): tell a `Type=notify` service manager.
     crate::control::systemd::ready(&format!("serving tap {}", config.tap));
+    seccomp::enter(Class::Main);
 
     let result = done_rx.recv().unwrap_or(Ok(()));
     crate::control::systemd::stopping();
@@ -477,14 +492,28 @@ impl relay::Hooks for NetBackend {
     }
 }
 
-/// Serves the counters over HTTP (any request gets them) for Prometheus, on
-/// a loopback TCP address or a unix socket. Returns the socket file to
-/// remove on exit, if any.
-fn spawn_prometheus(
-    endpoint: &Endpoint,
-    backend: Arc<NetBackend>,
-) -> Result<Option<PathBuf>, Error> {
-    let (listener, path) = match endpoint {
+/// What is left of root's privileges once set up: with `--user`, none
+/// (the bounding set emptied, then the user and group switched); as root
+/// without it, the capabilities [`capabilities::needed`] names. Either way
+/// `no_new_privs`. On the main thread before any other is spawned:
+/// capabilities belong to a thread, and new threads copy their creator's.
+fn drop_privileges(config: &Config) -> Result<(), Error> {
+    if let Some((uid, gid)) = config.drop_to {
+        capabilities::clear_bounding_set().map_err(Error::Capabilities)?;
+        sys::drop_privileges(uid, gid).map_err(Error::DropPrivileges)?;
+        log::info!("running as uid {uid}, gid {gid}");
+    } else {
+        let keep = capabilities::needed(matches!(config.frontend, Frontend::Connect(_)));
+        let left = capabilities::keep_only(&keep).map_err(Error::Capabilities)?;
+        log::info!("capabilities kept: {}", capabilities::names(&left));
+    }
+    capabilities::no_new_privs().map_err(Error::Capabilities)
+}
+
+/// Binds the Prometheus endpoint: a loopback TCP address or a unix socket.
+/// Returns the socket file to remove on exit, if any.
+fn bind_prometheus(endpoint: &Endpoint) -> Result<(HttpListener, Option<PathBuf>), Error> {
+    Ok(match endpoint {
         Endpoint::Tcp(addr) => {
             let l = std::net::TcpListener::bind(addr).map_err(|source| Error::Listen {
                 path: PathBuf::from(addr.to_string()),
@@ -493,22 +522,33 @@ fn spawn_prometheus(
             (HttpListener::Tcp(l), None)
         }
         Endpoint::Unix(path) => (HttpListener::Unix(bind(path)?), Some(path.clone())),
-    };
+    })
+}
+
+/// Serves the counters over HTTP (any request gets them) for Prometheus.
+fn spawn_prometheus(
+    listener: HttpListener,
+    endpoint: &Endpoint,
+    backend: Arc<NetBackend>,
+) -> Result<(), Error> {
     thread::Builder::new()
         .name("prometheus".into())
-        .spawn(move || loop {
-            match listener.accept() {
-                Ok(mut c) => {
-                    if let Err(e) = answer_http(&mut *c, &backend.stats().prometheus()) {
-                        log::debug!("prometheus client: {e}");
+        .spawn(move || {
+            seccomp::enter(Class::Prometheus);
+            loop {
+                match listener.accept() {
+                    Ok(mut c) => {
+                        if let Err(e) = answer_http(&mut *c, &backend.stats().prometheus()) {
+                            log::debug!("prometheus client: {e}");
+                        }
                     }
+                    Err(e) => log::warn!("prometheus endpoint: {e}"),
                 }
-                Err(e) => log::warn!("prometheus endpoint: {e}"),
             }
         })
         .map_err(Error::Device)?;
     log::info!("Prometheus metrics on {endpoint:?}");
-    Ok(path)
+    Ok(())
 }
 
 /// The Prometheus endpoint's listening socket.
@@ -564,6 +604,7 @@ fn answer_http(c: &mut dyn HttpConn, body: &str) -> io::Result<()> {
 
 fn spawn_stats_server(listener: UnixListener, backend: Arc<NetBackend>) -> io::Result<()> {
     thread::Builder::new().name("stats".into()).spawn(move || {
+        seccomp::enter(Class::Stats);
         for conn in listener.incoming() {
             match conn {
                 Ok(mut c) => {
