@@ -32,6 +32,7 @@
 //! | [`datapath::rx`] / [`datapath::tx`] | how one frame moves |
 //! | [`datapath::notify`] | when to interrupt the guest |
 //! | [`datapath::guest`] | guest buffers as iovecs (the only guest-memory `unsafe`) |
+//! | [`datapath::dirty`] | which guest pages we wrote while a migration logs them |
 //! | [`datapath::vring`] | the framework's vring, with kick counting and owed interrupts |
 //! | [`host::tap`] | the tap interface |
 //! | [`host::sys`] | kernel calls that need `unsafe` |

@@ -793,3 +793,105 @@ fn qemu10_daemon_killed_under_rx_load_comes_back_with_adaptive_coalescing() {
     let _one = serial();
     daemon_restart_under_rx_load_keeps_rx_working("adaptive", "adaptive");
 }
+
+/// Live migration on this host: the guest moves between two daemons on one
+/// multiqueue tap (the destination QEMU runs `-incoming`, `migrate` goes to
+/// the source's monitor), there and back and there again, while the
+/// namespace pings it every 50 ms; a TCP transfer into the guest runs
+/// during the first migration and arrives intact on the destination.
+#[test]
+#[ignore = "needs root, /dev/net/tun, QEMU and the guest image (CI runs it)"]
+fn qemu10_guest_migrates_between_two_daemons_on_one_tap_three_times() {
+    let _serial = serial();
+    let ns = Netns::new();
+    let mut a = Daemon::paths();
+    ns.add_tap(&a.tap);
+    a.spawn(&ns, &[]);
+    let mut b = Daemon::paths();
+    b.tap = a.tap.clone();
+    b.spawn(&ns, &[]);
+    address_tap(&ns, &a.tap);
+    let daemons = [&a, &b];
+    let opts = Options::default();
+    let (mut src, mut g) = Qemu::boot("migrate-0", &a.socket, GUEST_CIDR, &opts);
+    wait_reachable(&ns);
+
+    // The transfer: the namespace sends 256 MiB, the guest sums them as
+    // they come (its RAM could not hold them), long enough to span the
+    // first migration.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tx = dir.path().join("tx");
+    let mut data = vec![0u8; 256 << 20];
+    std::io::Read::read_exact(
+        &mut std::fs::File::open("/dev/urandom").expect("urandom"),
+        &mut data,
+    )
+    .expect("random data");
+    std::fs::write(&tx, &data).expect("write tx");
+    let port = 5201;
+    g.ok(
+        &format!("rm -f /tmp/rx.md5; (nc -l -p {port} 2>/tmp/nc.err | md5sum >/tmp/rx.md5) &"),
+        SHORT,
+    );
+    let ping = BackgroundPing::start(&ns, PING_EVERY, 56);
+    let mut sender = Proc(
+        in_ns(
+            &ns,
+            &[
+                "socat",
+                "-u",
+                &format!("OPEN:{}", tx.display()),
+                &format!("TCP:{GUEST_IP}:{port},retry=20,interval=0.5"),
+            ],
+        )
+        .spawn()
+        .expect("socat source"),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+
+    let mut migrations = Vec::new();
+    for i in 1..=3 {
+        let to = daemons[i % 2];
+        let uri = dir.path().join(format!("migrate-{i}.sock"));
+        let dst = Qemu::incoming(&format!("migrate-{i}"), &to.socket, GUEST_CIDR, &opts, &uri);
+        let at = ping.elapsed();
+        let reply = src.migrate_to(&uri);
+        migrations.push(format!("#{i} at {:.1} s: {reply}", at.as_secs_f64()));
+        if i == 1 {
+            assert!(
+                sender.0.try_wait().expect("wait").is_none(),
+                "the transfer ended before the migration did: make it longer"
+            );
+        }
+        drop(src);
+        src = dst;
+        g = src.take_guest();
+        if i == 1 {
+            let status = sender.0.wait().expect("socat");
+            assert!(status.success(), "socat to the guest failed");
+            let sum = g.ok(
+                "while [ ! -s /tmp/rx.md5 ]; do sleep 0.2; done; cat /tmp/rx.md5",
+                LONG,
+            );
+            assert_eq!(
+                sum.split_whitespace().next().expect("md5"),
+                md5_of(&tx),
+                "host -> guest data differs after the migration"
+            );
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let result = ping.finish();
+    eprintln!("migrations: {}\nping: {result}", migrations.join("\n"));
+    assert!(
+        result.loss_percent() <= MAX_LOSS_PERCENT,
+        "{result} across 3 migrations, more than {MAX_LOSS_PERCENT}%: {}",
+        migrations.join("; ")
+    );
+    ping_from_guest(&mut g, 5);
+    assert!(
+        a.log().contains("dirty page logging on") && b.log().contains("dirty page logging on"),
+        "both daemons logged for a migration"
+    );
+}

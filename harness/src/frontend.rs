@@ -2,14 +2,17 @@
 //! rings written by `vhost_user_net::testing::driver` in memfd-backed guest
 //! memory.
 
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
-use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, VringConfigData};
 use vhost_user_net::datapath::guest::GuestMem;
 use vhost_user_net::testing::driver::{Buf, SplitRing, Used};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -21,6 +24,8 @@ pub const GUEST_BASE: u64 = 0x10_0000;
 pub const GUEST_SIZE: usize = 160 << 20;
 const RINGS_SIZE: u64 = 1 << 20;
 pub const BUF_AREA: u64 = 16 << 20;
+/// Guest bytes per bit of the dirty log.
+pub const LOG_PAGE: u64 = 4096;
 
 /// One virtqueue as the frontend (the guest) sees it.
 pub struct Vq {
@@ -62,12 +67,18 @@ pub struct TestFrontend {
     _mem_file: File,
     pub vqs: Vec<Vq>,
     pub features: u64,
+    /// The dirty log shared with SET_LOG_BASE, if any.
+    log: Option<File>,
 }
 
+/// `VHOST_F_LOG_ALL`: not a guest feature; QEMU acks it only while it
+/// migrates.
+pub const LOG_ALL: u64 = 1 << 26;
+
 /// Virtio-net features a Linux guest acks (everything we offer but the ones
-/// `drop` names).
+/// `drop` names, and never `VHOST_F_LOG_ALL`).
 pub fn guest_features(offered: u64, drop: u64) -> u64 {
-    offered & !drop
+    offered & !drop & !LOG_ALL
 }
 
 impl TestFrontend {
@@ -103,7 +114,8 @@ impl TestFrontend {
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-            | VhostUserProtocolFeatures::RESET_DEVICE;
+            | VhostUserProtocolFeatures::RESET_DEVICE
+            | VhostUserProtocolFeatures::LOG_SHMFD;
         fe.set_protocol_features(proto & wanted)
             .expect("SET_PROTOCOL_FEATURES");
         let queues = fe.get_queue_num().expect("GET_QUEUE_NUM");
@@ -141,6 +153,7 @@ impl TestFrontend {
             _mem_file: mem_file,
             vqs,
             features: 0,
+            log: None,
         };
         // 9: SET_VRING_ENABLE(q, 1) with NEED_REPLY, before SET_FEATURES.
         for q in 0..num_queues {
@@ -219,6 +232,76 @@ impl TestFrontend {
             0,
             "NACK"
         );
+    }
+
+    /// Shares a fresh, zeroed dirty log covering all guest memory
+    /// (SET_LOG_BASE with its fd, as QEMU does before a migration).
+    pub fn share_dirty_log(&mut self) {
+        let pages = (GUEST_BASE + GUEST_SIZE as u64).div_ceil(LOG_PAGE);
+        let size = pages.div_ceil(8).next_multiple_of(4096);
+        let file = tempfile::tempfile().expect("log file");
+        file.set_len(size).expect("log size");
+        let region = VhostUserDirtyLogRegion {
+            mmap_size: size,
+            mmap_offset: 0,
+            mmap_handle: file.as_raw_fd(),
+        };
+        self.fe.set_log_base(0, Some(region)).expect("SET_LOG_BASE");
+        self.log = Some(file);
+    }
+
+    /// Acks the guest's features again with `VHOST_F_LOG_ALL` on or off
+    /// (what QEMU does when a migration starts or is cancelled).
+    pub fn set_log_all(&mut self, on: bool) {
+        let features = if on {
+            self.features | LOG_ALL
+        } else {
+            self.features & !LOG_ALL
+        };
+        // QEMU waits for the reply to this SET_FEATURES: the backend logs
+        // from then on (without it the frames sent next could race it).
+        self.fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        let acked = self.fe.set_features(features);
+        self.fe.set_hdr_flags(VhostUserHeaderFlag::empty());
+        acked.expect("SET_FEATURES");
+        self.features = features;
+    }
+
+    /// Guest page numbers (address / 4096) whose bit is set in the log.
+    pub fn dirty_pages(&self) -> BTreeSet<u64> {
+        let log = self.log.as_ref().expect("share_dirty_log first");
+        let mut bytes = vec![0u8; usize::try_from(log.metadata().expect("size").len()).unwrap()];
+        log.read_exact_at(&mut bytes, 0).expect("read the log");
+        let mut pages = BTreeSet::new();
+        for (i, b) in bytes.iter().enumerate() {
+            for bit in 0..8 {
+                if b & (1 << bit) != 0 {
+                    pages.insert(i as u64 * 8 + bit);
+                }
+            }
+        }
+        pages
+    }
+
+    /// Clears every bit of the log (the frontend has synced it).
+    pub fn clear_dirty_log(&self) {
+        let log = self.log.as_ref().expect("share_dirty_log first");
+        let len = usize::try_from(log.metadata().expect("size").len()).unwrap();
+        log.write_all_at(&vec![0u8; len], 0).expect("clear the log");
+    }
+
+    /// A byte-for-byte copy of guest memory.
+    pub fn snapshot(&self) -> Vec<u8> {
+        let mut out = vec![0u8; GUEST_SIZE];
+        self.mem
+            .read_slice(&mut out, GuestAddress(GUEST_BASE))
+            .expect("read guest memory");
+        out
+    }
+
+    /// Guest address of the descriptor buffer of chain `head` on queue `q`.
+    pub fn buffer_addr(&self, q: usize, head: u16) -> u64 {
+        self.read_desc(q, head).0
     }
 
     /// Queues one TX frame (header + `frame`) on pair `pair`,

@@ -19,7 +19,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 pub use daemon::{fds_and_rss, Daemon, Mode, Stats};
-pub use frontend::{eth_frame, guest_features, TestFrontend, Vq, BUF_AREA, GUEST_BASE, GUEST_SIZE};
+pub use frontend::{
+    eth_frame, guest_features, TestFrontend, Vq, BUF_AREA, GUEST_BASE, GUEST_SIZE, LOG_ALL,
+    LOG_PAGE,
+};
 pub use netns::{capture, Netns};
 
 pub const TIMEOUT: Duration = Duration::from_secs(10);

@@ -95,6 +95,8 @@ pub struct Qemu {
     name: String,
     qmp_path: PathBuf,
     qmp: Option<Qmp>,
+    /// A migration destination's guest-agent listener, until taken.
+    ctl: Option<UnixListener>,
     _dir: tempfile::TempDir,
 }
 
@@ -103,6 +105,68 @@ impl Qemu {
     /// guest at `ip` (CIDR). Returns once QEMU is started; the guest agent
     /// is reached through the returned [`Guest`].
     pub fn boot(name: &str, socket: &Path, ip: &str, opts: &Options) -> (Qemu, Guest) {
+        let (mut qemu, ctl) = Self::spawn(name, socket, ip, opts, &[]);
+        let stream = qemu.accept_control(&ctl);
+        let mut guest = Guest::new(stream);
+        guest.wait_ready(&mut qemu);
+        (qemu, guest)
+    }
+
+    /// Starts a migration destination with the same devices as
+    /// [`Qemu::boot`], waiting for the guest on `-incoming unix:{path}`;
+    /// its NIC is on `socket`. After the migration, [`Qemu::take_guest`]
+    /// reaches the guest's agent through it.
+    pub fn incoming(name: &str, socket: &Path, ip: &str, opts: &Options, path: &Path) -> Qemu {
+        let uri = format!("unix:{}", path.display());
+        let (mut qemu, ctl) = Self::spawn(name, socket, ip, opts, &["-incoming".into(), uri]);
+        qemu.ctl = Some(ctl);
+        qemu
+    }
+
+    /// The guest's agent on a migration destination (QEMU's serial port
+    /// connected to it at start; the guest uses it once it runs here).
+    pub fn take_guest(&mut self) -> Guest {
+        let ctl = self.ctl.take().expect("an incoming QEMU");
+        let stream = self.accept_control(&ctl);
+        Guest::new(stream)
+    }
+
+    /// Migrates this VM to the QEMU waiting on `unix:{path}` (QMP
+    /// `migrate`) and polls `query-migrate` until it completed; returns
+    /// the reply (status, downtime, RAM counts).
+    pub fn migrate_to(&mut self, path: &Path) -> String {
+        // The destination listens once it has started.
+        crate::wait_for("the destination's migration socket", || {
+            path.exists().then_some(())
+        });
+        let args = format!("{{\"uri\": \"unix:{}\"}}", path.display());
+        self.monitor_with("migrate", &args);
+        let deadline = Instant::now() + MONITOR_TIMEOUT;
+        loop {
+            let reply = self.monitor("query-migrate");
+            let compact: String = reply.chars().filter(|c| !c.is_whitespace()).collect();
+            if compact.contains("\"status\":\"completed\"") {
+                return reply;
+            }
+            assert!(
+                !compact.contains("\"status\":\"failed\""),
+                "migration failed: {reply}\n{}",
+                self.log()
+            );
+            assert!(Instant::now() < deadline, "migration not done: {reply}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Starts QEMU with `extra` arguments; returns it with the listener its
+    /// guest agent's serial port connects to.
+    fn spawn(
+        name: &str,
+        socket: &Path,
+        ip: &str,
+        opts: &Options,
+        extra: &[String],
+    ) -> (Qemu, UnixListener) {
         let env = GuestEnv::load();
         let dir = tempfile::tempdir().expect("tempdir");
         let ctl_path = dir.path().join("ctl.sock");
@@ -176,6 +240,7 @@ impl Qemu {
         // VUN_QEMU_ARGS (e.g. "-trace vhost_user_write -trace vhost_user_read",
         // traces go to QEMU's stderr, kept with a failing test's artifacts)
         // adds arguments; a debugging aid, unset in CI.
+        .chain(extra.iter().cloned())
         .chain(
             std::env::var("VUN_QEMU_ARGS")
                 .unwrap_or_default()
@@ -191,18 +256,16 @@ impl Qemu {
             .stderr(qemu_log)
             .spawn()
             .expect("start QEMU");
-        let mut qemu = Qemu {
+        let qemu = Qemu {
             child: Some(child),
             console,
             name: name.to_owned(),
             qmp_path,
             qmp: None,
+            ctl: None,
             _dir: dir,
         };
-        let stream = qemu.accept_control(&ctl);
-        let mut guest = Guest::new(stream);
-        guest.wait_ready(&mut qemu);
-        (qemu, guest)
+        (qemu, ctl)
     }
 
     fn accept_control(&mut self, ctl: &UnixListener) -> UnixStream {
@@ -244,6 +307,11 @@ impl Qemu {
     /// `query-status`) and returns QEMU's reply line (`{"return": ...}`).
     /// Panics if QEMU answers with an error or not within [`MONITOR_TIMEOUT`].
     pub fn monitor(&mut self, command: &str) -> String {
+        self.monitor_with(command, "")
+    }
+
+    /// Runs QMP `command` with `arguments` (a JSON object, or "" for none).
+    pub fn monitor_with(&mut self, command: &str, arguments: &str) -> String {
         assert!(
             command
                 .chars()
@@ -256,7 +324,7 @@ impl Qemu {
             self.qmp = Some(qmp);
         }
         let mut qmp = self.qmp.take().expect("connected above");
-        let reply = qmp.execute(command, self);
+        let reply = qmp.execute(command, arguments, self);
         self.qmp = Some(qmp);
         reply
     }
@@ -350,7 +418,7 @@ impl Qmp {
             greeting.contains("\"QMP\""),
             "not a QMP greeting: {greeting}"
         );
-        qmp.execute("qmp_capabilities", qemu);
+        qmp.execute("qmp_capabilities", "", qemu);
         qmp
     }
 
@@ -373,12 +441,20 @@ impl Qmp {
         }
     }
 
-    /// Sends `command` and returns its reply, skipping events.
-    fn execute(&mut self, command: &str, qemu: &mut Qemu) -> String {
+    /// Sends `command` (with `arguments`, a JSON object or "") and returns
+    /// its reply, skipping events.
+    fn execute(&mut self, command: &str, arguments: &str, qemu: &mut Qemu) -> String {
         self.seq += 1;
         let id = format!("\"vun-{}\"", self.seq);
+        let arguments = if arguments.is_empty() {
+            String::new()
+        } else {
+            format!(", \"arguments\": {arguments}")
+        };
         self.stream
-            .write_all(format!("{{\"execute\": \"{command}\", \"id\": {id}}}\n").as_bytes())
+            .write_all(
+                format!("{{\"execute\": \"{command}\"{arguments}, \"id\": {id}}}\n").as_bytes(),
+            )
             .expect("send QMP command");
         let deadline = Instant::now() + MONITOR_TIMEOUT;
         loop {

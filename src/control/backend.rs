@@ -26,13 +26,14 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use vm_memory::GuestMemoryAtomic;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
 use crate::control::config::DeviceConfig;
+use crate::datapath::dirty::{self, VHOST_F_LOG_ALL};
 use crate::datapath::guest::GuestMem;
 use crate::datapath::queue_pair::{Event, Listeners, QueuePair};
 use crate::datapath::rx::RxParams;
@@ -67,6 +68,7 @@ pub fn offered_features(pairs: usize) -> u64 {
     }
     bits.iter().fold(0u64, |acc, &b| acc | (1u64 << b))
         | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        | VHOST_F_LOG_ALL
 }
 
 /// vhost-user protocol features offered to the frontend. Only what
@@ -77,6 +79,7 @@ pub fn offered_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
         | VhostUserProtocolFeatures::RESET_DEVICE
+        | VhostUserProtocolFeatures::LOG_SHMFD
 }
 
 /// Receive offloads that let the tap hand us 64 KiB GSO frames.
@@ -127,6 +130,9 @@ pub struct NetBackend {
     tap_ctl: Arc<dyn TapControl>,
     stats: Arc<Stats>,
     acked_features: AtomicU64,
+    /// The connection's guest memory, whose regions log writes while the
+    /// frontend acks `VHOST_F_LOG_ALL` (a migration in progress).
+    mem: Mutex<Option<GuestMemoryAtomic<GuestMem>>>,
     /// Exit-event fds handed to vhost-user-backend, which never closes them;
     /// closed after each connection ([`NetBackend::close_abandoned_fds`]).
     abandoned_fds: Mutex<Vec<std::os::fd::RawFd>>,
@@ -192,6 +198,7 @@ impl NetBackend {
             tap_ctl,
             stats,
             acked_features: AtomicU64::new(0),
+            mem: Mutex::default(),
             abandoned_fds: Mutex::default(),
             worker_filter,
         })
@@ -222,6 +229,7 @@ impl NetBackend {
         listeners: Vec<Arc<dyn Listeners>>,
     ) -> io::Result<()> {
         self.acked_features.store(0, Ordering::Relaxed);
+        *self.mem_slot() = Some(mem.clone());
         for (i, l) in listeners.into_iter().enumerate().take(self.pairs.len()) {
             self.pair(i).connect(mem.clone(), l)?;
         }
@@ -236,6 +244,28 @@ impl NetBackend {
             self.pair(i).disconnect();
         }
         self.acked_features.store(0, Ordering::Relaxed);
+        *self.mem_slot() = None;
+    }
+
+    fn mem_slot(&self) -> MutexGuard<'_, Option<GuestMemoryAtomic<GuestMem>>> {
+        self.mem
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Logs guest memory writes into the frontend's dirty log while the
+    /// acked `features` include `VHOST_F_LOG_ALL`, not otherwise. Returns
+    /// once no batch that started before runs: a batch asks once whether
+    /// to log its `readv`s, and the frontend counts on the log from its
+    /// SET_FEATURES reply on.
+    fn apply_logging(&self, features: u64) {
+        if let Some(mem) = self.mem_slot().as_ref() {
+            dirty::set_logging(&mem.memory(), features & VHOST_F_LOG_ALL != 0);
+        }
+        for i in 0..self.pairs.len() {
+            // A worker holds its pair's lock for a whole event.
+            drop(self.pair(i));
+        }
     }
 
     /// Re-attaches the queues whose tap interface was deleted, if it exists
@@ -303,7 +333,7 @@ impl NetBackend {
 }
 
 impl VhostUserBackend for NetBackend {
-    type Bitmap = ();
+    type Bitmap = crate::datapath::dirty::DirtyLog;
     type Vring = TrackedVring;
 
     fn num_queues(&self) -> usize {
@@ -323,7 +353,22 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn acked_features(&self, features: u64) {
-        self.acked_features.store(features, Ordering::Relaxed);
+        let before = self.acked_features.swap(features, Ordering::Relaxed);
+        self.apply_logging(features);
+        if before != 0 && (before ^ features) == VHOST_F_LOG_ALL {
+            // A migration starts or is cancelled: only the log changes.
+            let what = if features & VHOST_F_LOG_ALL != 0 {
+                "on: a migration started"
+            } else {
+                "off"
+            };
+            connection_log!(
+                &self.stats.connections,
+                log::Level::Info,
+                "dirty page logging {what}"
+            );
+            return;
+        }
         let framing = tap::Framing::from_features(features);
         if let Err(e) = self.tap_ctl.apply(framing) {
             // The header length is what a misframed frame would get wrong:
@@ -393,9 +438,11 @@ impl VhostUserBackend for NetBackend {
             .collect()
     }
 
-    fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMem>) -> io::Result<()> {
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMem>) -> io::Result<()> {
         // The pairs hold the same GuestMemoryAtomic, which the framework has
-        // already updated; each batch takes a fresh snapshot of it.
+        // already updated; each batch takes a fresh snapshot of it. New
+        // regions log as the old ones did.
+        dirty::set_logging(&mem.memory(), self.acked_features() & VHOST_F_LOG_ALL != 0);
         Ok(())
     }
 

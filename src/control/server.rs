@@ -426,7 +426,7 @@ pub fn serve_connection(
 fn serve_with(
     daemon: &mut VhostUserDaemon<Arc<NetBackend>>,
     backend: &Arc<NetBackend>,
-    mem: &GuestMemoryAtomic<GuestMemoryMmap>,
+    mem: &GuestMemoryAtomic<crate::datapath::guest::GuestMem>,
     frontend: UnixStream,
 ) -> Result<(), ConnectionError> {
     let listeners = daemon

@@ -78,6 +78,8 @@ pub struct Batch<'q> {
     warned: bool,
     queue_index: usize,
     started: Instant,
+    /// The frontend logs dirty pages (a migration in progress).
+    logging: bool,
 }
 
 impl<'q> Batch<'q> {
@@ -107,12 +109,19 @@ impl<'q> Batch<'q> {
             warned: false,
             queue_index,
             started: Instant::now(),
+            logging: crate::datapath::dirty::logging(mem),
         })
     }
 
     /// The guest memory this batch works on.
     pub fn mem(&self) -> &'q GuestMem {
         self.mem
+    }
+
+    /// Whether writes that bypass vm-memory must be logged by hand
+    /// ([`crate::datapath::guest::GuestIoVecs::mark_written`]).
+    pub fn logging(&self) -> bool {
+        self.logging
     }
 
     /// The queue's size (number of descriptors).

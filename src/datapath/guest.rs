@@ -16,10 +16,14 @@ use std::marker::PhantomData;
 use std::os::fd::AsRawFd;
 
 use virtio_queue::DescriptorChain;
+use vm_memory::bitmap::Bitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-/// The guest memory type the daemon maps (no dirty-page log yet).
-pub type GuestMem = GuestMemoryMmap<()>;
+use crate::datapath::dirty::DirtyLog;
+
+/// The guest memory type the daemon maps, with a dirty-page log per region
+/// for live migration ([`crate::datapath::dirty`]).
+pub type GuestMem = GuestMemoryMmap<DirtyLog>;
 
 /// The kernel's limit on iovecs per `readv`/`writev`.
 pub const IOV_MAX: usize = 1024;
@@ -266,6 +270,26 @@ impl GuestIoVecs<'_, '_> {
             return Err(io::Error::last_os_error());
         }
         Ok(usize::try_from(n).expect("the kernel returned a non-negative count"))
+    }
+
+    /// Logs the first `len` bytes of the area the iovecs describe as
+    /// written (what a `readv` put there: it bypasses vm-memory's own
+    /// logging). One bitmap call per span; a no-op while logging is off.
+    pub fn mark_written(&self, len: usize) {
+        let mut left = len;
+        for &(addr, span) in &self.buf.spans {
+            if left == 0 {
+                break;
+            }
+            let n = left.min(span);
+            // Each span lies in one region (`push_range` made it from one
+            // of vm-memory's per-region slices).
+            if let Some((region, at)) = self.mem.to_region_addr(addr) {
+                let offset = usize::try_from(at.0).expect("a region offset fits usize");
+                vm_memory::GuestMemoryRegion::bitmap(region).mark_dirty(offset, n);
+            }
+            left -= n;
+        }
     }
 
     /// Reads `out.len()` bytes at byte `offset` of the area the iovecs

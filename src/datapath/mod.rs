@@ -5,6 +5,7 @@
 //! kernel only through [`crate::host`].
 
 pub mod batch;
+pub mod dirty;
 pub mod guest;
 pub mod notify;
 pub mod queue_pair;

@@ -404,6 +404,10 @@ pub fn step(
         }
     };
     let capacity = buffers.capacity();
+    if batch.logging() {
+        // Whatever the verdict, the readv wrote these bytes.
+        buffers.iovecs.mark_written(n.min(capacity));
+    }
     let iovecs = &*buffers.iovecs;
     let gso_type = || {
         let mut b = [0u8];
