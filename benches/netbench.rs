@@ -14,7 +14,9 @@
 //!   straight back, guest RX; no third process. 64 KiB GSO frames stay GSO.
 //!
 //! Options (after `--`): `--secs S` per run (default 1.5), `--quick`
-//! (fewer combinations), `--svg PATH` (plot of the loop runs).
+//! (fewer combinations), `--svg PATH` (plot of the loop runs),
+//! `--dirty-log` (the guest's dirty log shared and LOG_ALL on, as during a
+//! live migration), `--dir`, `--policy`, `--size`, `--max-only` to narrow.
 
 use vhost_user_net_harness as common;
 
@@ -59,6 +61,7 @@ struct Opts {
     policy: Option<String>,
     size: Option<usize>,
     max_only: bool,
+    dirty_log: bool,
 }
 
 fn opts() -> Opts {
@@ -70,6 +73,7 @@ fn opts() -> Opts {
         policy: None,
         size: None,
         max_only: false,
+        dirty_log: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -81,10 +85,11 @@ fn opts() -> Opts {
             "--policy" => o.policy = args.next(),
             "--size" => o.size = args.next().and_then(|v| v.parse().ok()),
             "--max-only" => o.max_only = true,
+            "--dirty-log" => o.dirty_log = true,
             "--bench" => {}
             other => panic!(
                 "unknown option {other}: use --secs S, --quick, --svg PATH, \
-                 --dir tx|rx|loop, --policy P, --size N, --max-only"
+                 --dir tx|rx|loop, --policy P, --size N, --max-only, --dirty-log"
             ),
         }
     }
@@ -97,11 +102,18 @@ struct Setup {
     guest: Guest,
 }
 
-fn setup(policy: &str) -> Setup {
+/// The daemon and a synthetic guest on `policy`; with `dirty_log`, the
+/// guest shares a dirty log and acks LOG_ALL, as QEMU does for the whole of
+/// a live migration (the worst case of its cost).
+fn setup(policy: &str, dirty_log: bool) -> Setup {
     let ns = Netns::new();
     let daemon = Daemon::start(&ns, &["--rx-coalesce", policy, "--tx-coalesce", policy]);
     ns.route_to_guest(&daemon.tap, GUEST_MAC);
-    let fe = TestFrontend::connect(&daemon.socket, 1, RING, 0);
+    let mut fe = TestFrontend::connect(&daemon.socket, 1, RING, 0);
+    if dirty_log {
+        fe.share_dirty_log();
+        fe.set_log_all(true);
+    }
     let mut guest = Guest::new(fe);
     guest.refill(usize::from(RING));
     Setup { ns, daemon, guest }
@@ -383,7 +395,7 @@ fn main() {
         .into_iter()
         .filter(|p| o.policy.as_deref().is_none_or(|q| q == *p))
     {
-        let mut s = setup(policy);
+        let mut s = setup(policy, o.dirty_log);
         let dirs = [Dir::Tx, Dir::Rx, Dir::Loop];
         for dir in dirs
             .into_iter()
@@ -414,6 +426,13 @@ fn main() {
                     });
                 }
             }
+        }
+        if o.dirty_log {
+            // Proof the runs above paid for logging: pages the daemon marked.
+            eprintln!(
+                "{policy}: {} guest pages marked dirty in the log",
+                s.guest.fe.dirty_pages().len()
+            );
         }
     }
     let ns = Netns::new();

@@ -189,3 +189,28 @@ fn after_get_vring_base_the_daemon_writes_no_guest_memory_and_sends_no_interrupt
 fn after_get_vring_base_without_event_idx_the_daemon_writes_nothing_either() {
     after_stop_nothing_is_written(EVENT_IDX);
 }
+
+#[test]
+#[ignore = "needs root and /dev/net/tun (CI runs it)"]
+fn send_rarp_announces_the_migrated_guest_on_the_tap() {
+    let ns = Netns::new();
+    let d = Daemon::start(&ns, &[]);
+    let mut fe = TestFrontend::connect(&d.socket, 1, 256, 0);
+    let cap = ns.packet_socket();
+    let mac = [0x52, 0x54, 0x00, 0xab, 0xcd, 0xef];
+
+    // What QEMU sends on the destination once a migration is done.
+    fe.send_rarp(mac);
+
+    let frame = common::capture(&cap, common::TIMEOUT, |f| {
+        f.len() >= 14 && f[12..14] == [0x80, 0x35]
+    })
+    .expect("a RARP frame on the tap");
+    assert_eq!(&frame[..6], &[0xff; 6], "broadcast");
+    assert_eq!(&frame[6..12], &mac, "from the guest's MAC");
+    assert_eq!(&frame[20..22], &[0, 3], "a reverse request");
+    assert_eq!(&frame[22..28], &mac, "about the guest's MAC");
+    // The connection goes on: the crate never saw the message it cannot
+    // handle.
+    fe.fe.get_features().expect("still served");
+}

@@ -863,6 +863,13 @@ fn qemu10_guest_migrates_between_two_daemons_on_one_tap_three_times() {
                 "the transfer ended before the migration did: make it longer"
             );
         }
+        // QEMU announces the guest from the destination (SEND_RARP, the
+        // guest does not ack GUEST_ANNOUNCE): the daemon writes a RARP.
+        let announced = format!("announced {} on tap", opts.mac);
+        let expected = (1..=i).filter(|j| j % 2 == i % 2).count();
+        common::wait_for("the destination daemon to announce the guest", || {
+            (to.log().matches(&announced).count() >= expected).then_some(())
+        });
         drop(src);
         src = dst;
         g = src.take_guest();

@@ -212,6 +212,26 @@ impl TestFrontend {
         self.fe.set_vring_call(q, &vq.call).expect("SET_VRING_CALL");
     }
 
+    /// SEND_RARP written by hand (vhost's Frontend has no call for it), with
+    /// NEED_REPLY; returns once the daemon acknowledged it.
+    pub fn send_rarp(&mut self, mac: [u8; 6]) {
+        let mut msg = Vec::new();
+        msg.extend_from_slice(&19u32.to_le_bytes()); // SEND_RARP
+        msg.extend_from_slice(&(0x1u32 | 0x8).to_le_bytes()); // version | NEED_REPLY
+        msg.extend_from_slice(&8u32.to_le_bytes());
+        msg.extend_from_slice(&mac);
+        msg.extend_from_slice(&[0, 0]);
+        self.raw.write_all(&msg).expect("send SEND_RARP");
+        let mut reply = [0u8; 20];
+        self.raw.read_exact(&mut reply).expect("SEND_RARP reply");
+        assert_eq!(u32::from_le_bytes(reply[0..4].try_into().unwrap()), 19);
+        assert_eq!(
+            u64::from_le_bytes(reply[12..20].try_into().unwrap()),
+            0,
+            "NACK"
+        );
+    }
+
     /// SET_VRING_ENABLE written by hand: vhost's Frontend refuses to send it
     /// before SET_FEATURES, but QEMU does exactly that.
     pub fn raw_vring_enable(&mut self, q: usize, enable: bool) {

@@ -80,6 +80,27 @@ pub fn offered_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
         | VhostUserProtocolFeatures::RESET_DEVICE
         | VhostUserProtocolFeatures::LOG_SHMFD
+        // SEND_RARP is answered by the relay (the crates have no handler).
+        | VhostUserProtocolFeatures::RARP
+}
+
+/// A RARP request ("reverse request", RFC 903) from `mac` about itself,
+/// broadcast, padded to the 60-byte Ethernet minimum.
+pub fn rarp_frame(mac: [u8; 6]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(60);
+    f.extend_from_slice(&[0xff; 6]); // to everyone
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&0x8035u16.to_be_bytes()); // RARP
+    f.extend_from_slice(&1u16.to_be_bytes()); // hardware: Ethernet
+    f.extend_from_slice(&0x0800u16.to_be_bytes()); // protocol: IPv4
+    f.extend_from_slice(&[6, 4]); // address lengths
+    f.extend_from_slice(&3u16.to_be_bytes()); // reverse request
+    f.extend_from_slice(&mac); // sender hardware address
+    f.extend_from_slice(&[0; 4]); // sender protocol address
+    f.extend_from_slice(&mac); // target hardware address
+    f.extend_from_slice(&[0; 4]); // target protocol address
+    f.resize(60, 0);
+    f
 }
 
 /// Receive offloads that let the tap hand us 64 KiB GSO frames.
@@ -319,6 +340,29 @@ impl NetBackend {
         }
     }
 
+    /// Announces that the guest with `mac` is now behind this tap (after a
+    /// live migration, SEND_RARP): one RARP request from `mac`, as QEMU's
+    /// own announce does, written into the tap so the switches and bridges
+    /// on the host side learn where the MAC went.
+    pub fn announce(&self, mac: [u8; 6]) -> io::Result<()> {
+        let hdr_len = crate::vnet_hdr_len(self.acked_features());
+        let mut frame = vec![0u8; hdr_len];
+        frame.extend_from_slice(&rarp_frame(mac));
+        let pair = self.pair(0);
+        let written = std::io::Write::write(&mut pair.tap(), &frame)?;
+        if written != frame.len() {
+            return Err(io::Error::new(io::ErrorKind::WriteZero, "RARP frame cut"));
+        }
+        connection_log!(
+            &self.stats.connections,
+            log::Level::Info,
+            "announced {} on tap {} (RARP)",
+            crate::control::config::format_mac(&mac),
+            self.tap_ctl.name()
+        );
+        Ok(())
+    }
+
     /// The virtio-net config space: MAC, link status, queue pairs, MTU.
     fn config_space(&self) -> [u8; 12] {
         let mut c = [0u8; 12];
@@ -504,7 +548,6 @@ mod tests {
         let p = offered_protocol_features();
         for bad in [
             VhostUserProtocolFeatures::STATUS,
-            VhostUserProtocolFeatures::RARP,
             VhostUserProtocolFeatures::MTU,
             VhostUserProtocolFeatures::INBAND_NOTIFICATIONS,
             VhostUserProtocolFeatures::CROSS_ENDIAN,

@@ -11,7 +11,9 @@
 //! the rings end up enabled exactly as the frontend asked.
 //!
 //! It also tells the backend when the frontend re-initialises a ring
-//! ([`Hooks::vring_reset`]), so a ring stopped by a guest fault can restart.
+//! ([`Hooks::vring_reset`]), so a ring stopped by a guest fault can restart,
+//! and answers `SEND_RARP` itself (the crates have no handler): the backend
+//! announces the migrated guest's MAC on the tap ([`Hooks::announce`]).
 //! Replies (backend to frontend) pass through untouched.
 
 use std::collections::BTreeMap;
@@ -53,6 +55,7 @@ const SET_VRING_ERR: u32 = FrontendReq::SET_VRING_ERR as u32;
 const SET_VRING_ENABLE: u32 = FrontendReq::SET_VRING_ENABLE as u32;
 const RESET_DEVICE: u32 = FrontendReq::RESET_DEVICE as u32;
 const ADD_MEM_REG: u32 = FrontendReq::ADD_MEM_REG as u32;
+const SEND_RARP: u32 = FrontendReq::SEND_RARP as u32;
 
 const PROTOCOL_FEATURES_BIT: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
 const PROTOCOL_F_REPLY_ACK: u64 = VhostUserProtocolFeatures::REPLY_ACK.bits();
@@ -67,6 +70,9 @@ pub trait Hooks: Send + Sync {
     fn num_queues(&self) -> usize;
     /// The daemon's connections, whose log budget the relay's lines use.
     fn connections(&self) -> &crate::stats::connections::Connections;
+    /// The guest with MAC `mac` arrived here by live migration
+    /// (`SEND_RARP`): announce it on the tap.
+    fn announce(&self, mac: [u8; 6]);
 }
 
 /// Names a frontend misconfiguration that the backend would only answer
@@ -297,6 +303,18 @@ fn forward_requests(
                 let ring = msg.payload_u32(0).unwrap_or(u32::MAX);
                 log::debug!("relay: holding early SET_VRING_ENABLE for ring {ring}");
                 state.held.insert(ring, msg);
+                continue;
+            }
+            SEND_RARP => {
+                // vhost-user-backend has no handler (the connection would
+                // drop): announce here, answer here, do not forward.
+                if let Some(b) = msg.payload.get(..6) {
+                    let mac: [u8; 6] = b.try_into().expect("6 bytes");
+                    hooks.announce(mac);
+                }
+                if msg.flags() & FLAG_NEED_REPLY != 0 && state.reply_ack {
+                    ack(front_writer, SEND_RARP)?;
+                }
                 continue;
             }
             _ => {}

@@ -490,6 +490,12 @@ impl relay::Hooks for NetBackend {
     fn connections(&self) -> &crate::stats::connections::Connections {
         &self.stats().connections
     }
+
+    fn announce(&self, mac: [u8; 6]) {
+        if let Err(e) = NetBackend::announce(self, mac) {
+            log::warn!("cannot announce the migrated guest on the tap: {e}");
+        }
+    }
 }
 
 /// What is left of root's privileges once set up: with `--user`, none
