@@ -20,10 +20,11 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use vhost_user_backend::VhostUserBackend;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
-    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4,
-    VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_UFO, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ,
-    VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_ANNOUNCE, VIRTIO_NET_F_GUEST_CSUM,
+    VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
+    VIRTIO_NET_F_HOST_UFO, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
@@ -62,6 +63,8 @@ pub fn offered_features(pairs: usize) -> u64 {
         VIRTIO_NET_F_MAC,
         VIRTIO_NET_F_MTU,
         VIRTIO_NET_F_STATUS,
+        // QEMU then has the guest announce itself after a migration.
+        VIRTIO_NET_F_GUEST_ANNOUNCE,
     ];
     if pairs > 1 {
         bits.push(VIRTIO_NET_F_MQ);
@@ -555,6 +558,29 @@ mod tests {
         ] {
             assert!(!p.contains(bad), "{bad:?} offered");
         }
+    }
+
+    #[test]
+    fn what_live_migration_needs_is_offered() {
+        let f = offered_features(1);
+        assert_ne!(f & (1u64 << 26), 0, "VHOST_F_LOG_ALL");
+        assert_ne!(f & (1u64 << VIRTIO_NET_F_GUEST_ANNOUNCE), 0);
+        let p = offered_protocol_features();
+        assert!(p.contains(VhostUserProtocolFeatures::LOG_SHMFD));
+        assert!(p.contains(VhostUserProtocolFeatures::RARP));
+    }
+
+    #[test]
+    fn rarp_frame_is_a_reverse_request_from_the_mac_about_itself() {
+        let mac = [0x52, 0x54, 0, 1, 2, 3];
+        let f = rarp_frame(mac);
+        assert_eq!(f.len(), 60);
+        assert_eq!(
+            (&f[..6], &f[6..12], &f[12..14]),
+            (&[0xff; 6][..], &mac[..], &[0x80, 0x35][..])
+        );
+        assert_eq!(&f[20..22], &[0, 3]);
+        assert_eq!((&f[22..28], &f[32..38]), (&mac[..], &mac[..]));
     }
 
     #[test]
