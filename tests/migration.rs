@@ -214,3 +214,17 @@ fn send_rarp_announces_the_migrated_guest_on_the_tap() {
     // handle.
     fe.fe.get_features().expect("still served");
 }
+
+#[test]
+#[ignore = "needs root and /dev/net/tun (CI runs it)"]
+fn set_log_fd_is_accepted_and_the_connection_goes_on() {
+    let ns = Netns::new();
+    let d = Daemon::start(&ns, &[]);
+    let mut fe = TestFrontend::connect(&d.socket, 1, 256, 0);
+    let log_fd = vmm_sys_util::eventfd::EventFd::new(0).expect("eventfd");
+
+    fe.set_log_fd(std::os::fd::AsRawFd::as_raw_fd(&log_fd));
+
+    // The crate never saw the message it has no handler for.
+    fe.fe.get_features().expect("still served");
+}

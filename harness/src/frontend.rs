@@ -212,6 +212,35 @@ impl TestFrontend {
         self.fe.set_vring_call(q, &vq.call).expect("SET_VRING_CALL");
     }
 
+    /// SET_LOG_FD written by hand (vhost's Frontend has no call for it): the
+    /// log-update eventfd `fd` attached, with NEED_REPLY; returns once the
+    /// daemon acknowledged it.
+    pub fn set_log_fd(&mut self, fd: std::os::fd::RawFd) {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        use std::os::fd::AsRawFd;
+        let mut msg = Vec::new();
+        msg.extend_from_slice(&7u32.to_le_bytes()); // SET_LOG_FD
+        msg.extend_from_slice(&(0x1u32 | 0x8).to_le_bytes()); // version | NEED_REPLY
+        msg.extend_from_slice(&0u32.to_le_bytes());
+        let fds = [fd];
+        sendmsg::<()>(
+            self.raw.as_raw_fd(),
+            &[std::io::IoSlice::new(&msg)],
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::empty(),
+            None,
+        )
+        .expect("send SET_LOG_FD");
+        let mut reply = [0u8; 20];
+        self.raw.read_exact(&mut reply).expect("SET_LOG_FD reply");
+        assert_eq!(u32::from_le_bytes(reply[0..4].try_into().unwrap()), 7);
+        assert_eq!(
+            u64::from_le_bytes(reply[12..20].try_into().unwrap()),
+            0,
+            "NACK"
+        );
+    }
+
     /// SEND_RARP written by hand (vhost's Frontend has no call for it), with
     /// NEED_REPLY; returns once the daemon acknowledged it.
     pub fn send_rarp(&mut self, mac: [u8; 6]) {

@@ -56,6 +56,7 @@ const SET_VRING_ENABLE: u32 = FrontendReq::SET_VRING_ENABLE as u32;
 const RESET_DEVICE: u32 = FrontendReq::RESET_DEVICE as u32;
 const ADD_MEM_REG: u32 = FrontendReq::ADD_MEM_REG as u32;
 const SEND_RARP: u32 = FrontendReq::SEND_RARP as u32;
+const SET_LOG_FD: u32 = FrontendReq::SET_LOG_FD as u32;
 
 const PROTOCOL_FEATURES_BIT: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
 const PROTOCOL_F_REPLY_ACK: u64 = VhostUserProtocolFeatures::REPLY_ACK.bits();
@@ -303,6 +304,17 @@ fn forward_requests(
                 let ring = msg.payload_u32(0).unwrap_or(u32::MAX);
                 log::debug!("relay: holding early SET_VRING_ENABLE for ring {ring}");
                 state.held.insert(ring, msg);
+                continue;
+            }
+            SET_LOG_FD => {
+                // The log-update eventfd: vhost-user-backend has no handler
+                // (the connection would drop) and the daemon never changes
+                // the log behind the frontend's back, so it has nothing to
+                // signal: accept it, close it, answer here.
+                drop(std::mem::take(&mut msg.files));
+                if msg.flags() & FLAG_NEED_REPLY != 0 && state.reply_ack {
+                    ack(front_writer, SET_LOG_FD)?;
+                }
                 continue;
             }
             SEND_RARP => {
