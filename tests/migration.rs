@@ -205,7 +205,7 @@ fn send_rarp_announces_the_migrated_guest_on_the_tap() {
     let frame = common::capture(&cap, common::TIMEOUT, |f| {
         f.len() >= 14 && f[12..14] == [0x80, 0x35]
     })
-    .expect("a RARP frame on the tap");
+    .unwrap_or_else(|| panic!("no RARP frame on the tap: {}", d.log()));
     assert_eq!(&frame[..6], &[0xff; 6], "broadcast");
     assert_eq!(&frame[6..12], &mac, "from the guest's MAC");
     assert_eq!(&frame[20..22], &[0, 3], "a reverse request");
@@ -227,4 +227,29 @@ fn set_log_fd_is_accepted_and_the_connection_goes_on() {
 
     // The crate never saw the message it has no handler for.
     fe.fe.get_features().expect("still served");
+}
+
+#[test]
+#[ignore = "needs root and /dev/net/tun (CI runs it)"]
+fn a_used_ring_with_its_own_log_address_is_logged_there_too() {
+    let ns = Netns::new();
+    let (_d, mut fe) = setup(&ns, 0);
+    fe.share_dirty_log();
+    // The frontend wants TX's used ring logged at another guest page.
+    let log_at = common::GUEST_BASE + (150 << 20);
+    fe.set_used_log(1, Some(log_at));
+    fe.set_log_all(true);
+
+    traffic(&ns, &mut fe, 9000..9004);
+
+    let dirty = fe.dirty_pages();
+    assert!(
+        dirty.contains(&page(log_at)),
+        "the used ring's log address {log_at:#x} (page {:#x}) was not logged: {dirty:x?}",
+        page(log_at)
+    );
+    assert!(
+        used_ring_pages(&fe, 1).is_subset(&dirty),
+        "and the ring itself still is"
+    );
 }

@@ -212,6 +212,29 @@ impl TestFrontend {
         self.fe.set_vring_call(q, &vq.call).expect("SET_VRING_CALL");
     }
 
+    /// Sets ring `q`'s addresses again, asking (`VHOST_VRING_F_LOG`) for
+    /// its used ring to be logged at guest address `log` during a migration
+    /// (`None`: no separate log address).
+    pub fn set_used_log(&mut self, q: usize, log: Option<u64>) {
+        let vq = &self.vqs[q];
+        let host = |a: GuestAddress| {
+            self.mem
+                .get_host_address(a)
+                .expect("ring address in memory") as u64
+        };
+        let size = vq.ring.size();
+        let cfg = VringConfigData {
+            queue_max_size: size,
+            queue_size: size,
+            flags: u32::from(log.is_some()),
+            desc_table_addr: host(vq.ring.desc_addr()),
+            used_ring_addr: host(vq.ring.used_addr()),
+            avail_ring_addr: host(vq.ring.avail_addr()),
+            log_addr: log,
+        };
+        self.fe.set_vring_addr(q, &cfg).expect("SET_VRING_ADDR");
+    }
+
     /// SET_LOG_FD written by hand (vhost's Frontend has no call for it): the
     /// log-update eventfd `fd` attached, with NEED_REPLY; returns once the
     /// daemon acknowledged it.

@@ -154,6 +154,10 @@ pub struct NetBackend {
     tap_ctl: Arc<dyn TapControl>,
     stats: Arc<Stats>,
     acked_features: AtomicU64,
+    /// The virtio-net header length the tap is set to (12 as opened; what
+    /// SET_FEATURES applied since): frames the daemon writes itself (a
+    /// RARP announce) carry one of this length, whatever raced in.
+    tap_hdr_len: std::sync::atomic::AtomicUsize,
     /// The connection's guest memory, whose regions log writes while the
     /// frontend acks `VHOST_F_LOG_ALL` (a migration in progress).
     mem: Mutex<Option<GuestMemoryAtomic<GuestMem>>>,
@@ -222,6 +226,7 @@ impl NetBackend {
             tap_ctl,
             stats,
             acked_features: AtomicU64::new(0),
+            tap_hdr_len: std::sync::atomic::AtomicUsize::new(crate::VNET_HDR_LEN),
             mem: Mutex::default(),
             abandoned_fds: Mutex::default(),
             worker_filter,
@@ -343,12 +348,21 @@ impl NetBackend {
         }
     }
 
+    /// Where ring `queue`'s used ring is to be logged during a migration
+    /// (`log_guest_addr`), if the frontend gave one.
+    pub fn vring_log_addr(&self, queue: usize, log: Option<u64>) {
+        if queue / 2 < self.pairs.len() {
+            self.pair(queue / 2)
+                .set_used_log(queue % 2, log.map(vm_memory::GuestAddress));
+        }
+    }
+
     /// Announces that the guest with `mac` is now behind this tap (after a
     /// live migration, SEND_RARP): one RARP request from `mac`, as QEMU's
     /// own announce does, written into the tap so the switches and bridges
     /// on the host side learn where the MAC went.
     pub fn announce(&self, mac: [u8; 6]) -> io::Result<()> {
-        let hdr_len = crate::vnet_hdr_len(self.acked_features());
+        let hdr_len = self.tap_hdr_len.load(Ordering::Relaxed);
         let mut frame = vec![0u8; hdr_len];
         frame.extend_from_slice(&rarp_frame(mac));
         let pair = self.pair(0);
@@ -417,7 +431,11 @@ impl VhostUserBackend for NetBackend {
             return;
         }
         let framing = tap::Framing::from_features(features);
-        if let Err(e) = self.tap_ctl.apply(framing) {
+        let applied = self.tap_ctl.apply(framing);
+        if applied.is_ok() {
+            self.tap_hdr_len.store(framing.hdr_len, Ordering::Relaxed);
+        }
+        if let Err(e) = applied {
             // The header length is what a misframed frame would get wrong:
             // say so, the ring's frames will not make sense to the guest.
             log::error!(

@@ -71,6 +71,10 @@ pub trait Hooks: Send + Sync {
     fn num_queues(&self) -> usize;
     /// The daemon's connections, whose log budget the relay's lines use.
     fn connections(&self) -> &crate::stats::connections::Connections;
+    /// The frontend asked (`SET_VRING_ADDR` with `VHOST_VRING_F_LOG`) for
+    /// ring `queue`'s used ring to be logged at guest address `log`, or not
+    /// at all (`None`).
+    fn vring_log_addr(&self, queue: usize, log: Option<u64>);
     /// The guest with MAC `mac` arrived here by live migration
     /// (`SEND_RARP`): announce it on the tap.
     fn announce(&self, mac: [u8; 6]);
@@ -287,6 +291,9 @@ fn forward_requests(
             SET_VRING_NUM | SET_VRING_ADDR | SET_VRING_BASE => {
                 if let Some(q) = msg.payload_u32(0) {
                     hooks.vring_reset(q as usize);
+                    if msg.request() == SET_VRING_ADDR {
+                        hooks.vring_log_addr(q as usize, used_log_addr(&msg));
+                    }
                 }
             }
             SET_VRING_ENABLE => {
@@ -353,6 +360,18 @@ fn forward_requests(
         }
     }
     Ok(())
+}
+
+/// `VHOST_VRING_F_LOG` in `SET_VRING_ADDR`'s flags.
+const VRING_F_LOG: u32 = 0x1;
+
+/// The used ring's log address in a `SET_VRING_ADDR` (`struct
+/// vhost_vring_addr`: index, flags, then four u64: descriptor, used and
+/// avail ring addresses, and `log_guest_addr`), if its flags ask for one.
+fn used_log_addr(msg: &Message) -> Option<u64> {
+    let flags = msg.payload_u32(1)?;
+    let log = msg.payload.get(32..40)?;
+    (flags & VRING_F_LOG != 0).then(|| u64::from_le_bytes(log.try_into().expect("8 bytes")))
 }
 
 /// Sends a successful REPLY_ACK for `request` to the frontend.

@@ -491,6 +491,10 @@ impl relay::Hooks for NetBackend {
         &self.stats().connections
     }
 
+    fn vring_log_addr(&self, queue: usize, log: Option<u64>) {
+        NetBackend::vring_log_addr(self, queue, log);
+    }
+
     fn announce(&self, mac: [u8; 6]) {
         if let Err(e) = NetBackend::announce(self, mac) {
             log::warn!("cannot announce the migrated guest on the tap: {e}");

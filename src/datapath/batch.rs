@@ -80,6 +80,9 @@ pub struct Batch<'q> {
     started: Instant,
     /// The frontend logs dirty pages (a migration in progress).
     logging: bool,
+    /// Where the used ring is logged when that is not its own address
+    /// (`VHOST_VRING_F_LOG` with another `log_guest_addr`).
+    used_log: Option<GuestAddress>,
 }
 
 impl<'q> Batch<'q> {
@@ -110,12 +113,33 @@ impl<'q> Batch<'q> {
             queue_index,
             started: Instant::now(),
             logging: crate::datapath::dirty::logging(mem),
+            used_log: None,
         })
+    }
+
+    /// Also logs the used ring's writes at `at` (the frontend's
+    /// `log_guest_addr`), when it is not the ring's own address.
+    pub fn log_used_at(&mut self, at: Option<GuestAddress>) {
+        self.used_log = at.filter(|a| a.0 != self.queue.used_ring());
     }
 
     /// The guest memory this batch works on.
     pub fn mem(&self) -> &'q GuestMem {
         self.mem
+    }
+
+    /// Logs the used ring's `completed` new entries and its index at `log`
+    /// (vm-memory logged them at the ring's own address as they were
+    /// written).
+    fn log_used_elsewhere(&self, log: GuestAddress, completed: u16) {
+        let size = self.queue.size();
+        let mut slot = self.old_used.0 % size;
+        for _ in 0..completed {
+            let at = log.0 + USED_RING_HEADER + u64::from(slot) * USED_ELEM_SIZE;
+            crate::datapath::dirty::mark(self.mem, GuestAddress(at), 8);
+            slot = (slot + 1) % size;
+        }
+        crate::datapath::dirty::mark(self.mem, GuestAddress(log.0 + 2), 2);
     }
 
     /// Whether writes that bypass vm-memory must be logged by hand
@@ -243,6 +267,9 @@ impl<'q> Batch<'q> {
                 .map_err(|_| RingError::UsedRing(idx_at))?;
             self.queue.set_next_used(self.next_used.0);
             self.stats.record_batch(self.frames);
+            if let (true, Some(log)) = (self.logging, self.used_log) {
+                self.log_used_elsewhere(log, completed);
+            }
         }
         let now = Instant::now();
         let verdict = coalescer.after_batch(

@@ -162,6 +162,18 @@ pub fn set_logging(mem: &GuestMemoryMmap<DirtyLog>, on: bool) {
 }
 
 /// Whether writes into `mem` are logged now (asked once per batch).
+/// Logs `len` bytes at guest address `at` as written (for writes the
+/// device makes to one place and must log at another: a used ring whose
+/// frontend gave it a separate `log_guest_addr`). Within one region;
+/// nothing outside guest memory is touched.
+pub fn mark(mem: &GuestMemoryMmap<DirtyLog>, at: vm_memory::GuestAddress, len: usize) {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    if let Some((region, offset)) = mem.to_region_addr(at) {
+        let offset = usize::try_from(offset.0).expect("a region offset fits usize");
+        region.bitmap().mark_dirty(offset, len);
+    }
+}
+
 pub fn logging(mem: &GuestMemoryMmap<DirtyLog>) -> bool {
     mem.iter().any(|r| region_log(r).is_on())
 }

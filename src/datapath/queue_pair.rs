@@ -127,6 +127,8 @@ struct RingState {
     coalescer: Coalescer,
     /// The deadline the ring's timer is armed for.
     timer_deadline: Option<Instant>,
+    /// Where the frontend wants the used ring logged (`log_guest_addr`).
+    used_log: Option<vm_memory::GuestAddress>,
 }
 
 /// State that lives for one frontend connection.
@@ -327,6 +329,7 @@ impl QueuePair {
             watching: false,
             coalescer: Coalescer::new(dir.policy),
             timer_deadline: None,
+            used_log: None,
         };
         self.conn = Some(Connection {
             mem,
@@ -360,6 +363,14 @@ impl QueuePair {
         self.ring_stopped(ring);
         if let Some(r) = self.conn.as_mut().and_then(|c| c.rings.get_mut(ring)) {
             r.broken = false;
+        }
+    }
+
+    /// The frontend wants ring `ring`'s used ring logged at `log` during a
+    /// migration (`SET_VRING_ADDR` with `VHOST_VRING_F_LOG`).
+    pub fn set_used_log(&mut self, ring: usize, log: Option<vm_memory::GuestAddress>) {
+        if let Some(r) = self.conn.as_mut().and_then(|c| c.rings.get_mut(ring)) {
+            r.used_log = log;
         }
     }
 
@@ -451,11 +462,13 @@ impl QueuePair {
         }
         let queue_index = 2 * self.index + ring;
         let stats = &self.stats.queues[queue_index];
+        let used_log = conn.rings[ring].used_log;
         let coalescer = &mut conn.rings[ring].coalescer;
         let (dir, rx, params) = (&mut self.dirs[ring], &mut self.rx, self.rx_params);
         let tap = (!self.tap_gone).then_some(&self.tap);
         let result =
             Batch::begin(state.get_queue_mut(), &mem, stats, queue_index).and_then(|mut batch| {
+                batch.log_used_at(used_log);
                 let end = match ring {
                     RX => {
                         let tap = tap.expect("RX does not run while the tap is gone");
