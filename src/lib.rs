@@ -40,6 +40,7 @@
 //! | [`host::capabilities`] | which privileges the running daemon keeps |
 //! | [`stats`] | what is counted |
 //! | [`stats::format`] | the counters as text: Prometheus, its parser, the `stats` table |
+//! | [`stats::connections`] | how many frontends came, and how much of their logging a flood may cost |
 //! | [`stats::client`] | the `stats` command: a running daemon's counters |
 
 #![deny(unsafe_op_in_unsafe_fn)]
