@@ -253,3 +253,37 @@ fn a_used_ring_with_its_own_log_address_is_logged_there_too() {
         "and the ring itself still is"
     );
 }
+
+#[test]
+#[ignore = "needs root and /dev/net/tun (CI runs it)"]
+fn a_memory_region_the_frontend_adds_during_a_migration_is_logged_too() {
+    use vhost::vhost_user::VhostUserFrontend;
+    use vm_memory::GuestMemoryBackend;
+    let ns = Netns::new();
+    let (_d, mut fe) = setup(&ns, 0);
+    fe.share_dirty_log();
+    fe.set_log_all(true);
+    // QEMU changes the memory map while it migrates: the region goes and
+    // comes back (a new region for the daemon, made without a log), then
+    // the rings are set up again.
+    let region = fe
+        .mem
+        .find_region(vm_memory::GuestAddress(common::GUEST_BASE))
+        .expect("region");
+    let info = vhost::VhostUserMemoryRegionInfo::from_guest_region(region).expect("info");
+    fe.fe.remove_mem_region(&info).expect("REM_MEM_REG");
+    fe.fe.add_mem_region(&info).expect("ADD_MEM_REG");
+    for q in 0..2 {
+        fe.restart_vring(q);
+    }
+    fe.clear_dirty_log();
+
+    let rx_pages = traffic(&ns, &mut fe, 9000..9004);
+
+    let dirty = fe.dirty_pages();
+    let missing: Vec<_> = rx_pages.difference(&dirty).collect();
+    assert!(
+        missing.is_empty(),
+        "RX pages in the re-added region not logged: {missing:x?}"
+    );
+}

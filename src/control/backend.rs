@@ -258,6 +258,8 @@ impl NetBackend {
         listeners: Vec<Arc<dyn Listeners>>,
     ) -> io::Result<()> {
         self.acked_features.store(0, Ordering::Relaxed);
+        // The previous frontend's dirty log is not this one's.
+        dirty::forget_log();
         *self.mem_slot() = Some(mem.clone());
         for (i, l) in listeners.into_iter().enumerate().take(self.pairs.len()) {
             self.pair(i).connect(mem.clone(), l)?;
@@ -487,10 +489,7 @@ impl VhostUserBackend for NetBackend {
     /// disabled, so the tap queues are detached until enabled again.
     fn reset_device(&self) {
         for i in 0..self.pairs.len() {
-            let mut pair = self.pair(i);
-            pair.ring_stopped(0);
-            pair.ring_stopped(1);
-            pair.set_tap_attached(false);
+            self.pair(i).reset_device();
         }
     }
 
@@ -506,8 +505,14 @@ impl VhostUserBackend for NetBackend {
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMem>) -> io::Result<()> {
         // The pairs hold the same GuestMemoryAtomic, which the framework has
         // already updated; each batch takes a fresh snapshot of it. New
-        // regions log as the old ones did.
-        dirty::set_logging(&mem.memory(), self.acked_features() & VHOST_F_LOG_ALL != 0);
+        // regions get their part of the log and log as the old ones did;
+        // no batch still runs on a snapshot taken before (the pair locks).
+        let snapshot = mem.memory();
+        dirty::attach_log(&snapshot);
+        dirty::set_logging(&snapshot, self.acked_features() & VHOST_F_LOG_ALL != 0);
+        for i in 0..self.pairs.len() {
+            drop(self.pair(i));
+        }
         Ok(())
     }
 

@@ -128,9 +128,11 @@ impl<'q> Batch<'q> {
         self.mem
     }
 
-    /// Logs the used ring's `completed` new entries and its index at `log`
-    /// (vm-memory logged them at the ring's own address as they were
-    /// written).
+    /// Logs what this batch may have written into the used ring at `log`
+    /// too (vm-memory logged it at the ring's own address): the `completed`
+    /// new entries, and the flags, `used.idx` and `avail_event` fields,
+    /// which kick suppression and publishing write (marking an unchanged
+    /// field costs one more page sent, never a lost one).
     fn log_used_elsewhere(&self, log: GuestAddress, completed: u16) {
         let size = self.queue.size();
         let mut slot = self.old_used.0 % size;
@@ -139,7 +141,10 @@ impl<'q> Batch<'q> {
             crate::datapath::dirty::mark(self.mem, GuestAddress(at), 8);
             slot = (slot + 1) % size;
         }
-        crate::datapath::dirty::mark(self.mem, GuestAddress(log.0 + 2), 2);
+        // flags and idx, then avail_event after the ring's entries.
+        crate::datapath::dirty::mark(self.mem, log, 4);
+        let avail_event = log.0 + USED_RING_HEADER + u64::from(size) * USED_ELEM_SIZE;
+        crate::datapath::dirty::mark(self.mem, GuestAddress(avail_event), 2);
     }
 
     /// Whether writes that bypass vm-memory must be logged by hand
@@ -267,9 +272,9 @@ impl<'q> Batch<'q> {
                 .map_err(|_| RingError::UsedRing(idx_at))?;
             self.queue.set_next_used(self.next_used.0);
             self.stats.record_batch(self.frames);
-            if let (true, Some(log)) = (self.logging, self.used_log) {
-                self.log_used_elsewhere(log, completed);
-            }
+        }
+        if let (true, Some(log)) = (self.logging, self.used_log) {
+            self.log_used_elsewhere(log, completed);
         }
         let now = Instant::now();
         let verdict = coalescer.after_batch(

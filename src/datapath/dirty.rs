@@ -140,12 +140,61 @@ impl NewBitmap for DirtyLog {
     }
 }
 
+/// The log the frontend shared last (each SET_LOG_BASE hands every region
+/// its part of it through [`BitmapReplace::replace`]). Regions the crate
+/// creates afterwards (SET_MEM_TABLE or ADD_MEM_REG during a migration;
+/// QEMU resizes the log before it changes the memory table) start without
+/// one: [`attach_log`] gives them theirs. A process serves one frontend
+/// connection at a time; [`forget_log`] clears it for the next.
+static LATEST_LOG: RwLock<Option<Arc<MmapLogReg>>> = RwLock::new(None);
+
 impl BitmapReplace for DirtyLog {
     type InnerBitmap = RegionLog;
 
     fn replace(&self, log: RegionLog) {
+        *LATEST_LOG.write().unwrap_or_else(PoisonError::into_inner) = Some(log.log.clone());
         *self.0.log.write().unwrap_or_else(PoisonError::into_inner) = Some(log);
     }
+}
+
+/// Gives every region of `mem` that has no log yet its part of the log the
+/// frontend shared last, if any.
+pub fn attach_log(mem: &GuestMemoryMmap<DirtyLog>) {
+    let Some(log) = LATEST_LOG
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone()
+    else {
+        return;
+    };
+    for region in mem.iter() {
+        let bitmap = region_log(region);
+        let missing = bitmap
+            .0
+            .log
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_none();
+        if !missing {
+            continue;
+        }
+        match RegionLog::new(region, log.clone()) {
+            Ok(part) => {
+                *bitmap.0.log.write().unwrap_or_else(PoisonError::into_inner) = Some(part);
+            }
+            // A log too small for the region: the frontend resizes it and
+            // sends SET_LOG_BASE again, which gives this region its part.
+            Err(e) => log::warn!(
+                "guest memory at {:#x} has no dirty log yet: {e}",
+                region.start_addr().raw_value()
+            ),
+        }
+    }
+}
+
+/// Forgets the last shared log (a new frontend connection).
+pub fn forget_log() {
+    *LATEST_LOG.write().unwrap_or_else(PoisonError::into_inner) = None;
 }
 
 /// The log of one region of the daemon's guest memory.

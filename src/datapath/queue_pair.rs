@@ -347,13 +347,21 @@ impl QueuePair {
     /// frames for nobody. The connection's epoll is being torn down with it,
     /// so nothing needs unregistering.
     pub fn disconnect(&mut self) {
+        self.reset_device();
+        self.conn = None;
+    }
+
+    /// The device is reset (RESET_DEVICE, or the frontend went away): held
+    /// interrupts are signalled, a frame held for the guest's RX buffers is
+    /// dropped (and counted: the re-initialised driver must not get it),
+    /// and the tap queue is detached until a ring is enabled again.
+    pub fn reset_device(&mut self) {
         for ring in [RX, TX] {
             self.ring_stopped(ring);
         }
         self.rx
             .bounce
             .drop_held(&self.stats.queues[2 * self.index + RX]);
-        self.conn = None;
         self.set_tap_attached(false);
     }
 

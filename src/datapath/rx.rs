@@ -151,6 +151,10 @@ enum Fill {
     Short { can_grow: bool },
     /// The guest has posted no buffers.
     Empty,
+    /// A chain the guest got wrong was returned with length 0: one step
+    /// of the batch's budget, like a frame (a guest re-posting bad chains
+    /// must not keep the worker in one batch).
+    Refused,
 }
 
 /// Buffers popped for RX in the current batch, the iovecs covering them,
@@ -241,8 +245,8 @@ impl RxBuffers<'_, '_, '_> {
                 }
                 Err(e) => {
                     self.flush_unused(batch)?;
-                    capacity = 0;
                     batch.complete_bad(head, &e)?;
+                    return Ok(Fill::Refused);
                 }
             }
         }
@@ -307,6 +311,7 @@ impl RxBuffers<'_, '_, '_> {
         };
         match fill {
             Fill::Ready => {}
+            Fill::Refused => return Ok(Step::Progress),
             Fill::Empty | Fill::Short { can_grow: true } => return Ok(Step::RingEmpty),
             Fill::Short { can_grow: false } => {
                 // Every buffer the guest can post is here, and the frame
@@ -383,6 +388,7 @@ pub fn step(
     }
     let can_grow = match buffers.fill(batch, params.max_frame, params.mergeable, params.hdr_len)? {
         Fill::Empty => return Ok(Step::RingEmpty),
+        Fill::Refused => return Ok(Step::Progress),
         Fill::Ready => true,
         Fill::Short { can_grow } => can_grow,
     };

@@ -570,3 +570,42 @@ fn legacy_10_byte_header_leaves_the_frame_after_it_untouched() {
     assert_eq!(got, frame, "no num_buffers written into the frame");
     assert_eq!(stats.bytes.get(), 60);
 }
+
+#[test]
+fn bad_chains_count_toward_the_budget_so_a_guest_cannot_hold_the_worker() {
+    // 200 chains the device may not write into (wrong direction): each is
+    // returned with length 0, but one batch may not take more than its
+    // budget of them, or a guest re-posting bad chains would keep the
+    // worker (and the locks it holds) in one batch for ever.
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 256, true);
+    for i in 0..200 {
+        let b = Buf {
+            addr: buf_addr(i, 2048),
+            len: 2048,
+            device_writes: false,
+        };
+        let head = r.add_chain(&mem, &[b]).unwrap();
+        r.push_avail(&mem, head);
+    }
+    r.publish(&mem);
+    let (tap, _peer) = tap_pair();
+    let stats = QueueStats::default();
+    let mut buf = IoVecBuf::default();
+    let mut iovecs = buf.bind(&mem);
+    let mut chains = Vec::new();
+    let mut bounce = Bounce::default();
+    let mut buffers = RxBuffers {
+        chains: &mut chains,
+        iovecs: &mut iovecs,
+        bounce: &mut bounce,
+    };
+    let mut batch = Batch::begin(&mut q, &mem, &stats, 0).unwrap();
+
+    let end = batch
+        .drain(64, |b| step(b, &mut buffers, &tap, SMALL))
+        .unwrap();
+
+    assert_eq!(end, End::BudgetSpent);
+    assert_eq!(stats.bad_chains.get(), 64);
+}
