@@ -265,6 +265,9 @@ fn every_kind_of_broken_chain_is_returned_and_counted_while_the_other_pair_moves
 
     let used = fe.wait_used(1, hostile.len());
     assert!(used.iter().all(|u| u.len == 0), "{used:?}");
+    // Pair 1's frame completed: counters are updated before the used index
+    // is published, so they are settled once its entry is seen.
+    fe.wait_used(3, 1);
     assert!(
         capture(&cap, common::TIMEOUT, |f| has_marker(f, 77)).is_some(),
         "pair 1 moves: {}",

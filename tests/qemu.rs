@@ -344,17 +344,30 @@ fn transfer_host_to_guest(ns: &Netns, g: &mut Guest, mib: usize, port: u16) {
         SHORT,
     );
     let start = Instant::now();
-    let status = in_ns(
-        ns,
-        &[
-            "socat",
-            "-u",
-            &format!("OPEN:{}", tx.display()),
-            &format!("TCP:{GUEST_IP}:{port},retry=20,interval=0.5"),
-        ],
-    )
-    .status()
-    .expect("socat source");
+    let mut socat = Proc(
+        in_ns(
+            ns,
+            &[
+                "socat",
+                "-u",
+                &format!("OPEN:{}", tx.display()),
+                &format!("TCP:{GUEST_IP}:{port},retry=20,interval=0.5"),
+            ],
+        )
+        .spawn()
+        .expect("socat source"),
+    );
+    // Bounded: a guest whose RX died must fail the test, not hang it.
+    let status = loop {
+        if let Some(status) = socat.0.try_wait().expect("socat") {
+            break status;
+        }
+        assert!(
+            start.elapsed() < LONG,
+            "the transfer into the guest stalled ({mib} MiB)"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert!(status.success(), "socat to the guest failed");
     g.ok(
         "while kill -0 $(cat /tmp/nc.pid) 2>/dev/null; do sleep 0.2; done",
@@ -883,7 +896,19 @@ fn qemu10_guest_migrates_between_two_daemons_on_one_tap_three_times() {
         src = dst;
         g = src.take_guest();
         if i == 1 {
-            let status = sender.0.wait().expect("socat");
+            // Bounded: a guest whose RX died after the migration must fail
+            // the test, not hang it.
+            let deadline = Instant::now() + LONG;
+            let status = loop {
+                if let Some(status) = sender.0.try_wait().expect("socat") {
+                    break status;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the transfer into the guest stalled after migration {i}"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            };
             assert!(status.success(), "socat to the guest failed");
             let sum = g.ok(
                 "while [ ! -s /tmp/rx.md5 ]; do sleep 0.2; done; cat /tmp/rx.md5",

@@ -171,6 +171,10 @@ impl TestFrontend {
         for q in 0..num_queues {
             t.setup_vring(q);
         }
+        // A round trip: the daemon handles requests in order, so once this
+        // is answered it has taken the whole setup (the calls above do not
+        // all wait for a reply), and a test starts from a settled device.
+        t.fe.get_features().expect("GET_FEATURES");
         t
     }
 

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, MutexGuard};
 
 use vhost_user_backend::{VringMutex, VringState, VringStateGuard, VringStateMutGuard, VringT};
-use virtio_queue::Error as QueueError;
+use virtio_queue::{Error as QueueError, QueueT};
 use vm_memory::GuestMemoryAtomic;
 
 use crate::datapath::guest::GuestMem;
@@ -153,14 +153,26 @@ impl VringT<Mem> for TrackedVring {
         Ok(state.is_enabled())
     }
 
-    /// Stores the call fd, then sends an interrupt owed since the ring
-    /// lost its previous one ([`TrackedVring::signal`]).
+    /// Stores the call fd, then sends one interrupt through it if one is
+    /// owed ([`TrackedVring::signal`]) or the ring has a past (its used
+    /// index is not 0). The second case is QEMU starting a ring on a new
+    /// connection (a migration's destination, a restarted daemon): the
+    /// call fd is first its masked notifier, whose pending events it
+    /// discards before it sends the guest's own fd, so the restart signal
+    /// may have gone there. A spurious interrupt is harmless; a lost one
+    /// leaves a guest waiting on an old `used_event` for good.
     fn set_call(&self, file: Option<File>) {
         let present = file.is_some();
         self.inner.set_call(file);
-        if present && self.owed.swap(false, Ordering::AcqRel) {
+        if !present {
+            return;
+        }
+        let owed = self.owed.swap(false, Ordering::AcqRel);
+        let ready = self.inner.get_ref().get_queue().ready();
+        let has_past = ready && self.inner.queue_used_idx().is_ok_and(|i| i != 0);
+        if owed || has_past {
             if let Err(e) = self.inner.signal_used_queue() {
-                log::warn!("cannot send an owed interrupt: {e}");
+                log::warn!("cannot signal through the new call fd: {e}");
             }
         }
     }

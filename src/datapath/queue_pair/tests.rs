@@ -140,3 +140,45 @@ fn interrupt_decided_before_the_frontend_gives_the_call_fd_is_sent_when_it_does(
         "the owed interrupt is sent with the call fd"
     );
 }
+
+#[test]
+fn a_new_call_fd_on_a_ring_with_a_past_gets_an_interrupt() {
+    // QEMU starting a ring on a new connection (a migration's destination,
+    // a restarted daemon): the call fd is its masked notifier until it
+    // sends the guest's; it discards what the masked notifier got in
+    // between. The restart signal may land there, so the guest's own fd
+    // gets one too.
+    let mut w = World::new(256, [Policy::Immediate; 2]);
+    w.transmit(3);
+    let _ = w.interrupts(1);
+    w.rings[1].set_used_event(&w.mem, 1);
+    w.pair.ring_reset(1);
+    w.kick(1);
+    assert!(w.step(1000));
+    assert_eq!(
+        w.interrupts(1),
+        1,
+        "the restart signal, on the masked notifier"
+    );
+
+    let guest =
+        nix::sys::eventfd::EventFd::from_flags(nix::sys::eventfd::EfdFlags::EFD_NONBLOCK).unwrap();
+    let file = std::fs::File::from(guest.as_fd().try_clone_to_owned().unwrap());
+    w.vrings[1].set_call(Some(file));
+
+    assert_eq!(guest.read().unwrap_or(0), 1, "the guest's fd got one too");
+}
+
+#[test]
+fn a_call_fd_on_a_ring_without_a_past_sends_nothing() {
+    let w = World::new(256, [Policy::Immediate; 2]);
+    let guest =
+        nix::sys::eventfd::EventFd::from_flags(nix::sys::eventfd::EfdFlags::EFD_NONBLOCK).unwrap();
+    let file = std::fs::File::from(guest.as_fd().try_clone_to_owned().unwrap());
+    w.vrings[1].set_call(Some(file));
+
+    assert!(
+        guest.read().is_err(),
+        "nothing to tell a fresh ring's guest"
+    );
+}
