@@ -10,6 +10,7 @@
 //! (as root, what CI runs) runs them.
 
 use vhost_user_net_harness as common;
+use vhost_user_net_harness::frames::send_flows;
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -23,16 +24,6 @@ use vhost_user_net::control::config::default_mac;
 /// by the tap's `readv` (a header's page also gets `num_buffers`, written
 /// through vm-memory, which logs it by itself).
 const RX_BUF: u32 = 6000;
-
-/// Sends one 1400-byte UDP datagram from the namespace to the "guest" per
-/// port.
-fn send_flows(ns: &Netns, ports: std::ops::Range<u16>) {
-    let sock = ns.udp_socket();
-    for port in ports {
-        sock.send_to(&[0x42; 1400], ("198.18.0.2", port))
-            .expect("udp send");
-    }
-}
 
 /// `VIRTIO_RING_F_EVENT_IDX`.
 const EVENT_IDX: u64 = 1 << 29;
@@ -64,7 +55,7 @@ fn used_ring_pages(fe: &TestFrontend, q: usize) -> BTreeSet<u64> {
 /// from the guest); returns the pages of the RX buffers the frames filled.
 fn traffic(ns: &Netns, fe: &mut TestFrontend, ports: std::ops::Range<u16>) -> BTreeSet<u64> {
     let n = ports.len();
-    send_flows(ns, ports);
+    send_flows(ns, ports, 1400);
     let used = fe.wait_used(0, n);
     for i in 0..n {
         fe.send(
@@ -159,7 +150,7 @@ fn after_stop_nothing_is_written(drop: u64) {
     // The guest still posts and sends, the namespace still sends.
     fe.post_rx(0, 16, RX_BUF);
     let avail_written = fe.snapshot();
-    send_flows(&ns, 9004..9012);
+    send_flows(&ns, 9004..9012, 1400);
     for i in 0..4 {
         fe.send(0, &common::eth_frame([2, 0, 0, 0, 0, 1], &[i; 60]));
     }

@@ -40,6 +40,21 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 /// A host process killed (by PID) on drop.
 struct Proc(Child);
 
+impl Proc {
+    /// Waits for the process to exit, at most `limit` (a stalled transfer
+    /// must fail the test, not hang it); panics with `what` after that.
+    fn wait_within(&mut self, limit: Duration, what: &str) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.0.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -190,11 +205,7 @@ impl BackgroundPing {
     fn finish(mut self) -> PingResult {
         let pid = Pid::from_raw(i32::try_from(self.proc.0.id()).expect("pid"));
         kill(pid, Signal::SIGINT).expect("SIGINT to ping");
-        let deadline = Instant::now() + SHORT;
-        while self.proc.0.try_wait().expect("wait").is_none() {
-            assert!(Instant::now() < deadline, "ping ignored SIGINT");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.proc.wait_within(SHORT, "ping ignored SIGINT");
         let text = std::fs::read_to_string(&self.output).expect("ping output");
         let summary = text
             .lines()
@@ -314,11 +325,7 @@ fn transfer_guest_to_host(ns: &Netns, g: &mut Guest, mib: usize, cpu_mask: u32, 
         LONG,
     );
     let mut sink = sink;
-    let deadline = Instant::now() + SHORT;
-    while sink.0.try_wait().expect("wait").is_none() {
-        assert!(Instant::now() < deadline, "socat sink never finished");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    sink.wait_within(SHORT, "socat sink never finished");
     eprintln!("guest -> host {mib} MiB in {:.1?}", start.elapsed());
     g.ok("rm -f /tmp/tx", SHORT);
     assert_eq!(
@@ -357,17 +364,10 @@ fn transfer_host_to_guest(ns: &Netns, g: &mut Guest, mib: usize, port: u16) {
         .spawn()
         .expect("socat source"),
     );
-    // Bounded: a guest whose RX died must fail the test, not hang it.
-    let status = loop {
-        if let Some(status) = socat.0.try_wait().expect("socat") {
-            break status;
-        }
-        assert!(
-            start.elapsed() < LONG,
-            "the transfer into the guest stalled ({mib} MiB)"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let status = socat.wait_within(
+        LONG,
+        &format!("the transfer into the guest stalled ({mib} MiB)"),
+    );
     assert!(status.success(), "socat to the guest failed");
     g.ok(
         "while kill -0 $(cat /tmp/nc.pid) 2>/dev/null; do sleep 0.2; done",
@@ -896,19 +896,10 @@ fn qemu10_guest_migrates_between_two_daemons_on_one_tap_three_times() {
         src = dst;
         g = src.take_guest();
         if i == 1 {
-            // Bounded: a guest whose RX died after the migration must fail
-            // the test, not hang it.
-            let deadline = Instant::now() + LONG;
-            let status = loop {
-                if let Some(status) = sender.0.try_wait().expect("socat") {
-                    break status;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "the transfer into the guest stalled after migration {i}"
-                );
-                std::thread::sleep(Duration::from_millis(100));
-            };
+            let status = sender.wait_within(
+                LONG,
+                &format!("the transfer into the guest stalled after migration {i}"),
+            );
             assert!(status.success(), "socat to the guest failed");
             let sum = g.ok(
                 "while [ ! -s /tmp/rx.md5 ]; do sleep 0.2; done; cat /tmp/rx.md5",

@@ -8,20 +8,12 @@
 //! `cargo test -- --include-ignored` (as root, what CI runs) runs them.
 
 use vhost_user_net_harness as common;
+use vhost_user_net_harness::frames::send_flows;
 
 use std::time::{Duration, Instant};
 
 use common::{Daemon, Netns, TestFrontend};
 use vhost_user_net::control::config::default_mac;
-
-/// Sends one UDP datagram from the namespace to the "guest" per port.
-fn send_flows(ns: &Netns, ports: std::ops::Range<u16>) {
-    let sock = ns.udp_socket();
-    for port in ports {
-        sock.send_to(&[0x42; 64], ("198.18.0.2", port))
-            .expect("udp send");
-    }
-}
 
 /// Waits up to `within` for an interrupt on queue `q`; returns how many.
 fn interrupts_within(fe: &TestFrontend, q: usize, within: Duration) -> u64 {
@@ -45,7 +37,7 @@ fn interrupt_held_by_the_policy_arrives_when_the_ring_is_stopped_and_restarted()
     let mut fe = TestFrontend::connect(&d.socket, 1, 256, 0);
     fe.post_rx(0, 64, 2048);
     // used_event stays 0: the guest asks to hear about the first entry.
-    send_flows(&ns, 9000..9003);
+    send_flows(&ns, 9000..9003, 64);
     fe.wait_used(0, 3);
     assert_eq!(fe.vqs[0].take_interrupts(), 0, "the policy holds it");
 
@@ -61,7 +53,7 @@ fn interrupt_held_by_the_policy_arrives_when_the_ring_is_stopped_and_restarted()
     let s = d.stats();
     assert!(s.get("interrupts_sent_total", 0) >= 1);
     // And RX goes on after the restart.
-    send_flows(&ns, 9003..9004);
+    send_flows(&ns, 9003..9004, 64);
     fe.wait_used(0, 1);
 }
 
@@ -80,7 +72,7 @@ fn a_daemon_without_a_frontend_takes_no_flows_from_one_sharing_its_tap() {
     let mut fe_a = TestFrontend::connect(&a.socket, 1, 256, 0);
     fe_a.post_rx(0, 128, 2048);
 
-    send_flows(&ns, 9000..9064);
+    send_flows(&ns, 9000..9064, 64);
 
     let used = fe_a.wait_used(0, 64);
     assert_eq!(used.len(), 64, "every flow reached the daemon in use");
@@ -96,7 +88,7 @@ fn a_daemon_without_a_frontend_takes_no_flows_from_one_sharing_its_tap() {
         (a.log().matches("pair 0: tap queue detached").count() >= 2).then_some(())
     });
 
-    send_flows(&ns, 10000..10064);
+    send_flows(&ns, 10000..10064, 64);
 
     let used = fe_b.wait_used(0, 64);
     assert_eq!(used.len(), 64, "every flow reached the daemon now in use");

@@ -64,6 +64,17 @@ pub fn send_udp_payload(ns: &Netns, port: u16, payload: &[u8]) {
         .expect("udp send");
 }
 
+/// Sends one UDP datagram of `len` bytes (0x42) from the namespace to the
+/// "guest" per port of `ports` (one flow each).
+pub fn send_flows(ns: &Netns, ports: std::ops::Range<u16>, len: usize) {
+    let sock = ns.udp_socket();
+    let payload = vec![0x42; len];
+    for port in ports {
+        sock.send_to(&payload, ("198.18.0.2", port))
+            .expect("udp send");
+    }
+}
+
 /// The RX ring's memory is still readable (keeps `fe` alive to the end).
 pub fn mem_check(fe: &TestFrontend) -> u8 {
     fe.mem

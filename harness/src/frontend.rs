@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
@@ -193,23 +193,11 @@ impl TestFrontend {
 
     /// Per-queue NUM, BASE (`base`), ADDR, KICK, CALL.
     pub fn setup_vring_at(&mut self, q: usize, base: u16) {
+        let cfg = self.vring_config(q, None);
         let vq = &self.vqs[q];
-        let host = |a: GuestAddress| {
-            self.mem
-                .get_host_address(a)
-                .expect("ring address in memory") as u64
-        };
-        let size = vq.ring.size();
-        let cfg = VringConfigData {
-            queue_max_size: size,
-            queue_size: size,
-            flags: 0,
-            desc_table_addr: host(vq.ring.desc_addr()),
-            used_ring_addr: host(vq.ring.used_addr()),
-            avail_ring_addr: host(vq.ring.avail_addr()),
-            log_addr: None,
-        };
-        self.fe.set_vring_num(q, size).expect("SET_VRING_NUM");
+        self.fe
+            .set_vring_num(q, cfg.queue_size)
+            .expect("SET_VRING_NUM");
         self.fe.set_vring_base(q, base).expect("SET_VRING_BASE");
         self.fe.set_vring_addr(q, &cfg).expect("SET_VRING_ADDR");
         self.fe.set_vring_kick(q, &vq.kick).expect("SET_VRING_KICK");
@@ -220,89 +208,80 @@ impl TestFrontend {
     /// its used ring to be logged at guest address `log` during a migration
     /// (`None`: no separate log address).
     pub fn set_used_log(&mut self, q: usize, log: Option<u64>) {
-        let vq = &self.vqs[q];
+        let cfg = self.vring_config(q, log);
+        self.fe.set_vring_addr(q, &cfg).expect("SET_VRING_ADDR");
+    }
+
+    /// Ring `q`'s SET_VRING_ADDR payload: the ring addresses as the
+    /// frontend's virtual addresses, and `log` with `VHOST_VRING_F_LOG`.
+    fn vring_config(&self, q: usize, log: Option<u64>) -> VringConfigData {
+        let ring = &self.vqs[q].ring;
         let host = |a: GuestAddress| {
             self.mem
                 .get_host_address(a)
                 .expect("ring address in memory") as u64
         };
-        let size = vq.ring.size();
-        let cfg = VringConfigData {
-            queue_max_size: size,
-            queue_size: size,
+        VringConfigData {
+            queue_max_size: ring.size(),
+            queue_size: ring.size(),
             flags: u32::from(log.is_some()),
-            desc_table_addr: host(vq.ring.desc_addr()),
-            used_ring_addr: host(vq.ring.used_addr()),
-            avail_ring_addr: host(vq.ring.avail_addr()),
+            desc_table_addr: host(ring.desc_addr()),
+            used_ring_addr: host(ring.used_addr()),
+            avail_ring_addr: host(ring.avail_addr()),
             log_addr: log,
-        };
-        self.fe.set_vring_addr(q, &cfg).expect("SET_VRING_ADDR");
+        }
     }
 
     /// SET_LOG_FD written by hand (vhost's Frontend has no call for it): the
     /// log-update eventfd `fd` attached, with NEED_REPLY; returns once the
     /// daemon acknowledged it.
     pub fn set_log_fd(&mut self, fd: std::os::fd::RawFd) {
-        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
-        use std::os::fd::AsRawFd;
-        let mut msg = Vec::new();
-        msg.extend_from_slice(&7u32.to_le_bytes()); // SET_LOG_FD
-        msg.extend_from_slice(&(0x1u32 | 0x8).to_le_bytes()); // version | NEED_REPLY
-        msg.extend_from_slice(&0u32.to_le_bytes());
-        let fds = [fd];
-        sendmsg::<()>(
-            self.raw.as_raw_fd(),
-            &[std::io::IoSlice::new(&msg)],
-            &[ControlMessage::ScmRights(&fds)],
-            MsgFlags::empty(),
-            None,
-        )
-        .expect("send SET_LOG_FD");
-        let mut reply = [0u8; 20];
-        self.raw.read_exact(&mut reply).expect("SET_LOG_FD reply");
-        assert_eq!(u32::from_le_bytes(reply[0..4].try_into().unwrap()), 7);
-        assert_eq!(
-            u64::from_le_bytes(reply[12..20].try_into().unwrap()),
-            0,
-            "NACK"
-        );
+        self.raw_request(7, &[], &[fd]); // SET_LOG_FD
     }
 
     /// SEND_RARP written by hand (vhost's Frontend has no call for it), with
     /// NEED_REPLY; returns once the daemon acknowledged it.
     pub fn send_rarp(&mut self, mac: [u8; 6]) {
-        let mut msg = Vec::new();
-        msg.extend_from_slice(&19u32.to_le_bytes()); // SEND_RARP
-        msg.extend_from_slice(&(0x1u32 | 0x8).to_le_bytes()); // version | NEED_REPLY
-        msg.extend_from_slice(&8u32.to_le_bytes());
-        msg.extend_from_slice(&mac);
-        msg.extend_from_slice(&[0, 0]);
-        self.raw.write_all(&msg).expect("send SEND_RARP");
-        let mut reply = [0u8; 20];
-        self.raw.read_exact(&mut reply).expect("SEND_RARP reply");
-        assert_eq!(u32::from_le_bytes(reply[0..4].try_into().unwrap()), 19);
-        assert_eq!(
-            u64::from_le_bytes(reply[12..20].try_into().unwrap()),
-            0,
-            "NACK"
-        );
+        let mut payload = mac.to_vec();
+        payload.extend_from_slice(&[0, 0]);
+        self.raw_request(19, &payload, &[]); // SEND_RARP
     }
 
     /// SET_VRING_ENABLE written by hand: vhost's Frontend refuses to send it
     /// before SET_FEATURES, but QEMU does exactly that.
     pub fn raw_vring_enable(&mut self, q: usize, enable: bool) {
+        let mut payload = u32::try_from(q).expect("small").to_le_bytes().to_vec();
+        payload.extend_from_slice(&u32::from(enable).to_le_bytes());
+        self.raw_request(18, &payload, &[]); // SET_VRING_ENABLE
+    }
+
+    /// Sends request `code` with `payload` (and `fds` attached) and
+    /// NEED_REPLY on the raw socket; returns once the daemon acknowledged
+    /// it with success.
+    fn raw_request(&mut self, code: u32, payload: &[u8], fds: &[std::os::fd::RawFd]) {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        use std::os::fd::AsRawFd;
         let mut msg = Vec::new();
-        msg.extend_from_slice(&18u32.to_le_bytes()); // SET_VRING_ENABLE
+        msg.extend_from_slice(&code.to_le_bytes());
         msg.extend_from_slice(&(0x1u32 | 0x8).to_le_bytes()); // version | NEED_REPLY
-        msg.extend_from_slice(&8u32.to_le_bytes());
-        msg.extend_from_slice(&u32::try_from(q).expect("small").to_le_bytes());
-        msg.extend_from_slice(&u32::from(enable).to_le_bytes());
-        self.raw.write_all(&msg).expect("send SET_VRING_ENABLE");
+        msg.extend_from_slice(&u32::try_from(payload.len()).expect("small").to_le_bytes());
+        msg.extend_from_slice(payload);
+        let rights = [ControlMessage::ScmRights(fds)];
+        let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &rights };
+        let sent = sendmsg::<()>(
+            self.raw.as_raw_fd(),
+            &[std::io::IoSlice::new(&msg)],
+            cmsgs,
+            MsgFlags::empty(),
+            None,
+        )
+        .unwrap_or_else(|e| panic!("send request {code}: {e}"));
+        assert_eq!(sent, msg.len(), "request {code} sent whole");
         let mut reply = [0u8; 20];
         self.raw
             .read_exact(&mut reply)
-            .expect("SET_VRING_ENABLE reply");
-        assert_eq!(u32::from_le_bytes(reply[0..4].try_into().unwrap()), 18);
+            .unwrap_or_else(|e| panic!("reply to request {code}: {e}"));
+        assert_eq!(u32::from_le_bytes(reply[0..4].try_into().unwrap()), code);
         assert_eq!(
             u64::from_le_bytes(reply[12..20].try_into().unwrap()),
             0,
