@@ -285,13 +285,16 @@ impl NetBackend {
     }
 
     /// Logs guest memory writes into the frontend's dirty log while the
-    /// acked `features` include `VHOST_F_LOG_ALL`, not otherwise. Returns
-    /// once no batch that started before runs: a batch asks once whether
-    /// to log its `readv`s, and the frontend counts on the log from its
-    /// SET_FEATURES reply on.
+    /// acked `features` include `VHOST_F_LOG_ALL`, not otherwise, in every
+    /// region of the current memory table (regions created since the last
+    /// SET_LOG_BASE get their part of the log first). Returns once no batch
+    /// that started before runs: a batch asks once whether to log its
+    /// `readv`s, and the frontend counts on the log from its reply on.
     fn apply_logging(&self, features: u64) {
         if let Some(mem) = self.mem_slot().as_ref() {
-            dirty::set_logging(&mem.memory(), features & VHOST_F_LOG_ALL != 0);
+            let snapshot = mem.memory();
+            dirty::attach_log(&snapshot);
+            dirty::set_logging(&snapshot, features & VHOST_F_LOG_ALL != 0);
         }
         for i in 0..self.pairs.len() {
             // A worker holds its pair's lock for a whole event.
@@ -502,17 +505,11 @@ impl VhostUserBackend for NetBackend {
             .collect()
     }
 
-    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMem>) -> io::Result<()> {
-        // The pairs hold the same GuestMemoryAtomic, which the framework has
-        // already updated; each batch takes a fresh snapshot of it. New
-        // regions get their part of the log and log as the old ones did;
-        // no batch still runs on a snapshot taken before (the pair locks).
-        let snapshot = mem.memory();
-        dirty::attach_log(&snapshot);
-        dirty::set_logging(&snapshot, self.acked_features() & VHOST_F_LOG_ALL != 0);
-        for i in 0..self.pairs.len() {
-            drop(self.pair(i));
-        }
+    fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMem>) -> io::Result<()> {
+        // The pairs (and `mem_slot`) hold this same GuestMemoryAtomic, which
+        // the framework has already updated; each batch takes a fresh
+        // snapshot of it. New regions log as the old ones did.
+        self.apply_logging(self.acked_features());
         Ok(())
     }
 

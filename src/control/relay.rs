@@ -304,9 +304,7 @@ fn forward_requests(
                     msg.write(back)?;
                     continue;
                 }
-                if msg.flags() & FLAG_NEED_REPLY != 0 && state.reply_ack {
-                    ack(front_writer, SET_VRING_ENABLE)?;
-                }
+                answer_here(&msg, &state, front_writer)?;
                 msg.set_flags(msg.flags() & !FLAG_NEED_REPLY);
                 let ring = msg.payload_u32(0).unwrap_or(u32::MAX);
                 log::debug!("relay: holding early SET_VRING_ENABLE for ring {ring}");
@@ -317,11 +315,8 @@ fn forward_requests(
                 // The log-update eventfd: vhost-user-backend has no handler
                 // (the connection would drop) and the daemon never changes
                 // the log behind the frontend's back, so it has nothing to
-                // signal: accept it, close it, answer here.
-                drop(std::mem::take(&mut msg.files));
-                if msg.flags() & FLAG_NEED_REPLY != 0 && state.reply_ack {
-                    ack(front_writer, SET_LOG_FD)?;
-                }
+                // signal: answer here; its fd closes with the message.
+                answer_here(&msg, &state, front_writer)?;
                 continue;
             }
             SEND_RARP => {
@@ -331,9 +326,7 @@ fn forward_requests(
                     let mac: [u8; 6] = b.try_into().expect("6 bytes");
                     hooks.announce(mac);
                 }
-                if msg.flags() & FLAG_NEED_REPLY != 0 && state.reply_ack {
-                    ack(front_writer, SEND_RARP)?;
-                }
+                answer_here(&msg, &state, front_writer)?;
                 continue;
             }
             _ => {}
@@ -372,6 +365,15 @@ fn used_log_addr(msg: &Message) -> Option<u64> {
     let flags = msg.payload_u32(1)?;
     let log = msg.payload.get(32..40)?;
     (flags & VRING_F_LOG != 0).then(|| u64::from_le_bytes(log.try_into().expect("8 bytes")))
+}
+
+/// Answers a request the relay handles itself (it never reaches the
+/// backend): a successful REPLY_ACK when the frontend asked for one.
+fn answer_here(msg: &Message, state: &State, front: &Mutex<UnixStream>) -> io::Result<()> {
+    if msg.flags() & FLAG_NEED_REPLY != 0 && state.reply_ack {
+        ack(front, msg.request())?;
+    }
+    Ok(())
 }
 
 /// Sends a successful REPLY_ACK for `request` to the frontend.

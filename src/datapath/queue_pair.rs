@@ -403,7 +403,7 @@ impl QueuePair {
         }
         let vring = conn.vrings.as_ref().map(|v| v[ring].clone());
         if let (true, Some(vring)) = (held, vring) {
-            self.signal(ring, &vring);
+            self.signal_held(ring, &vring, &vring.get_ref());
         }
     }
 
@@ -580,18 +580,23 @@ impl QueuePair {
                 // guest waiting.
                 log::error!("pair {}: cannot arm the interrupt timer: {e}", self.index);
                 if r.coalescer.take_held() {
-                    self.queue_stats(ring).interrupts_sent.inc();
-                    self.signal_locked(ring, vring, state);
+                    self.signal_held(ring, vring, state);
                 }
             }
         }
     }
 
-    /// Signals a held interrupt of `ring` from outside a batch (counted
-    /// here: batches count their own verdicts).
-    fn signal(&self, ring: usize, vring: &TrackedVring) {
+    /// Signals a held interrupt of `ring` outside a batch's decision
+    /// (counted here: batches count their own verdicts); `state` is
+    /// `vring`'s.
+    fn signal_held(
+        &self,
+        ring: usize,
+        vring: &TrackedVring,
+        state: &VringState<GuestMemoryAtomic<GuestMem>>,
+    ) {
         self.queue_stats(ring).interrupts_sent.inc();
-        self.signal_locked(ring, vring, &vring.get_ref());
+        self.signal_locked(ring, vring, state);
     }
 
     /// Writes the ring's call eventfd (or owes the interrupt until the
