@@ -30,12 +30,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::synthetic::{
-    frame, now_ns, wait_irq, Guest, Load, Pacer, Result_, GUEST_MAC, HDR, NAPI_BUDGET, RING,
-    SINK_MAC, TS_AT,
+    frame, now_ns, wait_irq, ExitCosts, Guest, Load, Pacer, Result_, TxState, GUEST_MAC, HDR,
+    NAPI_BUDGET, RING, SINK_MAC, TS_AT,
 };
 use common::{Daemon, Netns, TestFrontend};
 
 const POLICIES: [&str; 3] = ["immediate", "frames=32,usecs=1000", "adaptive"];
+/// What an interrupt costs the guest by default, in ns (docs/performance.md
+/// cites the measurements behind it).
+const IRQ_COST_NS: u64 = 2000;
+/// What a kick costs the guest by default, in ns (same source).
+const KICK_COST_NS: u64 = 1000;
+/// The longest the guest halts waiting for an interrupt before it looks
+/// again (a lost interrupt shows as a stall, not a hang).
+const WAIT: Duration = Duration::from_millis(10);
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Dir {
     Tx,
@@ -55,10 +63,12 @@ impl Dir {
 
 struct Opts {
     secs: f64,
+    runs: usize,
+    costs: ExitCosts,
     quick: bool,
     svg: Option<String>,
     dir: Option<String>,
-    policy: Option<String>,
+    policies: Vec<String>,
     size: Option<usize>,
     max_only: bool,
     dirty_log: bool,
@@ -67,10 +77,15 @@ struct Opts {
 fn opts() -> Opts {
     let mut o = Opts {
         secs: 1.5,
+        runs: 1,
+        costs: ExitCosts {
+            irq_ns: IRQ_COST_NS,
+            kick_ns: KICK_COST_NS,
+        },
         quick: false,
         svg: None,
         dir: None,
-        policy: None,
+        policies: Vec::new(),
         size: None,
         max_only: false,
         dirty_log: false,
@@ -79,17 +94,31 @@ fn opts() -> Opts {
     while let Some(a) = args.next() {
         match a.as_str() {
             "--secs" => o.secs = args.next().and_then(|v| v.parse().ok()).expect("--secs S"),
+            "--runs" => o.runs = args.next().and_then(|v| v.parse().ok()).expect("--runs N"),
+            "--irq-cost" => {
+                o.costs.irq_ns = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .expect("--irq-cost NS");
+            }
+            "--kick-cost" => {
+                o.costs.kick_ns = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .expect("--kick-cost NS");
+            }
             "--quick" => o.quick = true,
             "--svg" => o.svg = args.next(),
             "--dir" => o.dir = args.next(),
-            "--policy" => o.policy = args.next(),
+            "--policy" => o.policies.extend(args.next()),
             "--size" => o.size = args.next().and_then(|v| v.parse().ok()),
             "--max-only" => o.max_only = true,
             "--dirty-log" => o.dirty_log = true,
             "--bench" => {}
             other => panic!(
-                "unknown option {other}: use --secs S, --quick, --svg PATH, \
-                 --dir tx|rx|loop, --policy P, --size N, --max-only, --dirty-log"
+                "unknown option {other}: use --secs S, --runs N, --irq-cost NS, \
+                 --kick-cost NS, --quick, --svg PATH, --dir tx|rx|loop, --policy P, \
+                 --size N, --max-only, --dirty-log"
             ),
         }
     }
@@ -105,7 +134,7 @@ struct Setup {
 /// The daemon and a synthetic guest on `policy`; with `dirty_log`, the
 /// guest shares a dirty log and acks LOG_ALL, as QEMU does for the whole of
 /// a live migration (the worst case of its cost).
-fn setup(policy: &str, dirty_log: bool) -> Setup {
+fn setup(policy: &str, dirty_log: bool, costs: ExitCosts) -> Setup {
     let ns = Netns::new();
     let daemon = Daemon::start(&ns, &["--rx-coalesce", policy, "--tx-coalesce", policy]);
     ns.route_to_guest(&daemon.tap, GUEST_MAC);
@@ -115,6 +144,7 @@ fn setup(policy: &str, dirty_log: bool) -> Setup {
         fe.set_log_all(true);
     }
     let mut guest = Guest::new(fe);
+    guest.costs = costs;
     guest.refill(usize::from(RING));
     Setup { ns, daemon, guest }
 }
@@ -144,14 +174,48 @@ fn ns_cmd(ns: &Netns, args: &[&str]) {
     assert!(st.success(), "{args:?} failed");
 }
 
-fn daemon_counters(d: &Daemon) -> (u64, u64, u64, u64) {
+/// Frames the kernel dropped on their way into the tap (its queue to us was
+/// full): RX the guest never saw.
+fn tap_drops(s: &Setup) -> u64 {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &s.ns.name, "cat"])
+        .arg(format!(
+            "/sys/class/net/{}/statistics/tx_dropped",
+            s.daemon.tap
+        ))
+        .output()
+        .expect("spawn");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
+/// CPU time the daemon has used so far, in ns (from /proc, 10 ms ticks).
+fn daemon_cpu_ns(d: &Daemon) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", d.pid())).unwrap_or_default();
+    // Fields after the parenthesised command name: utime and stime are the
+    // 12th and 13th.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let f: Vec<u64> = after
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    f.iter().sum::<u64>() * 10_000_000
+}
+
+/// Interrupts and kicks of the RX ring, of the TX ring, and all four summed.
+fn daemon_counters(d: &Daemon) -> (u64, u64, u64, u64, u64) {
     let s = d.stats();
-    (
+    let c = (
         s.get("interrupts_sent_total", 0),
         s.get("kicks_total", 0),
         s.get("interrupts_sent_total", 1),
         s.get("kicks_total", 1),
-    )
+    );
+    (c.0, c.1, c.2, c.3, c.0 + c.1 + c.2 + c.3)
 }
 
 /// Guest to tap sink.
@@ -161,22 +225,29 @@ fn run_tx(s: &mut Setup, len: usize, load: Load, secs: f64) -> Result_ {
     let cap = if len > 4096 { 200 } else { usize::from(RING) };
     let mut res = Result_::default();
     let before = daemon_counters(&s.daemon);
-    let _ = g.interrupts(1);
+    let cpu = daemon_cpu_ns(&s.daemon);
+    g.fe.vqs[1].take_interrupts();
+    let paid = g.notify_ns;
     let mut pacer = Pacer::new(load);
     let start = Instant::now();
     let end = start + Duration::from_secs_f64(secs);
     while Instant::now() < end {
+        g.take_interrupts(&[1]);
         g.reclaim(Some(&mut res), f.len());
-        if g.transmit(&mut pacer, &f, cap) {
-            wait_irq(g, &[1], 10);
-        } else if matches!(load, Load::Pps(_)) {
-            std::hint::spin_loop();
+        match g.transmit(&mut pacer, &f, cap) {
+            TxState::Stopped => wait_irq(g, &[1], WAIT),
+            // Completion latency is the reclaim's: keep looking.
+            TxState::NotDue(_) => std::hint::spin_loop(),
+            TxState::Sent => {}
         }
     }
     res.secs = start.elapsed().as_secs_f64();
+    res.notify_ns = g.notify_ns - paid;
+    res.daemon_cpu_ns = daemon_cpu_ns(&s.daemon) - cpu;
     let after = daemon_counters(&s.daemon);
     res.interrupts = after.2 - before.2;
     res.kicks = after.3 - before.3;
+    res.notifications = after.4 - before.4;
     // Drain what is still in flight so the next run starts clean.
     let deadline = Instant::now() + Duration::from_secs(2);
     while g.inflight() > 0 && Instant::now() < deadline {
@@ -195,7 +266,11 @@ fn run_rx(s: &mut Setup, len: usize, load: Load, secs: f64) -> Result_ {
         let stop = stop.clone();
         std::thread::spawn(move || source(&sock, payload, load, epoch, &stop))
     };
-    let mut res = napi_loop(s, secs, &[0], |_, _| {});
+    let drops = tap_drops(s);
+    let deferred = s.daemon.stats().get("interrupts_deferred_total", 0);
+    let mut res = napi_loop(s, secs, &[0], |_| TxState::Stopped);
+    res.tap_drops = tap_drops(s) - drops;
+    res.deferred = s.daemon.stats().get("interrupts_deferred_total", 0) - deferred;
     stop.store(true, Ordering::Relaxed);
     let _ = sender.join();
     drain_rx(&mut s.guest);
@@ -220,46 +295,55 @@ fn source(sock: &UdpSocket, payload: usize, load: Load, epoch: Instant, stop: &A
     }
 }
 
-/// NAPI on RX (and, with `tx`, a sender between polls): wait for an
-/// interrupt, poll up to the budget, re-arm `used_event` when done.
+/// NAPI on RX (and, with `tx`, a sender running between polls): RX is
+/// processed only after an RX interrupt, a budget per poll, and `used_event`
+/// re-armed when a poll comes up short (`virtqueue_napi_complete`). The
+/// guest halts (waits for an interrupt) only when it has nothing else to
+/// do: nothing to poll and its sender stopped or not due.
 fn napi_loop(
     s: &mut Setup,
     secs: f64,
     wait_on: &[usize],
-    mut tx: impl FnMut(&mut Guest, bool),
+    mut tx: impl FnMut(&mut Guest) -> TxState,
 ) -> Result_ {
     let g = &mut s.guest;
     let mut res = Result_::default();
     let before = daemon_counters(&s.daemon);
+    let cpu = daemon_cpu_ns(&s.daemon);
+    let paid = g.notify_ns;
     let start = Instant::now();
     let end = start + Duration::from_secs_f64(secs);
-    let mut polling = false;
     // The UDP payload timestamp is at frame offset 42 + 12 (+12 header).
     let ts = if wait_on.contains(&1) {
         TS_AT
     } else {
         HDR + 42 + 12
     };
+    let mut polling = g.rx_enable_cb();
     while Instant::now() < end {
-        tx(g, polling);
-        if !polling {
-            if g.rx_enable_cb() {
-                polling = true;
-            } else {
-                wait_irq(g, wait_on, 10);
-                let _ = g.interrupts(0);
-                polling = true;
+        let rx_irq = g.take_interrupts(&[0]) > 0;
+        g.take_interrupts(&[1]);
+        let sender = tx(g);
+        polling |= rx_irq;
+        if polling {
+            if g.napi_poll(NAPI_BUDGET, &mut res, ts) < NAPI_BUDGET {
+                polling = g.rx_enable_cb();
             }
+            continue;
         }
-        let done = g.napi_poll(NAPI_BUDGET, &mut res, ts);
-        if done < NAPI_BUDGET {
-            polling = false;
+        match sender {
+            TxState::Sent => {}
+            TxState::Stopped => wait_irq(g, wait_on, WAIT),
+            TxState::NotDue(d) => wait_irq(g, wait_on, d.min(WAIT)),
         }
     }
     res.secs = start.elapsed().as_secs_f64();
+    res.notify_ns = g.notify_ns - paid;
+    res.daemon_cpu_ns = daemon_cpu_ns(&s.daemon) - cpu;
     let after = daemon_counters(&s.daemon);
     res.interrupts = after.0 - before.0;
     res.kicks = after.1 - before.1;
+    res.notifications = after.4 - before.4;
     res
 }
 
@@ -282,9 +366,9 @@ fn run_loop(s: &mut Setup, len: usize, load: Load, secs: f64) -> Result_ {
         usize::from(RING) / 2
     };
     let mut pacer = Pacer::new(load);
-    let res = napi_loop(s, secs, &[0, 1], |g, _| {
+    let res = napi_loop(s, secs, &[0, 1], |g| {
         g.reclaim(None, f.len());
-        g.transmit(&mut pacer, &f, cap);
+        g.transmit(&mut pacer, &f, cap)
     });
     reflector(&s.ns, &tap, false);
     drain_rx(&mut s.guest);
@@ -364,7 +448,86 @@ struct Row {
     policy: &'static str,
     len: usize,
     load: Load,
+    run: usize,
     res: Result_,
+}
+
+/// The runs of one (direction, policy, size, load): medians and ranges.
+struct Summary {
+    dir: Dir,
+    policy: &'static str,
+    len: usize,
+    load: Load,
+    mpps: Vec<f64>,
+    gbps: f64,
+    per_irq: Option<f64>,
+    kicks_per: f64,
+    notify_ns_per: f64,
+    exits_per_sec: f64,
+    p50: f64,
+    p99: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+impl Summary {
+    fn median_mpps(&self) -> f64 {
+        median(self.mpps.clone())
+    }
+
+    fn of(rows: &mut [Row]) -> Vec<Summary> {
+        let mut out: Vec<Summary> = Vec::new();
+        let keys: Vec<(Dir, &'static str, usize, String)> = {
+            let mut k: Vec<_> = rows
+                .iter()
+                .map(|r| (r.dir, r.policy, r.len, r.load.label()))
+                .collect();
+            k.dedup();
+            k.retain({
+                let mut seen = Vec::new();
+                move |x| {
+                    let new = !seen.contains(x);
+                    seen.push(x.clone());
+                    new
+                }
+            });
+            k
+        };
+        for (dir, policy, len, load) in keys {
+            let mut group: Vec<&mut Row> = rows
+                .iter_mut()
+                .filter(|r| {
+                    r.dir == dir && r.policy == policy && r.len == len && r.load.label() == load
+                })
+                .collect();
+            let m = |f: &dyn Fn(&Result_) -> f64, g: &[&mut Row]| {
+                median(g.iter().map(|r| f(&r.res)).collect())
+            };
+            let any_irq = group.iter().any(|r| r.res.interrupts > 0);
+            out.push(Summary {
+                dir,
+                policy,
+                len,
+                load: group[0].load,
+                mpps: group.iter().map(|r| r.res.mpps()).collect(),
+                gbps: m(&|r| r.gbps(), &group),
+                per_irq: any_irq.then(|| m(&|r| r.per_irq(), &group)),
+                kicks_per: m(&|r| r.kicks_per(), &group),
+                notify_ns_per: m(&|r| r.notify_ns_per(), &group),
+                exits_per_sec: m(&|r| r.exits_per_sec(), &group),
+                p50: median(group.iter_mut().map(|r| r.res.pct(50)).collect()),
+                p99: median(group.iter_mut().map(|r| r.res.pct(99)).collect()),
+            });
+        }
+        out
+    }
 }
 
 fn main() {
@@ -390,44 +553,65 @@ fn main() {
     } else {
         vec![Load::Pps(10_000), Load::Pps(100_000), Load::Max]
     };
-    let mut rows = Vec::new();
-    for policy in POLICIES
+    eprintln!(
+        "synthetic guest pays {} ns per interrupt and {} ns per kick \
+         (--irq-cost/--kick-cost; docs/performance.md says where these come from)",
+        o.costs.irq_ns, o.costs.kick_ns
+    );
+    // One daemon per policy, side by side; the policies take turns in every
+    // combination, in a rotating order, so drift hits them alike.
+    let mut setups: Vec<(&'static str, Setup)> = POLICIES
         .into_iter()
-        .filter(|p| o.policy.as_deref().is_none_or(|q| q == *p))
-    {
-        let mut s = setup(policy, o.dirty_log);
-        let dirs = [Dir::Tx, Dir::Rx, Dir::Loop];
-        for dir in dirs
-            .into_iter()
-            .filter(|d| o.dir.as_deref().is_none_or(|x| x == d.name()))
-        {
+        .filter(|p| o.policies.is_empty() || o.policies.iter().any(|q| q == p))
+        .map(|p| (p, setup(p, o.dirty_log, o.costs)))
+        .collect();
+    let dirs: Vec<Dir> = [Dir::Tx, Dir::Rx, Dir::Loop]
+        .into_iter()
+        .filter(|d| o.dir.as_deref().is_none_or(|x| x == d.name()))
+        .collect();
+    let mut rows = Vec::new();
+    for run in 0..o.runs {
+        for &dir in &dirs {
             for &len in &sizes {
                 if dir == Dir::Rx && len > 1514 {
                     continue; // the UDP source cannot make GSO frames
                 }
                 for &load in &loads {
-                    let res = match dir {
-                        Dir::Tx => run_tx(&mut s, len, load, o.secs),
-                        Dir::Rx => run_rx(&mut s, len, load, o.secs),
-                        Dir::Loop => run_loop(&mut s, len, load, o.secs),
-                    };
-                    eprintln!(
-                        "{:>4} {policy:<22} {len:>6} B {:>9}: {:.3} Mpps",
-                        dir.name(),
-                        load.label(),
-                        res.mpps()
-                    );
-                    rows.push(Row {
-                        dir,
-                        policy,
-                        len,
-                        load,
-                        res,
-                    });
+                    let n = setups.len();
+                    for k in 0..n {
+                        let (policy, s) = &mut setups[(k + run) % n];
+                        let policy = *policy;
+                        let res = match dir {
+                            Dir::Tx => run_tx(s, len, load, o.secs),
+                            Dir::Rx => run_rx(s, len, load, o.secs),
+                            Dir::Loop => run_loop(s, len, load, o.secs),
+                        };
+                        eprintln!(
+                            "run {run} {:>4} {policy:<22} {len:>6} B {:>9}: {:.3} Mpps, \
+                             {:.1} pkts/irq, {} deferred, {} tap drops, daemon {:.0} ns/pkt",
+                            dir.name(),
+                            load.label(),
+                            res.mpps(),
+                            res.per_irq(),
+                            res.deferred,
+                            res.tap_drops,
+                            res.daemon_cpu_ns as f64 / res.frames.max(1) as f64,
+                        );
+                        rows.push(Row {
+                            dir,
+                            policy,
+                            len,
+                            load,
+                            run,
+                            res,
+                        });
+                    }
                 }
             }
         }
-        if o.dirty_log {
+    }
+    if o.dirty_log {
+        for (policy, s) in &setups {
             // Proof the runs above paid for logging: pages the daemon marked.
             eprintln!(
                 "{policy}: {} guest pages marked dirty in the log",
@@ -435,23 +619,24 @@ fn main() {
             );
         }
     }
+    drop(setups);
     let ns = Netns::new();
-    let floors: Vec<(Dir, usize, f64)> = [Dir::Tx, Dir::Rx, Dir::Loop]
+    let floors: Vec<(Dir, usize, f64)> = dirs
         .iter()
-        .filter(|d| o.dir.as_deref().is_none_or(|x| x == d.name()))
         .flat_map(|&d| sizes.iter().map(move |&l| (d, l)))
         .filter(|&(d, l)| d == Dir::Tx || l <= 1514)
         .map(|(d, l)| (d, l, floor(&ns, d, l, o.secs)))
         .collect();
-    print!("{}", report(&mut rows, &floors));
-    print!("{}", targets(&mut rows, &floors));
+    let sums = Summary::of(&mut rows);
+    print!("{}", report(&sums, &floors, &o));
+    print!("{}", targets(&rows, &sums, &floors));
     if let Some(path) = &o.svg {
-        std::fs::write(path, svg(&rows)).expect("write svg");
+        std::fs::write(path, svg(&sums)).expect("write svg");
         eprintln!("plot written to {path}");
     }
 }
 
-fn report(rows: &mut [Row], floors: &[(Dir, usize, f64)]) -> String {
+fn report(sums: &[Summary], floors: &[(Dir, usize, f64)], o: &Opts) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -461,7 +646,15 @@ fn report(rows: &mut [Row], floors: &[(Dir, usize, f64)]) -> String {
     for (d, l, f) in floors {
         let _ = writeln!(out, "  {:<4} {l:>6} B: {f:.3} Mpps", d.name());
     }
+    let _ = writeln!(
+        out,
+        "\nguest notification costs: {} ns per interrupt, {} ns per kick; medians of {} run(s)",
+        o.costs.irq_ns, o.costs.kick_ns, o.runs
+    );
     for dir in [Dir::Tx, Dir::Rx, Dir::Loop] {
+        if !sums.iter().any(|r| r.dir == dir) {
+            continue;
+        }
         let _ = writeln!(
             out,
             "\n{} ({})",
@@ -474,122 +667,146 @@ fn report(rows: &mut [Row], floors: &[(Dir, usize, f64)]) -> String {
         );
         let _ = writeln!(
             out,
-            "| policy | frame | offered | Mpps | Gbit/s | pkts/irq | kicks/pkt | p50 us | p99 us | vs floor |"
+            "| policy | frame | offered | Mpps | range | Gbit/s | pkts/irq | kicks/pkt | notif. ns/pkt | notif./s | p50 us | p99 us | vs floor |"
         );
-        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|");
-        for r in rows.iter_mut().filter(|r| r.dir == dir) {
+        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+        for r in sums.iter().filter(|r| r.dir == dir) {
+            let mpps = r.median_mpps();
             let fl = floors
                 .iter()
                 .find(|(d, l, _)| *d == dir && *l == r.len)
-                .map_or("-".to_owned(), |(_, _, f)| {
-                    format!("{:.2}", r.res.mpps() / f)
-                });
-            let (p50, p99) = (r.res.pct(50), r.res.pct(99));
-            let per_irq = if r.res.interrupts == 0 {
-                "none".to_owned()
-            } else {
-                format!("{:.1}", r.res.per_irq())
-            };
+                .map_or("-".to_owned(), |(_, _, f)| format!("{:.2}", mpps / f));
+            let per_irq = r.per_irq.map_or("none".to_owned(), |p| format!("{p:.1}"));
+            let lo = r.mpps.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = r.mpps.iter().copied().fold(0.0, f64::max);
             // Reflected GSO frames come back segmented: RX counts segments.
             let segmented = dir == Dir::Loop && r.len > 1514;
-            let (mpps, fl) = if segmented {
-                ("(segments)".to_owned(), "-".to_owned())
+            let (mpps, range, fl) = if segmented {
+                ("(segments)".to_owned(), "-".to_owned(), "-".to_owned())
             } else {
-                (format!("{:.3}", r.res.mpps()), fl)
+                (format!("{mpps:.3}"), format!("{lo:.3}-{hi:.3}"), fl)
             };
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {mpps} | {:.2} | {per_irq} | {:.3} | {:.0} | {:.0} | {fl} |",
+                "| {} | {} | {} | {mpps} | {range} | {:.2} | {per_irq} | {:.3} | {:.0} | {:.0} | {:.0} | {:.0} | {fl} |",
                 r.policy,
                 r.len,
                 r.load.label(),
-                r.res.gbps(),
-                r.res.kicks_per(),
-                p50,
-                p99,
+                r.gbps,
+                r.kicks_per,
+                r.notify_ns_per,
+                r.exits_per_sec,
+                r.p50,
+                r.p99,
             );
         }
     }
     out
 }
 
-/// The issue's targets, judged on this run's rows (64-byte frames).
-fn targets(rows: &mut [Row], floors: &[(Dir, usize, f64)]) -> String {
-    let mut out = String::from("\ntargets (64 B, this run):\n");
-    let find = |rows: &[Row], dir: Dir, policy: &str, max: bool| {
-        rows.iter().position(|r| {
-            r.dir == dir && r.policy == policy && r.len == 64 && matches!(r.load, Load::Max) == max
-        })
-    };
+/// The targets of the notification work, judged on this run.
+fn targets(rows: &[Row], sums: &[Summary], floors: &[(Dir, usize, f64)]) -> String {
+    let mut out = String::from("\ntargets (this run):\n");
     let mut line = |text: String, ok: bool| {
         let _ = writeln!(out, "  [{}] {text}", if ok { "met" } else { "MISSED" });
+    };
+    let find = |dir: Dir, policy: &str, len: usize, max: bool| {
+        sums.iter().find(|r| {
+            r.dir == dir && r.policy == policy && r.len == len && matches!(r.load, Load::Max) == max
+        })
     };
     for dir in [Dir::Tx, Dir::Rx] {
         let floor = floors
             .iter()
             .find(|(d, l, _)| *d == dir && *l == 64)
             .map(|f| f.2);
-        if let (Some(i), Some(f)) = (find(rows, dir, "immediate", true), floor) {
-            let ratio = rows[i].res.mpps() / f;
+        if let (Some(r), Some(f)) = (find(dir, "immediate", 64, true), floor) {
+            let ratio = r.median_mpps() / f;
             line(
-                format!("{} at >= 0.95x the syscall floor: {ratio:.2}x", dir.name()),
+                format!(
+                    "{} 64 B at >= 0.95x the syscall floor: {ratio:.2}x",
+                    dir.name()
+                ),
                 ratio >= 0.95,
             );
         }
     }
-    let sat: Vec<&Row> = rows
+    let worst_kicks = sums
         .iter()
         .filter(|r| matches!(r.load, Load::Max) && r.len == 64)
-        .collect();
-    let worst_kicks = sat.iter().map(|r| r.res.kicks_per()).fold(0.0, f64::max);
+        .map(|r| r.kicks_per)
+        .fold(0.0, f64::max);
     line(
-        format!("<= 0.02 kicks per packet at saturation: worst {worst_kicks:.3}"),
+        format!("<= 0.02 kicks per packet at saturation (64 B): worst {worst_kicks:.3}"),
         worst_kicks <= 0.02,
     );
-    for r in sat
-        .iter()
-        .filter(|r| r.dir != Dir::Tx && r.res.interrupts > 0)
-    {
-        let ppi = r.res.per_irq();
-        line(
-            format!(
-                "{} {} >= 64 packets per interrupt at saturation: {ppi:.1}",
-                r.dir.name(),
-                r.policy
-            ),
-            ppi >= 64.0 - 0.5,
-        );
-    }
     for dir in [Dir::Tx, Dir::Rx, Dir::Loop] {
-        let low = |rows: &mut [Row], policy: &str| {
-            let i = rows.iter().position(|r| {
+        for len in [64, 1514] {
+            let (Some(a), Some(i)) = (
+                find(dir, "adaptive", len, true),
+                find(dir, "immediate", len, true),
+            ) else {
+                continue;
+            };
+            // Run by run: adaptive against immediate of the same run.
+            let per_run = |policy: &str| {
+                rows.iter()
+                    .filter(|r| {
+                        r.dir == dir
+                            && r.len == len
+                            && r.policy == policy
+                            && matches!(r.load, Load::Max)
+                    })
+                    .map(|r| (r.run, r.res.mpps()))
+                    .collect::<Vec<_>>()
+            };
+            let imm = per_run("immediate");
+            let wins = per_run("adaptive")
+                .iter()
+                .filter(|(run, m)| imm.iter().any(|(r2, m2)| r2 == run && m >= m2))
+                .count();
+            line(
+                format!(
+                    "{} {len} B adaptive Mpps >= immediate in every run: {wins} of {} ({:.3} vs {:.3} median)",
+                    dir.name(),
+                    imm.len(),
+                    a.median_mpps(),
+                    i.median_mpps()
+                ),
+                wins == imm.len(),
+            );
+            if let (Some(pa), Some(pi)) = (a.per_irq, i.per_irq) {
+                line(
+                    format!(
+                        "{} {len} B adaptive >= 2x immediate's packets per interrupt: {pa:.1} vs {pi:.1}",
+                        dir.name()
+                    ),
+                    pa >= 2.0 * pi,
+                );
+            }
+        }
+        if let (Some(a), Some(i)) = (
+            sums.iter().find(|r| {
                 r.dir == dir
-                    && r.policy == policy
+                    && r.policy == "adaptive"
                     && r.len == 64
                     && matches!(r.load, Load::Pps(10_000))
-            })?;
-            Some(rows[i].res.pct(50))
-        };
-        if let (Some(a), Some(b)) = (low(rows, "adaptive"), low(rows, "immediate")) {
-            line(
-                format!(
-                    "{} adaptive p50 at 10k pps <= 1.05x immediate: {a:.0} vs {b:.0} us",
-                    dir.name()
-                ),
-                a <= b * 1.05,
-            );
-        }
-        if let (Some(a), Some(b)) = (
-            find(rows, dir, "adaptive", true),
-            find(rows, dir, "immediate", true),
+            }),
+            sums.iter().find(|r| {
+                r.dir == dir
+                    && r.policy == "immediate"
+                    && r.len == 64
+                    && matches!(r.load, Load::Pps(10_000))
+            }),
         ) {
-            let (ta, tb) = (rows[a].res.mpps(), rows[b].res.mpps());
             line(
                 format!(
-                    "{} adaptive throughput >= immediate: {ta:.3} vs {tb:.3} Mpps",
-                    dir.name()
+                    "{} 64 B adaptive p50 at 10k pps <= 1.05x immediate: {:.1} vs {:.1} us",
+                    dir.name(),
+                    a.p50,
+                    i.p50
                 ),
-                ta >= tb,
+                a.p50 <= i.p50 * 1.05,
             );
         }
     }
@@ -598,8 +815,8 @@ fn targets(rows: &mut [Row], floors: &[(Dir, usize, f64)]) -> String {
 
 /// A two-panel SVG: packets per interrupt and Mpps against offered load,
 /// one line per policy, for the 64-byte loop runs.
-fn svg(rows: &[Row]) -> String {
-    let pick: Vec<&Row> = rows
+fn svg(rows: &[Summary]) -> String {
+    let pick: Vec<&Summary> = rows
         .iter()
         .filter(|r| r.dir == Dir::Loop && r.len == 64)
         .collect();
@@ -619,9 +836,9 @@ fn svg(rows: &[Row]) -> String {
     for (panel, (title, value)) in [
         (
             "packets per interrupt",
-            (|r: &Row| r.res.per_irq()) as fn(&Row) -> f64,
+            (|r: &Summary| r.per_irq.unwrap_or(0.0)) as fn(&Summary) -> f64,
         ),
-        ("Mpps", |r: &Row| r.res.mpps()),
+        ("Mpps", |r: &Summary| r.median_mpps()),
     ]
     .iter()
     .enumerate()

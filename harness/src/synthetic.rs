@@ -37,6 +37,31 @@ impl Load {
     }
 }
 
+/// What a notification costs the guest in a real VM, paid here as busy
+/// time on the guest's thread: an interrupt is an injection into the vCPU
+/// (and, without posted interrupts, the exits around it and the EOI), a kick
+/// is an I/O exit to the host and back. Zero costs model a guest for which
+/// notifications are free (an eventfd read in a thread).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExitCosts {
+    pub irq_ns: u64,
+    pub kick_ns: u64,
+}
+
+impl ExitCosts {
+    /// Spins for `n` notifications of `ns` each; returns the time spent.
+    fn pay(n: u64, ns: u64) -> u64 {
+        let total = n.saturating_mul(ns);
+        if total > 0 {
+            let until = Instant::now() + std::time::Duration::from_nanos(total);
+            while Instant::now() < until {
+                std::hint::spin_loop();
+            }
+        }
+        total
+    }
+}
+
 /// One run's results.
 #[derive(Clone, Debug, Default)]
 pub struct Result_ {
@@ -45,6 +70,17 @@ pub struct Result_ {
     pub secs: f64,
     pub interrupts: u64,
     pub kicks: u64,
+    /// Guest time spent on notifications ([`ExitCosts`]), in ns.
+    pub notify_ns: u64,
+    /// Interrupts and kicks on both rings: what would be exits in a VM.
+    pub notifications: u64,
+    /// Interrupts the daemon held (`interrupts_deferred_total`) on the
+    /// measured ring.
+    pub deferred: u64,
+    /// Frames the kernel dropped before the tap (RX the guest never saw).
+    pub tap_drops: u64,
+    /// CPU time the daemon used during the run, in ns.
+    pub daemon_cpu_ns: u64,
     pub lat: Vec<u64>,
 }
 
@@ -64,6 +100,16 @@ impl Result_ {
     #[allow(clippy::cast_precision_loss)]
     pub fn kicks_per(&self) -> f64 {
         self.kicks as f64 / self.frames.max(1) as f64
+    }
+    /// Guest time spent on notifications per frame, in ns.
+    #[allow(clippy::cast_precision_loss)]
+    pub fn notify_ns_per(&self) -> f64 {
+        self.notify_ns as f64 / self.frames.max(1) as f64
+    }
+    /// Notifications (interrupts + kicks) per second: what would be exits.
+    #[allow(clippy::cast_precision_loss)]
+    pub fn exits_per_sec(&self) -> f64 {
+        self.notifications as f64 / self.secs
     }
     pub fn pct(&mut self, p: usize) -> f64 {
         if self.lat.is_empty() {
@@ -122,6 +168,10 @@ pub struct Guest {
     pub epoch: Instant,
     /// Kicks this guest sent, per ring (RX, TX).
     pub kicks: [u64; 2],
+    /// What interrupts and kicks cost this guest.
+    pub costs: ExitCosts,
+    /// Time spent paying [`ExitCosts`] so far, in ns.
+    pub notify_ns: u64,
 }
 
 impl Guest {
@@ -130,14 +180,30 @@ impl Guest {
             fe,
             epoch: Instant::now(),
             kicks: [0; 2],
+            costs: ExitCosts::default(),
+            notify_ns: 0,
         }
     }
 }
 
 impl Guest {
-    /// Reads and resets a ring's interrupt count.
-    pub fn interrupts(&self, q: usize) -> u64 {
-        self.fe.vqs[q].take_interrupts()
+    /// Takes the interrupts delivered on rings `qs` since the last call and
+    /// pays for each; returns how many there were.
+    pub fn take_interrupts(&mut self, qs: &[usize]) -> u64 {
+        let n: u64 = qs.iter().map(|&q| self.fe.vqs[q].take_interrupts()).sum();
+        self.notify_ns += ExitCosts::pay(n, self.costs.irq_ns);
+        n
+    }
+
+    /// Publishes ring `q`'s new avail entries and kicks if the device asks;
+    /// pays for the kick.
+    fn publish(&mut self, q: usize) -> bool {
+        let kicked = self.fe.publish_and_kick(q);
+        if kicked {
+            self.kicks[q] += 1;
+            self.notify_ns += ExitCosts::pay(1, self.costs.kick_ns);
+        }
+        kicked
     }
 
     /// Posts `n` 4 KiB mergeable RX buffers.
@@ -158,9 +224,7 @@ impl Guest {
             };
             vq.ring.push_avail(&self.fe.mem, head);
         }
-        let kicked = self.fe.publish_and_kick(0);
-        self.kicks[0] += u64::from(kicked);
-        kicked
+        self.publish(0)
     }
 
     /// One NAPI poll of RX: up to `budget` frames; returns how many.
@@ -235,8 +299,7 @@ impl Guest {
             vq.ring.push_avail(&self.fe.mem, head);
             sent += 1;
         }
-        let kicked = sent > 0 && self.fe.publish_and_kick(1);
-        self.kicks[1] += u64::from(kicked);
+        let kicked = sent > 0 && self.publish(1);
         (sent, kicked)
     }
 
@@ -272,18 +335,27 @@ impl Guest {
 
     /// One transmit opportunity: sends what `pacer` allows (up to a burst),
     /// or, with `cap` chains in flight, asks for an interrupt after 3/4 of
-    /// them and returns true (the caller may wait for it).
-    pub fn transmit(&mut self, pacer: &mut Pacer, f: &[u8], cap: usize) -> bool {
-        let n = pacer.allowed(TX_BURST);
+    /// them and says the queue is stopped (the caller waits for it).
+    ///
+    /// As Linux with TX NAPI (`napi_tx`, on by default) does in
+    /// `start_xmit` at the end of every burst: it asks for a TX interrupt
+    /// after 3/4 of what is outstanding (`virtqueue_enable_cb_delayed`), so
+    /// completions are reclaimed even if nothing more is sent.
+    pub fn transmit(&mut self, pacer: &mut Pacer, f: &[u8], cap: usize) -> TxState {
         if self.inflight() >= cap {
             self.tx_enable_cb_delayed();
-            return true;
+            return TxState::Stopped;
         }
-        if n > 0 {
-            let (sent, _) = self.send(n, f, cap);
-            pacer.sent += sent as u64;
+        let n = pacer.allowed(TX_BURST);
+        if n == 0 {
+            return TxState::NotDue(pacer.next_due());
         }
-        false
+        let (sent, _) = self.send(n, f, cap);
+        pacer.sent += sent as u64;
+        if sent > 0 {
+            self.tx_enable_cb_delayed();
+        }
+        TxState::Sent
     }
 
     /// TX chains the device has not completed.
@@ -318,10 +390,22 @@ pub fn next_slot(vq: &mut super::Vq, size: u32) -> GuestAddress {
     vq.next_buffer()
 }
 
-/// Waits for an interrupt on any of `qs` (up to `ms`).
-pub fn wait_irq(g: &Guest, qs: &[usize], ms: i32) {
+/// What the sender can do after a transmit opportunity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TxState {
+    /// It sent a burst and may send more at once.
+    Sent,
+    /// Its queue is full: it waits for a TX interrupt.
+    Stopped,
+    /// Paced: nothing is due for this long.
+    NotDue(std::time::Duration),
+}
+
+/// Waits (halted, as an idle vCPU) until an interrupt arrives on any of
+/// `qs` or `timeout` passes.
+pub fn wait_irq(g: &Guest, qs: &[usize], timeout: std::time::Duration) {
     let fds: Vec<_> = qs.iter().map(|&q| g.fe.vqs[q].call.as_raw_fd()).collect();
-    let _ = vhost_user_net::host::sys::wait_readable(&fds, ms);
+    let _ = vhost_user_net::host::sys::wait_readable_for(&fds, Some(timeout));
 }
 
 /// Paces a sender at `load`.
@@ -341,6 +425,16 @@ impl Pacer {
                 Load::Max => None,
             },
         }
+    }
+
+    /// How long until the next frame is due (zero if one is due now, or
+    /// unpaced).
+    pub fn next_due(&self) -> std::time::Duration {
+        let Some(pps) = self.pps else {
+            return std::time::Duration::ZERO;
+        };
+        let due = std::time::Duration::from_secs_f64((self.sent + 1) as f64 / pps as f64);
+        due.saturating_sub(self.start.elapsed())
     }
 
     /// Frames that may be sent now (up to `max`).

@@ -220,6 +220,15 @@ impl AsRawFd for Timer {
 /// interrupts on call eventfds). Test support: not in the daemon's build.
 #[cfg(any(test, feature = "test-utils"))]
 pub fn wait_readable(fds: &[RawFd], timeout_ms: i32) -> io::Result<usize> {
+    let timeout = u64::try_from(timeout_ms)
+        .ok()
+        .map(std::time::Duration::from_millis);
+    wait_readable_for(fds, timeout)
+}
+
+/// [`wait_readable`] with a finer timeout (`None`: forever).
+#[cfg(any(test, feature = "test-utils"))]
+pub fn wait_readable_for(fds: &[RawFd], timeout: Option<std::time::Duration>) -> io::Result<usize> {
     let mut pfds: Vec<libc::pollfd> = fds
         .iter()
         .map(|&fd| libc::pollfd {
@@ -229,10 +238,16 @@ pub fn wait_readable(fds: &[RawFd], timeout_ms: i32) -> io::Result<usize> {
         })
         .collect();
     let n = libc::nfds_t::try_from(pfds.len()).expect("few fds");
-    // SAFETY: `pfds` is a live array of `n` pollfd structs that poll(2)
-    // reads and writes for the duration of the call; a closed fd only
-    // yields POLLNVAL.
-    let ret = unsafe { libc::poll(pfds.as_mut_ptr(), n, timeout_ms) };
+    let ts = timeout.map(|t| libc::timespec {
+        tv_sec: libc::time_t::try_from(t.as_secs()).unwrap_or(libc::time_t::MAX),
+        tv_nsec: libc::c_long::from(t.subsec_nanos()),
+    });
+    let ts_ptr = ts.as_ref().map_or(std::ptr::null(), std::ptr::from_ref);
+    // SAFETY: `pfds` is a live array of `n` pollfd structs that ppoll(2)
+    // reads and writes for the duration of the call; `ts_ptr` is null or
+    // points at `ts`, alive until the call returns; a null signal mask
+    // leaves the mask alone; a closed fd only yields POLLNVAL.
+    let ret = unsafe { libc::ppoll(pfds.as_mut_ptr(), n, ts_ptr, std::ptr::null()) };
     if ret < 0 {
         let e = io::Error::last_os_error();
         return if e.kind() == io::ErrorKind::Interrupted {
