@@ -77,7 +77,6 @@ pub struct Batch<'q> {
     frames: u64,
     warned: bool,
     queue_index: usize,
-    started: Instant,
     /// The frontend logs dirty pages (a migration in progress).
     logging: bool,
     /// Where the used ring is logged when that is not its own address
@@ -111,7 +110,6 @@ impl<'q> Batch<'q> {
             frames: 0,
             warned: false,
             queue_index,
-            started: Instant::now(),
             logging: crate::datapath::dirty::logging(mem),
             used_log: None,
         })
@@ -282,7 +280,6 @@ impl<'q> Batch<'q> {
             completed,
             self.next_used.0,
             self.queue.size(),
-            now.saturating_duration_since(self.started),
             guest_wish(self.queue, self.mem),
         );
         // Every interrupt sent is counted, including a fresh start's with

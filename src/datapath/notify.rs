@@ -91,14 +91,38 @@ pub enum Policy {
     /// Hold the interrupt until `frames` completions since the last
     /// interrupt, or `usecs` after the guest asked, whichever comes first.
     Frames { frames: u32, usecs: u32 },
-    /// Signal at once while completions are sparse (the mean time between
-    /// them exceeds twice the mean time to deliver one); while they are
-    /// dense, hold the interrupt for at most `usecs`.
+    /// Signal at once while completions are sparse; while they are dense
+    /// (at the recent rate, at least [`DENSE_FRAMES`] more are due within
+    /// `usecs`), hold the interrupt the guest asked for until
+    /// [`HOLD_FRAMES`] more completions, until the stream pauses (no
+    /// completion for [`IDLE_GAPS`] mean gaps, at least [`IDLE_MIN`]), or
+    /// `usecs` after the guest asked, whichever comes first.
     Adaptive { usecs: u32 },
 }
 
 /// Default time bound of the adaptive policy.
 pub const ADAPTIVE_DEFAULT_USECS: u32 = 250;
+
+/// Adaptive: completions are dense when at least this many are due within
+/// the policy's bound at the recent rate (with the default bound, above
+/// 32,000 per second). Below that, holding would buy the guest little and
+/// cost it latency.
+pub const DENSE_FRAMES: u32 = 8;
+
+/// Adaptive: a held interrupt goes out once this many completions arrived
+/// since the guest asked (one NAPI budget of a Linux guest), or a quarter
+/// of the ring if that is less.
+pub const HOLD_FRAMES: u32 = 64;
+
+/// Adaptive: a held interrupt goes out when no completion came for this
+/// many mean gaps: the stream paused, and whatever the guest waits for is
+/// not coming soon (it may be waiting for the interrupt before it sends
+/// more).
+pub const IDLE_GAPS: u32 = 4;
+
+/// Adaptive: the shortest pause that counts as one (timer resolution and
+/// scheduling jitter are a few microseconds).
+pub const IDLE_MIN: Duration = Duration::from_micros(10);
 
 impl fmt::Display for Policy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -192,12 +216,16 @@ pub struct Coalescer {
     unsignalled: u32,
     /// When the guest first asked for the interrupt being held.
     first_unsignalled: Option<Instant>,
+    /// Completions since the last final decision: what the held interrupt
+    /// will tell the guest about.
+    held: u32,
+    /// When the last batch with completions ended.
     /// No decision since the ring (re)started: the next one signals if
     /// anything was ever published on the ring.
     fresh: bool,
-    last_batch_end: Option<Instant>,
+    last_completion: Option<Instant>,
+    /// Moving average of the time between completions, per completion.
     mean_gap_ns: f64,
-    mean_service_ns: f64,
 }
 
 impl Coalescer {
@@ -208,10 +236,10 @@ impl Coalescer {
             latest: Wrapping(0),
             unsignalled: 0,
             first_unsignalled: None,
+            held: 0,
             fresh: true,
-            last_batch_end: None,
+            last_completion: None,
             mean_gap_ns: 0.0,
-            mean_service_ns: 0.0,
         }
     }
 
@@ -243,22 +271,22 @@ impl Coalescer {
     }
 
     /// Decides after a batch that published `completed` entries, leaving the
-    /// used index at `new`, in `took` time. `wants(old, new)` is the guest's
-    /// wish for the entries `old..new` ([`guest_wants`]).
+    /// used index at `new`. `wants(old, new)` is the guest's wish for the
+    /// entries `old..new` ([`guest_wants`]).
     pub fn after_batch(
         &mut self,
         now: Instant,
         completed: u16,
         new: u16,
         ring_size: u16,
-        took: Duration,
         wants: impl Fn(u16, u16) -> bool,
     ) -> Verdict {
         self.checked
             .get_or_insert(Wrapping(new) - Wrapping(completed));
         if completed > 0 {
-            self.learn(now, completed, took);
+            self.learn(now, completed);
             self.unsignalled = self.unsignalled.saturating_add(u32::from(completed));
+            self.held = self.held.saturating_add(u32::from(completed));
         }
         self.latest = Wrapping(new);
         let before_start = Wrapping(new) - Wrapping(completed);
@@ -303,6 +331,7 @@ impl Coalescer {
             // interrupt actually tells the guest about them.
             self.checked = Some(self.latest);
             self.first_unsignalled = None;
+            self.held = 0;
             return Verdict::Suppress;
         }
         let first = *self.first_unsignalled.get_or_insert(now);
@@ -315,8 +344,13 @@ impl Coalescer {
             Policy::Immediate => None,
             Policy::Frames { frames, usecs } if self.unsignalled < frames => hold(usecs),
             Policy::Frames { .. } => None,
-            Policy::Adaptive { usecs } if self.dense() => hold(usecs),
-            Policy::Adaptive { .. } => None,
+            Policy::Adaptive { usecs } => {
+                let enough = HOLD_FRAMES.min(u32::from(ring_size / 4)).max(1);
+                let quiet = self.quiet_at();
+                hold(usecs)
+                    .filter(|_| self.dense(usecs) && self.held < enough && now < quiet)
+                    .map(|d| d.min(quiet))
+            }
         };
         match deadline {
             Some(d) if !urgent => Verdict::Defer(d),
@@ -332,26 +366,38 @@ impl Coalescer {
         self.checked = Some(self.latest);
         self.unsignalled = 0;
         self.first_unsignalled = None;
+        self.held = 0;
     }
 
-    /// Completions arrive faster than about twice the time it takes us to
-    /// deliver them: worth waiting for more.
-    fn dense(&self) -> bool {
-        self.mean_gap_ns > 0.0 && self.mean_gap_ns <= 2.0 * self.mean_service_ns
+    /// At the recent rate, at least [`DENSE_FRAMES`] completions are due
+    /// within `usecs`: worth holding an interrupt for.
+    fn dense(&self, usecs: u32) -> bool {
+        self.mean_gap_ns > 0.0
+            && self.mean_gap_ns * f64::from(DENSE_FRAMES) <= f64::from(usecs) * 1000.0
     }
 
+    /// When the completion stream counts as paused: [`IDLE_GAPS`] mean gaps
+    /// (at least [`IDLE_MIN`]) after the last completion.
+    fn quiet_at(&self) -> Instant {
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // small, positive
+        let gaps = Duration::from_nanos((self.mean_gap_ns * f64::from(IDLE_GAPS)) as u64);
+        let last = self.last_completion.unwrap_or_else(Instant::now);
+        last + gaps.max(IDLE_MIN)
+    }
+
+    /// Updates the moving average of the time between completions with a
+    /// batch of `completed` ending at `now`.
     #[allow(clippy::cast_precision_loss)]
-    fn learn(&mut self, now: Instant, completed: u16, took: Duration) {
-        let n = f64::from(completed);
-        let service = took.as_nanos() as f64 / n;
-        if let Some(prev) = self.last_batch_end {
-            let gap = now.saturating_duration_since(prev).as_nanos() as f64 / n;
-            self.mean_gap_ns += EWMA_WEIGHT * (gap - self.mean_gap_ns);
-            self.mean_service_ns += EWMA_WEIGHT * (service - self.mean_service_ns);
-        } else {
-            self.mean_service_ns = service;
+    fn learn(&mut self, now: Instant, completed: u16) {
+        if let Some(prev) = self.last_completion {
+            let gap = now.saturating_duration_since(prev).as_nanos() as f64 / f64::from(completed);
+            if self.mean_gap_ns == 0.0 {
+                self.mean_gap_ns = gap;
+            } else {
+                self.mean_gap_ns += EWMA_WEIGHT * (gap - self.mean_gap_ns);
+            }
         }
-        self.last_batch_end = Some(now);
+        self.last_completion = Some(now);
     }
 }
 
@@ -420,18 +466,15 @@ mod tests {
     fn immediate_signals_every_batch_the_guest_asks_for() {
         let mut c = Coalescer::new(Policy::Immediate);
         let t = Instant::now();
-        assert_eq!(c.after_batch(t, 3, 3, 256, US, ALWAYS), Verdict::Signal);
-        assert_eq!(
-            c.after_batch(t, 1, 4, 256, US, |_, _| false),
-            Verdict::Suppress
-        );
+        assert_eq!(c.after_batch(t, 3, 3, 256, ALWAYS), Verdict::Signal);
+        assert_eq!(c.after_batch(t, 1, 4, 256, |_, _| false), Verdict::Suppress);
     }
 
     #[test]
     fn frames_policy_holds_31_completions_until_the_timer_and_not_before() {
         let mut c = frames_32_1ms();
         let t0 = Instant::now();
-        let v = c.after_batch(t0, 31, 31, 256, US, ALWAYS);
+        let v = c.after_batch(t0, 31, 31, 256, ALWAYS);
         assert_eq!(v, Verdict::Defer(t0 + Duration::from_micros(1000)));
         // Silence: a timer firing early (spurious) still holds it.
         assert!(matches!(
@@ -453,13 +496,10 @@ mod tests {
         let mut c = frames_32_1ms();
         let t0 = Instant::now();
         assert!(matches!(
-            c.after_batch(t0, 20, 20, 256, US, ALWAYS),
+            c.after_batch(t0, 20, 20, 256, ALWAYS),
             Verdict::Defer(_)
         ));
-        assert_eq!(
-            c.after_batch(t0 + US, 12, 32, 256, US, ALWAYS),
-            Verdict::Signal
-        );
+        assert_eq!(c.after_batch(t0 + US, 12, 32, 256, ALWAYS), Verdict::Signal);
     }
 
     #[test]
@@ -467,10 +507,10 @@ mod tests {
         let mut c = Coalescer::new("frames=1000,usecs=100000".parse().unwrap());
         let t0 = Instant::now();
         assert!(matches!(
-            c.after_batch(t0, 128, 128, 256, US, ALWAYS),
+            c.after_batch(t0, 128, 128, 256, ALWAYS),
             Verdict::Defer(_)
         ));
-        assert_eq!(c.after_batch(t0, 1, 129, 256, US, ALWAYS), Verdict::Signal);
+        assert_eq!(c.after_batch(t0, 1, 129, 256, ALWAYS), Verdict::Signal);
     }
 
     #[test]
@@ -481,11 +521,11 @@ mod tests {
         let t0 = Instant::now();
         let asks_at_200 = |old: u16, new: u16| need_event(200, new, old);
         assert_eq!(
-            c.after_batch(t0, 120, 120, 256, US, asks_at_200),
+            c.after_batch(t0, 120, 120, 256, asks_at_200),
             Verdict::Suppress
         );
         assert_eq!(
-            c.after_batch(t0, 90, 210, 256, US, asks_at_200),
+            c.after_batch(t0, 90, 210, 256, asks_at_200),
             Verdict::Signal
         );
     }
@@ -496,7 +536,7 @@ mod tests {
             let mut c = Coalescer::new(policy.parse().unwrap());
             let t0 = Instant::now();
             assert_eq!(
-                c.after_batch(t0, 64, 64, 256, US, |_, _| false),
+                c.after_batch(t0, 64, 64, 256, |_, _| false),
                 Verdict::Suppress
             );
             let later = t0 + Duration::from_secs(1);
@@ -511,12 +551,12 @@ mod tests {
         // Deferred at used 10; the guest's used_event (5) lies in 0..10.
         let wants = |old: u16, new: u16| need_event(5, new, old);
         assert!(matches!(
-            c.after_batch(t0, 10, 10, 256, US, wants),
+            c.after_batch(t0, 10, 10, 256, wants),
             Verdict::Defer(_)
         ));
         // The next batch (10..20) alone would not cross 5; 0..20 does.
         assert!(matches!(
-            c.after_batch(t0 + US, 10, 20, 256, US, wants),
+            c.after_batch(t0 + US, 10, 20, 256, wants),
             Verdict::Defer(_)
         ));
         assert_eq!(
@@ -525,34 +565,128 @@ mod tests {
         );
     }
 
+    /// Feeds `c` one completion every `gap`, starting after `t` at used
+    /// index `used`, `n` times; returns the verdicts and the last instant.
+    fn stream(
+        c: &mut Coalescer,
+        t: &mut Instant,
+        used: &mut u16,
+        gap: Duration,
+        n: usize,
+        wants: impl Fn(u16, u16) -> bool + Copy,
+    ) -> Vec<Verdict> {
+        (0..n)
+            .map(|_| {
+                *t += gap;
+                *used = used.wrapping_add(1);
+                c.after_batch(*t, 1, *used, 256, wants)
+            })
+            .collect()
+    }
+
+    fn signals(v: &[Verdict]) -> usize {
+        v.iter().filter(|v| **v == Verdict::Signal).count()
+    }
+
     #[test]
-    fn adaptive_signals_sparse_completions_at_once_and_defers_dense_ones_within_bound() {
-        let mut c = Coalescer::new("adaptive,usecs=200".parse().unwrap());
-        let mut t = Instant::now();
-        // Sparse: one completion every millisecond, each taking 2 us.
-        for i in 1..=20u16 {
-            t += Duration::from_millis(1);
-            assert_eq!(c.after_batch(t, 1, i, 256, 2 * US, ALWAYS), Verdict::Signal);
+    fn adaptive_signals_sparse_completions_at_once() {
+        // 10,000 per second: fewer than DENSE_FRAMES within 250 us.
+        let mut c = Coalescer::new("adaptive".parse().unwrap());
+        let (mut t, mut used) = (Instant::now(), 0);
+        let v = stream(&mut c, &mut t, &mut used, 100 * US, 50, ALWAYS);
+        assert_eq!(signals(&v), 50, "{v:?}");
+    }
+
+    #[test]
+    fn adaptive_holds_a_dense_stream_until_a_napi_budget_arrived() {
+        // RX-like guest: asks at every entry (used_event = its last_used).
+        let mut c = Coalescer::new("adaptive".parse().unwrap());
+        let (mut t, mut used) = (Instant::now(), 0);
+        // Learn the rate: one completion every 2 us (500,000 per second).
+        stream(&mut c, &mut t, &mut used, 2 * US, 40, ALWAYS);
+        c.take_held();
+        let v = stream(&mut c, &mut t, &mut used, 2 * US, 200, ALWAYS);
+        let at: Vec<usize> = (0..v.len()).filter(|&i| v[i] == Verdict::Signal).collect();
+        assert!(!at.is_empty(), "never signalled: {v:?}");
+        for w in at.windows(2) {
+            assert_eq!(w[1] - w[0], HOLD_FRAMES as usize, "{at:?}");
         }
-        // Dense: a completion every 2 us, back to back.
-        let mut deferred = 0;
-        let mut used = 20u16;
-        for _ in 0..200 {
-            t += 2 * US;
-            used += 1;
-            match c.after_batch(t, 1, used, 256, 2 * US, ALWAYS) {
-                Verdict::Defer(d) => {
-                    deferred += 1;
-                    assert!(d <= t + Duration::from_micros(200), "bounded by usecs");
-                }
-                Verdict::Signal => {}
-                Verdict::Suppress => panic!("the guest asked"),
-            }
+        for d in v.iter().filter_map(|v| match v {
+            Verdict::Defer(d) => Some(*d),
+            _ => None,
+        }) {
+            assert!(d <= t + Duration::from_micros(250), "bounded by usecs");
         }
+    }
+
+    #[test]
+    fn adaptive_lets_a_held_interrupt_go_when_the_stream_pauses() {
+        let mut c = Coalescer::new("adaptive".parse().unwrap());
+        let (mut t, mut used) = (Instant::now(), 0);
+        stream(&mut c, &mut t, &mut used, 2 * US, 40, ALWAYS);
+        c.take_held();
+        let v = stream(&mut c, &mut t, &mut used, 2 * US, 5, ALWAYS);
+        let Some(Verdict::Defer(d)) = v.last().copied() else {
+            panic!("dense completions are held: {v:?}");
+        };
+        // The stream stopped: the interrupt goes at the pause's mark, long
+        // before the policy's 250 us bound.
         assert!(
-            deferred > 150,
-            "dense traffic was deferred only {deferred} times"
+            d <= t + IDLE_MIN,
+            "deadline {:?} after the last completion",
+            d - t
         );
+        assert!(matches!(c.on_timer(d - US, 256, ALWAYS), Verdict::Defer(_)));
+        assert_eq!(c.on_timer(d, 256, ALWAYS), Verdict::Signal);
+    }
+
+    #[test]
+    fn adaptive_never_holds_past_its_bound() {
+        let mut c = Coalescer::new("adaptive,usecs=40".parse().unwrap());
+        let (mut t, mut used) = (Instant::now(), 0);
+        // 4 us apart: 10 due within 40 us, dense; 64 take 256 us.
+        stream(&mut c, &mut t, &mut used, 4 * US, 40, ALWAYS);
+        c.take_held();
+        let v = stream(&mut c, &mut t, &mut used, 4 * US, 40, ALWAYS);
+        let at: Vec<usize> = (0..v.len()).filter(|&i| v[i] == Verdict::Signal).collect();
+        assert!(at.len() >= 3, "{v:?}");
+        for w in at.windows(2) {
+            assert!(w[1] - w[0] <= 11, "held past 40 us: {at:?}");
+        }
+    }
+
+    #[test]
+    fn adaptive_switches_between_sparse_and_dense_in_both_directions() {
+        // RX-like: asks at every entry. TX-like (Linux with TX NAPI): asks
+        // after 3/4 of what it has outstanding, here every 32 entries.
+        let tx_like = |old: u16, new: u16| (old..new).any(|i| i % 32 == 31);
+        for (name, wants) in [
+            ("rx", (|_, _| true) as fn(u16, u16) -> bool),
+            ("tx", tx_like),
+        ] {
+            let mut c = Coalescer::new("adaptive".parse().unwrap());
+            let (mut t, mut used) = (Instant::now(), 0);
+            let sparse = stream(&mut c, &mut t, &mut used, 200 * US, 64, wants);
+            assert!(
+                !sparse.iter().any(|v| matches!(v, Verdict::Defer(_))),
+                "{name}: sparse held: {sparse:?}"
+            );
+            let asked = signals(&sparse);
+            // Dense: after the moving average caught up (a few dozen
+            // completions), fewer interrupts than the guest asked for.
+            stream(&mut c, &mut t, &mut used, US, 64, wants);
+            let dense = stream(&mut c, &mut t, &mut used, US, 256, wants);
+            assert!(
+                signals(&dense) * 2 <= 256 / if name == "rx" { 1 } else { 32 },
+                "{name}: dense not coalesced: {} signals",
+                signals(&dense)
+            );
+            // Sparse again: back to signalling at once.
+            c.take_held();
+            stream(&mut c, &mut t, &mut used, 200 * US, 32, wants);
+            let again = stream(&mut c, &mut t, &mut used, 200 * US, 64, wants);
+            assert_eq!(signals(&again), asked, "{name}: {again:?}");
+        }
     }
 
     #[test]
@@ -561,16 +695,16 @@ mod tests {
             let mut c = Coalescer::new(policy.parse().unwrap());
             let t0 = Instant::now();
             let never = |_: u16, _: u16| false;
-            assert_eq!(c.after_batch(t0, 10, 10, 256, US, never), Verdict::Suppress);
+            assert_eq!(c.after_batch(t0, 10, 10, 256, never), Verdict::Suppress);
             c.reset();
             // Restarted at used 10 with nothing new: the guest may still
             // wait for entries it was never interrupted for.
             assert_eq!(
-                c.after_batch(t0, 0, 10, 256, US, never),
+                c.after_batch(t0, 0, 10, 256, never),
                 Verdict::Signal,
                 "{policy}"
             );
-            assert_eq!(c.after_batch(t0, 1, 11, 256, US, never), Verdict::Suppress);
+            assert_eq!(c.after_batch(t0, 1, 11, 256, never), Verdict::Suppress);
         }
     }
 
@@ -579,7 +713,7 @@ mod tests {
         let mut c = frames_32_1ms();
         let t0 = Instant::now();
         assert!(matches!(
-            c.after_batch(t0, 5, 5, 256, US, ALWAYS),
+            c.after_batch(t0, 5, 5, 256, ALWAYS),
             Verdict::Defer(_)
         ));
         assert!(c.take_held());
