@@ -1,6 +1,7 @@
 //! Frames move end to end: TX onto the tap, RX into guest buffers (with and
 //! without mergeable buffers, jumbo taps, few small buffers, a legacy 10-byte
-//! header), two queue pairs, RX waiting for buffers.
+//! header), two queue pairs, RX waiting for buffers, UDP segmentation offload
+//! both ways.
 //!
 //! End to end with the real parts: the daemon process on a real tap in a
 //! network namespace, driven by the real vhost-user frontend protocol
