@@ -445,26 +445,39 @@ fn uso_frame_from_the_guest_arrives_in_the_namespace_as_segmented_datagrams() {
 
 #[test]
 #[ignore = "needs root and /dev/net/tun (CI runs it)"]
-fn udp_gso_send_in_the_namespace_reaches_a_guest_with_guest_uso_as_one_frame() {
+fn udp_gso_send_in_the_namespace_reaches_a_guest_with_only_guest_uso_as_one_frame() {
     let ns = Netns::new();
     let d = Daemon::start(&ns, &[]);
     address_tap(&ns, &d);
-    let mut fe = TestFrontend::connect(&d.socket, 1, 256, 0);
+    // USO is the guest's only receive segmentation offload.
+    let mut fe = TestFrontend::connect(&d.socket, 1, 256, GUEST_GSO);
     assert_eq!(
         fe.features & GUEST_USO,
         GUEST_USO,
         "GUEST_USO4/6 negotiated"
     );
     fe.post_rx(0, 64, 4096);
-    let payload = long_payload(12, 3000);
+    // 20 segments: one frame of 20054 bytes spans 5 mergeable buffers.
+    let payload = long_payload(12, 20_000);
+    let total: usize = 12 + 14 + 20 + 8 + 20_000;
 
     send_udp_gso_to_guest(&ns, 9000, &payload, 1000);
 
-    let used = used_until_marker(&mut fe, 12);
-    let buf = fe.rx_buffer(0, *used.last().expect("one entry"));
-    assert_eq!(buf[1], GSO_UDP_L4, "gso_type UDP_L4: {:?}", &buf[..12]);
-    assert_eq!(u16::from_le_bytes([buf[4], buf[5]]), 1000, "gso_size");
-    assert_eq!(buf.len(), 12 + 14 + 20 + 8 + 3000, "the whole datagram");
-    assert_eq!(&buf[udp_payload_at(12)..], payload.as_slice(), "byte-exact");
-    assert_eq!(d.stats().get("frames_total", 0), 1);
+    let used = fe.wait_used(0, total.div_ceil(4096));
+    let mut frame = Vec::new();
+    for u in &used {
+        frame.extend(fe.rx_buffer(0, *u));
+    }
+    assert_eq!(frame[1], GSO_UDP_L4, "gso_type UDP_L4: {:?}", &frame[..12]);
+    assert_eq!(u16::from_le_bytes([frame[4], frame[5]]), 1000, "gso_size");
+    assert_eq!(u16::from_le_bytes([frame[10], frame[11]]), 5, "num_buffers");
+    assert_eq!(frame.len(), total, "the whole datagram in one frame");
+    assert_eq!(
+        &frame[udp_payload_at(12)..],
+        payload.as_slice(),
+        "byte-exact"
+    );
+    let s = d.stats();
+    assert_eq!(s.get("frames_total", 0), 1);
+    assert_eq!(s.get("rx_dropped_oversize_frames_total", 0), 0);
 }
