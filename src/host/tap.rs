@@ -52,7 +52,7 @@ pub struct Tap {
     queues: Vec<File>,
     created: bool,
     mtu: u32,
-    /// `TUN_F_*` flags the kernel accepts on this tap ([`probe_offloads`]).
+    /// `TUN_F_*` flags the kernel accepts on this tap ([`probe_uso`]).
     offloads: u32,
 }
 
@@ -279,11 +279,6 @@ impl Tap {
     /// Takes the per-queue fds (one per queue pair, in order).
     pub fn into_queues(self) -> Vec<File> {
         self.queues
-    }
-
-    /// The `TUN_F_*` offload flags the kernel accepts on this tap.
-    pub fn offloads(&self) -> u32 {
-        self.offloads
     }
 
     /// The device's control, on a second handle of queue 0.
