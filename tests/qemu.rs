@@ -1,7 +1,8 @@
 //! End to end with QEMU and a real Linux guest (its `virtio_net` driver):
 //! ping and 64 MiB TCP transfers both ways with offloads on, two queue pairs,
 //! QEMU 10 (MSI-X) and Debian 12's QEMU 7.2 (`vectors=0`), backend restart,
-//! QEMU restart, and client mode; and, under each interrupt coalescing
+//! QEMU restart, client mode, UDP GSO sends both ways with the daemon's USO
+//! offer seen by QEMU; and, under each interrupt coalescing
 //! policy, RX surviving VM pause/resume (QMP `stop`/`cont`) and a backend
 //! restart under RX load.
 //!
@@ -925,5 +926,142 @@ fn qemu10_guest_migrates_between_two_daemons_on_one_tap_three_times() {
     assert!(
         a.log().contains("dirty page logging on") && b.log().contains("dirty page logging on"),
         "both daemons logged for a migration"
+    );
+}
+
+/// `vun-udp-gso` (`tests/guest/udp-gso.rs`) for the guest: std only,
+/// statically linked, so it runs in the busybox initramfs.
+fn udp_gso_helper() -> std::path::PathBuf {
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("vun-udp-gso");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/udp-gso.rs");
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let status = Command::new(rustc)
+        .args(["--edition", "2021", "-O", "-C", "strip=symbols"])
+        .args(["-C", "target-feature=+crt-static", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .status()
+        .expect("run rustc");
+    assert!(status.success(), "cannot build {}", src.display());
+    out
+}
+
+/// The JSON object of the first `"key": {...}` in `text` (QMP replies
+/// carry no braces inside strings).
+fn json_object<'a>(text: &'a str, key: &str) -> &'a str {
+    let at = text
+        .find(&format!("\"{key}\": {{"))
+        .unwrap_or_else(|| panic!("no \"{key}\" object in {text}"));
+    let open = at + text[at..].find('{').expect("an object");
+    let mut depth = 0;
+    for (i, c) in text[open..].char_indices() {
+        match c {
+            '{' => depth += 1,
+            '}' => {
+                depth -= 1;
+                if depth == 0 {
+                    return &text[open..=open + i];
+                }
+            }
+            _ => {}
+        }
+    }
+    panic!("unbalanced \"{key}\" object in {text}")
+}
+
+#[test]
+#[ignore = "needs root, QEMU and the guest image (.ci/install-deps.sh)"]
+fn qemu10_udp_gso_crosses_both_ways_and_uso_is_offered_to_qemu() {
+    use common::frames::{long_payload, send_udp_gso_to_guest};
+    let _one = serial();
+    let ns = Netns::new();
+    let d = Daemon::start(&ns, &[]);
+    address_tap(&ns, &d.tap);
+    let opts = Options {
+        extra_files: vec![(udp_gso_helper(), "/bin/vun-udp-gso".into())],
+        ..Options::default()
+    };
+    let (mut qemu, mut g) = Qemu::boot("qemu10-uso", &d.socket, GUEST_CIDR, &opts);
+
+    // The daemon's offer, as QEMU's vhost device holds it.
+    let list = qemu.monitor("x-query-virtio");
+    let path = list
+        .split("\"path\": \"")
+        .nth(1)
+        .and_then(|p| p.split('"').next())
+        .expect("a virtio device path");
+    let status = qemu.monitor_with(
+        "x-query-virtio-status",
+        &format!("{{\"path\": \"{path}\"}}"),
+    );
+    let backend_offer = json_object(json_object(&status, "vhost-dev"), "features");
+    for bit in ["VIRTIO_NET_F_HOST_USO", "VIRTIO_NET_F_GUEST_USO4"] {
+        assert!(
+            backend_offer.contains(bit),
+            "{bit} not offered: {backend_offer}"
+        );
+    }
+    // QEMU 10.0 passes USO to the guest only for netdevs that say they
+    // have it, which vhost-user does not (see docs/qemu.md).
+    let to_guest = json_object(&status, "host-features").contains("_USO");
+    let negotiated = g.ok("vun-features eth0", SHORT);
+    eprintln!(
+        "QEMU offers the guest USO: {to_guest}; guest: {}",
+        negotiated.trim()
+    );
+    ping_from_namespace(&ns, 5);
+
+    // Host -> guest: one send of 7 segments of 1000 bytes and one of 600.
+    g.ok(
+        "vun-udp-gso recv 9000 8 /tmp/u 30 >/tmp/u.out 2>&1 & echo $! >/tmp/u.pid",
+        SHORT,
+    );
+    g.ok(
+        "while ! grep -q listening /tmp/u.out; do sleep 0.1; done",
+        SHORT,
+    );
+    let payload = long_payload(21, 7600);
+    send_udp_gso_to_guest(&ns, 9000, &payload, 1000);
+    g.ok(
+        "while kill -0 $(cat /tmp/u.pid) 2>/dev/null; do sleep 0.1; done",
+        SHORT,
+    );
+    let got = g.ok("cat /tmp/u.out; md5sum /tmp/u", SHORT);
+    assert!(
+        got.contains("datagrams=8 bytes=7600 sizes=1000,1000,1000,1000,1000,1000,1000,600"),
+        "host -> guest: {got}"
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sent = dir.path().join("sent");
+    std::fs::write(&sent, &payload).expect("write payload");
+    assert!(
+        got.contains(&md5_of(&sent)),
+        "host -> guest data differs: {got}"
+    );
+
+    // Guest -> host: one send with UDP_SEGMENT from the guest.
+    let sock = ns.within(|| std::net::UdpSocket::bind((HOST_IP, 9100)).expect("bind"));
+    sock.set_read_timeout(Some(SHORT)).expect("timeout");
+    g.ok(
+        &format!("vun-udp-gso send {HOST_IP}:9100 1000 7600 22"),
+        SHORT,
+    );
+    let mut buf = [0u8; 65536];
+    let got: Vec<Vec<u8>> = (0..8)
+        .map(|_| {
+            let n = sock.recv(&mut buf).expect("a datagram from the guest");
+            buf[..n].to_vec()
+        })
+        .collect();
+    let want: Vec<Vec<u8>> = long_payload(22, 7600)
+        .chunks(1000)
+        .map(<[u8]>::to_vec)
+        .collect();
+    assert!(got == want, "guest -> host datagrams differ");
+
+    let s = d.stats();
+    assert_eq!(
+        s.get("bad_chains_total", 0) + s.get("bad_chains_total", 1),
+        0
     );
 }

@@ -1,6 +1,7 @@
 //! Frames move end to end: TX onto the tap, RX into guest buffers (with and
 //! without mergeable buffers, jumbo taps, few small buffers, a legacy 10-byte
-//! header), two queue pairs, RX waiting for buffers.
+//! header), two queue pairs, RX waiting for buffers, UDP segmentation offload
+//! both ways.
 //!
 //! End to end with the real parts: the daemon process on a real tap in a
 //! network namespace, driven by the real vhost-user frontend protocol
@@ -14,8 +15,8 @@ use vhost_user_net::control::config::default_mac;
 use vhost_user_net::testing::driver::Used;
 use vhost_user_net_harness as common;
 use vhost_user_net_harness::frames::{
-    address_tap, capture_all, has_marker, long_payload, marker, mem_check, send_udp_payload,
-    send_udp_to_guest,
+    address_tap, capture_all, has_marker, long_payload, marker, mem_check, send_udp_gso_to_guest,
+    send_udp_payload, send_udp_to_guest, uso_frame, GSO_UDP_L4,
 };
 use vhost_user_net_harness::{capture, eth_frame, Daemon, Netns, TestFrontend};
 
@@ -405,4 +406,78 @@ fn legacy_feature_set_moves_frames_with_the_10_byte_header_both_ways() {
     let s = d.stats();
     assert_eq!(s.get("bytes_total", 1), sent.len() as u64);
     assert_eq!(s.get("bytes_total", 0), 14 + 20 + 8 + 64);
+}
+
+const HOST_USO: u64 = 1 << 56;
+const GUEST_USO: u64 = (1 << 54) | (1 << 55);
+
+#[test]
+#[ignore = "needs root and /dev/net/tun (CI runs it)"]
+fn uso_frame_from_the_guest_arrives_in_the_namespace_as_segmented_datagrams() {
+    let ns = Netns::new();
+    let d = Daemon::start(&ns, &[]);
+    address_tap(&ns, &d);
+    let sock = ns.within(|| std::net::UdpSocket::bind("198.18.0.1:9100").expect("bind"));
+    sock.set_read_timeout(Some(common::TIMEOUT))
+        .expect("timeout");
+    let mut fe = TestFrontend::connect(&d.socket, 1, 256, 0);
+    assert_ne!(fe.features & HOST_USO, 0, "HOST_USO negotiated");
+    // Three 1000-byte segments and a 500-byte tail, each told apart.
+    let payload = long_payload(11, 3500);
+    let (hdr, frame) = uso_frame(ns.mac(&d.tap), default_mac(&d.tap), 9100, &payload, 1000);
+
+    fe.queue_tx_with_header(0, &hdr, &frame);
+    fe.publish_and_kick(1);
+
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    for _ in 0..4 {
+        let n = sock.recv(&mut buf).expect("a segment");
+        got.push(buf[..n].to_vec());
+    }
+    let want: Vec<Vec<u8>> = payload.chunks(1000).map(<[u8]>::to_vec).collect();
+    assert_eq!(got, want, "segments in order, byte-exact");
+    let s = d.stats();
+    assert_eq!(s.get("frames_total", 1), 1, "one GSO frame from the guest");
+    assert_eq!(s.get("bytes_total", 1), frame.len() as u64);
+    assert_eq!(s.get("bad_chains_total", 1), 0);
+}
+
+#[test]
+#[ignore = "needs root and /dev/net/tun (CI runs it)"]
+fn udp_gso_send_in_the_namespace_reaches_a_guest_with_only_guest_uso_as_one_frame() {
+    let ns = Netns::new();
+    let d = Daemon::start(&ns, &[]);
+    address_tap(&ns, &d);
+    // USO is the guest's only receive segmentation offload.
+    let mut fe = TestFrontend::connect(&d.socket, 1, 256, GUEST_GSO);
+    assert_eq!(
+        fe.features & GUEST_USO,
+        GUEST_USO,
+        "GUEST_USO4/6 negotiated"
+    );
+    fe.post_rx(0, 64, 4096);
+    // 20 segments: one frame of 20054 bytes spans 5 mergeable buffers.
+    let payload = long_payload(12, 20_000);
+    let total: usize = 12 + 14 + 20 + 8 + 20_000;
+
+    send_udp_gso_to_guest(&ns, 9000, &payload, 1000);
+
+    let used = fe.wait_used(0, total.div_ceil(4096));
+    let mut frame = Vec::new();
+    for u in &used {
+        frame.extend(fe.rx_buffer(0, *u));
+    }
+    assert_eq!(frame[1], GSO_UDP_L4, "gso_type UDP_L4: {:?}", &frame[..12]);
+    assert_eq!(u16::from_le_bytes([frame[4], frame[5]]), 1000, "gso_size");
+    assert_eq!(u16::from_le_bytes([frame[10], frame[11]]), 5, "num_buffers");
+    assert_eq!(frame.len(), total, "the whole datagram in one frame");
+    assert_eq!(
+        &frame[udp_payload_at(12)..],
+        payload.as_slice(),
+        "byte-exact"
+    );
+    let s = d.stats();
+    assert_eq!(s.get("frames_total", 0), 1);
+    assert_eq!(s.get("rx_dropped_oversize_frames_total", 0), 0);
 }

@@ -381,10 +381,16 @@ impl TestFrontend {
     /// Queues one TX frame (a zeroed header of [`TestFrontend::hdr_len`]
     /// bytes, then `frame`) without publishing it.
     pub fn queue_tx(&mut self, pair: usize, frame: &[u8]) {
-        let hdr_len = self.hdr_len();
+        let hdr = vec![0u8; self.hdr_len()];
+        self.queue_tx_with_header(pair, &hdr, frame);
+    }
+
+    /// Queues one TX frame behind the virtio-net header `hdr` (e.g. one
+    /// that asks for segmentation) without publishing it.
+    pub fn queue_tx_with_header(&mut self, pair: usize, hdr: &[u8], frame: &[u8]) {
         let vq = &mut self.vqs[2 * pair + 1];
         let addr = vq.next_buffer();
-        let mut bytes = vec![0u8; hdr_len];
+        let mut bytes = hdr.to_vec();
         bytes.extend_from_slice(frame);
         assert!(
             bytes.len() <= vq.buf_size as usize,

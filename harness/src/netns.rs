@@ -38,6 +38,24 @@ impl Netns {
         run("ip", &all);
     }
 
+    /// The MAC address of interface `dev` in the namespace.
+    pub fn mac(&self, dev: &str) -> [u8; 6] {
+        let out = Command::new("ip")
+            .args(["-n", &self.name, "-br", "link", "show", "dev", dev])
+            .output()
+            .expect("spawn ip");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let field = text
+            .split_whitespace()
+            .nth(2)
+            .unwrap_or_else(|| panic!("no MAC for {dev}: {text}"));
+        let mut mac = [0u8; 6];
+        for (b, hex) in mac.iter_mut().zip(field.split(':')) {
+            *b = u8::from_str_radix(hex, 16).expect("a MAC address");
+        }
+        mac
+    }
+
     /// Creates a persistent multiqueue tap with a virtio-net header, as an
     /// administrator would (`ip tuntap add`), and sets it up.
     pub fn add_tap(&self, name: &str) {

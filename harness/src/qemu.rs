@@ -74,6 +74,10 @@ pub struct Options {
     pub queue_pairs: usize,
     pub chardev: Chardev,
     pub mac: &'static str,
+    /// Files added to the guest's initramfs: (host path, absolute path in
+    /// the guest, in a directory the image has, e.g. `/bin/NAME`), e.g. a
+    /// helper program built by the test.
+    pub extra_files: Vec<(PathBuf, String)>,
 }
 
 impl Default for Options {
@@ -84,6 +88,7 @@ impl Default for Options {
             queue_pairs: 1,
             chardev: Chardev::Client,
             mac: "52:54:00:12:34:56",
+            extra_files: Vec::new(),
         }
     }
 }
@@ -190,6 +195,7 @@ impl Qemu {
             Version::Qemu10 => env.get("VUN_QEMU10"),
             Version::Qemu72 => env.get("VUN_QEMU72"),
         };
+        let initrd = with_extra_files(env.get("VUN_INITRAMFS"), &opts.extra_files, dir.path());
         let append = format!("console=ttyS0 panic=-1 ipv6.disable=1 vun.ip={ip} vun.ctl=ttyS1");
         let args: Vec<String> = [
             "-accel",
@@ -215,7 +221,7 @@ impl Qemu {
             "-kernel".into(),
             env.get("VUN_KERNEL").into(),
             "-initrd".into(),
-            env.get("VUN_INITRAMFS").into(),
+            initrd.display().to_string(),
             "-append".into(),
             append,
             "-serial".into(),
@@ -358,6 +364,44 @@ impl Qemu {
             let _ = c.wait();
         }
     }
+}
+
+/// The initramfs to boot: `base` itself, or with `extra` files a copy of it
+/// in `dir` followed by a second (gzipped newc) cpio archive holding them;
+/// the kernel unpacks concatenated archives in order.
+fn with_extra_files(base: &str, extra: &[(PathBuf, String)], dir: &Path) -> PathBuf {
+    if extra.is_empty() {
+        return PathBuf::from(base);
+    }
+    let stage = dir.join("extra-root");
+    let mut names = Vec::new();
+    for (host, guest) in extra {
+        let rel = guest.trim_start_matches('/');
+        let to = stage.join(rel);
+        std::fs::create_dir_all(to.parent().expect("a file in a directory")).expect("stage dir");
+        std::fs::copy(host, &to).unwrap_or_else(|e| panic!("{}: {e}", host.display()));
+        names.push(rel.to_owned());
+    }
+    let cpio = Command::new("sh")
+        .arg("-c")
+        .arg("cpio -o -H newc --owner=0:0 --quiet | gzip -n")
+        .current_dir(&stage)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn cpio");
+    let mut stdin = cpio.stdin.as_ref().expect("piped");
+    stdin
+        .write_all(names.join("\n").as_bytes())
+        .and_then(|()| stdin.write_all(b"\n"))
+        .expect("file list to cpio");
+    let out = cpio.wait_with_output().expect("cpio");
+    assert!(out.status.success(), "cpio of the extra files failed");
+    let path = dir.join("initramfs.cpio.gz");
+    let mut initrd = std::fs::read(base).unwrap_or_else(|e| panic!("{base}: {e}"));
+    initrd.extend_from_slice(&out.stdout);
+    std::fs::write(&path, initrd).expect("write the initramfs");
+    path
 }
 
 impl Drop for Qemu {

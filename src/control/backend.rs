@@ -22,8 +22,9 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_ANNOUNCE, VIRTIO_NET_F_GUEST_CSUM,
     VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
-    VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
-    VIRTIO_NET_F_HOST_UFO, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_GUEST_USO4, VIRTIO_NET_F_GUEST_USO6,
+    VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_UFO,
+    VIRTIO_NET_F_HOST_USO, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF,
     VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
@@ -43,8 +44,12 @@ use crate::host::tap::{self, Tap, TapControl};
 use crate::stats::connections::connection_log;
 use crate::stats::Stats;
 
-/// Virtio features offered to the driver.
-pub fn offered_features(pairs: usize) -> u64 {
+/// Virtio features offered to the driver of a device with `pairs` queue
+/// pairs on a tap that accepts the `TUN_F_*` flags `tap_offloads`
+/// ([`TapControl::offloads`]): UDP segmentation offload only where the
+/// kernel has it, both ways (a kernel that takes `TUN_F_USO4/6` also takes
+/// `VIRTIO_NET_HDR_GSO_UDP_L4` frames on write).
+pub fn offered_features(pairs: usize, tap_offloads: u32) -> u64 {
     let mut bits = vec![
         VIRTIO_F_VERSION_1,
         VIRTIO_RING_F_EVENT_IDX,
@@ -68,6 +73,13 @@ pub fn offered_features(pairs: usize) -> u64 {
     ];
     if pairs > 1 {
         bits.push(VIRTIO_NET_F_MQ);
+    }
+    if tap_offloads & tap::USO_OFFLOADS == tap::USO_OFFLOADS {
+        bits.extend([
+            VIRTIO_NET_F_HOST_USO,
+            VIRTIO_NET_F_GUEST_USO4,
+            VIRTIO_NET_F_GUEST_USO6,
+        ]);
     }
     bits.iter().fold(0u64, |acc, &b| acc | (1u64 << b))
         | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
@@ -109,7 +121,9 @@ pub fn rarp_frame(mac: [u8; 6]) -> Vec<u8> {
 /// Receive offloads that let the tap hand us 64 KiB GSO frames.
 const GUEST_GSO: u64 = (1u64 << VIRTIO_NET_F_GUEST_TSO4)
     | (1u64 << VIRTIO_NET_F_GUEST_TSO6)
-    | (1u64 << VIRTIO_NET_F_GUEST_UFO);
+    | (1u64 << VIRTIO_NET_F_GUEST_UFO)
+    | (1u64 << VIRTIO_NET_F_GUEST_USO4)
+    | (1u64 << VIRTIO_NET_F_GUEST_USO6);
 
 /// The largest header + frame the tap may hand us once the guest acked
 /// `features`: 64 KiB GSO frames with receive offloads, else one MTU frame,
@@ -415,7 +429,7 @@ impl VhostUserBackend for NetBackend {
         // the relay sends before any frontend message, and SET_FEATURES):
         // the thread's earliest hook, where it narrows its syscalls.
         crate::host::seccomp::enter(crate::host::seccomp::Class::Requests);
-        offered_features(self.config.queue_pairs)
+        offered_features(self.config.queue_pairs, self.tap_ctl.offloads())
     }
 
     fn acked_features(&self, features: u64) {
@@ -562,7 +576,7 @@ mod tests {
 
     #[test]
     fn offered_features_never_include_what_the_crates_cannot_serve() {
-        let f = offered_features(2);
+        let f = offered_features(2, tap::BASE_OFFLOADS);
         let packed = 1u64 << 34; // VIRTIO_F_RING_PACKED
         let iommu = 1u64 << 33; // VIRTIO_F_ACCESS_PLATFORM
         assert_eq!(f & (packed | iommu), 0);
@@ -582,7 +596,7 @@ mod tests {
 
     #[test]
     fn what_live_migration_needs_is_offered() {
-        let f = offered_features(1);
+        let f = offered_features(1, tap::BASE_OFFLOADS);
         assert_ne!(f & (1u64 << 26), 0, "VHOST_F_LOG_ALL");
         assert_ne!(f & (1u64 << VIRTIO_NET_F_GUEST_ANNOUNCE), 0);
         let p = offered_protocol_features();
@@ -605,8 +619,14 @@ mod tests {
 
     #[test]
     fn mq_is_offered_only_with_more_than_one_pair() {
-        assert_eq!(offered_features(1) & (1u64 << VIRTIO_NET_F_MQ), 0);
-        assert_ne!(offered_features(2) & (1u64 << VIRTIO_NET_F_MQ), 0);
+        assert_eq!(
+            offered_features(1, tap::BASE_OFFLOADS) & (1u64 << VIRTIO_NET_F_MQ),
+            0
+        );
+        assert_ne!(
+            offered_features(2, tap::BASE_OFFLOADS) & (1u64 << VIRTIO_NET_F_MQ),
+            0
+        );
     }
 
     #[test]
@@ -616,6 +636,57 @@ mod tests {
         assert_eq!(max_rx_frame(v1 | tso, 1500), 12 + 65535 + 18);
         assert_eq!(max_rx_frame(v1, 1500), 12 + 1500 + 18);
         assert_eq!(max_rx_frame(0, 1500), 10 + 1500 + 18, "legacy header");
+    }
+
+    const USO: u64 = (1u64 << VIRTIO_NET_F_HOST_USO)
+        | (1u64 << VIRTIO_NET_F_GUEST_USO4)
+        | (1u64 << VIRTIO_NET_F_GUEST_USO6);
+
+    #[test]
+    fn uso_is_offered_when_the_tap_accepts_tun_uso() {
+        let f = offered_features(1, tap::BASE_OFFLOADS | tap::USO_OFFLOADS);
+        assert_eq!(f & USO, USO);
+    }
+
+    #[test]
+    fn uso_is_not_offered_when_the_tap_refuses_tun_uso() {
+        let f = offered_features(1, tap::BASE_OFFLOADS);
+        assert_eq!(f & USO, 0);
+        // Everything else stays offered.
+        assert_eq!(
+            f,
+            offered_features(1, tap::BASE_OFFLOADS | tap::USO_OFFLOADS) & !USO
+        );
+    }
+
+    #[test]
+    fn the_device_offers_uso_as_its_tap_control_accepts_it() {
+        use crate::testing::tap::RecordingTap;
+        let device = |tap: RecordingTap| {
+            let (queue, _peer) = crate::testing::unit::tap_pair();
+            let config = DeviceConfig {
+                mac: [0x52, 0x54, 0, 0, 0, 1],
+                mtu: 1500,
+                queue_pairs: 1,
+                queue_size: 256,
+                rx_coalesce: crate::datapath::notify::Policy::Immediate,
+                tx_coalesce: crate::datapath::notify::Policy::Immediate,
+            };
+            NetBackend::from_queues(config, vec![queue], Arc::new(tap), None).unwrap()
+        };
+        assert_eq!(device(RecordingTap::new()).features() & USO, USO);
+        assert_eq!(device(RecordingTap::refusing_uso()).features() & USO, 0);
+    }
+
+    #[test]
+    fn max_rx_frame_is_64k_with_guest_uso() {
+        let v1 = 1u64 << VIRTIO_F_VERSION_1;
+        let uso = (1u64 << VIRTIO_NET_F_GUEST_CSUM)
+            | (1u64 << VIRTIO_NET_F_GUEST_USO4)
+            | (1u64 << VIRTIO_NET_F_GUEST_USO6);
+        assert_eq!(max_rx_frame(v1 | uso, 1500), 12 + 65535 + 18);
+        let told = rx_params(v1 | uso | (1u64 << VIRTIO_NET_F_MTU), 1500);
+        assert_eq!(told.max_plain_frame, 12 + 1500 + 18);
     }
 
     #[test]

@@ -18,7 +18,8 @@ use std::path::Path;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
-    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO,
+    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_GUEST_USO4,
+    VIRTIO_NET_F_GUEST_USO6,
 };
 
 use crate::host::sys;
@@ -51,6 +52,8 @@ pub struct Tap {
     queues: Vec<File>,
     created: bool,
     mtu: u32,
+    /// `TUN_F_*` flags the kernel accepts on this tap ([`probe_uso`]).
+    offloads: u32,
 }
 
 /// How the tap must frame what it hands us and takes from us, from the
@@ -77,6 +80,15 @@ impl Framing {
     }
 }
 
+/// `TUN_F_*` flags every kernel we run on accepts (UFO is dropped again
+/// where refused, see [`set_offloads`]).
+pub const BASE_OFFLOADS: u32 =
+    libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6 | libc::TUN_F_TSO_ECN | libc::TUN_F_UFO;
+
+/// UDP segmentation offload (Linux >= 6.2): the kernel takes the two only
+/// together, and only with `TUN_F_CSUM`.
+pub const USO_OFFLOADS: u32 = libc::TUN_F_USO4 | libc::TUN_F_USO6;
+
 /// `TUN_F_*` offload flags the kernel may use for frames it gives us, from
 /// the guest's acked `VIRTIO_NET_F_GUEST_*` features.
 pub fn offload_flags(features: u64) -> u32 {
@@ -86,12 +98,20 @@ pub fn offload_flags(features: u64) -> u32 {
         (VIRTIO_NET_F_GUEST_TSO6, libc::TUN_F_TSO6),
         (VIRTIO_NET_F_GUEST_ECN, libc::TUN_F_TSO_ECN),
         (VIRTIO_NET_F_GUEST_UFO, libc::TUN_F_UFO),
+        (VIRTIO_NET_F_GUEST_USO4, libc::TUN_F_USO4),
+        (VIRTIO_NET_F_GUEST_USO6, libc::TUN_F_USO6),
     ];
     let mut flags = 0;
     for (bit, flag) in map {
         if features & (1 << bit) != 0 {
             flags |= flag;
         }
+    }
+    // The kernel refuses one of USO4/USO6 without the other (EINVAL, which
+    // would cost every other offload): a guest that takes only one gets
+    // segmented datagrams, which it may always receive.
+    if flags & USO_OFFLOADS != USO_OFFLOADS {
+        flags &= !USO_OFFLOADS;
     }
     // Segmentation offloads are meaningless (and refused) without checksum.
     if flags & libc::TUN_F_CSUM == 0 {
@@ -105,6 +125,10 @@ pub fn offload_flags(features: u64) -> u32 {
 pub trait TapControl: Send + Sync {
     /// The interface's name, for logs.
     fn name(&self) -> &str;
+
+    /// The `TUN_F_*` offload flags the tap accepts: what the device may
+    /// offer the guest ([`crate::control::backend::offered_features`]).
+    fn offloads(&self) -> u32;
 
     /// Applies `framing` to the whole device (every queue).
     fn apply(&self, framing: Framing) -> io::Result<()>;
@@ -128,11 +152,16 @@ pub trait TapControl: Send + Sync {
 pub struct KernelTap {
     name: String,
     device: File,
+    offloads: u32,
 }
 
 impl TapControl for KernelTap {
     fn name(&self) -> &str {
         &self.name
+    }
+
+    fn offloads(&self) -> u32 {
+        self.offloads
     }
 
     fn apply(&self, framing: Framing) -> io::Result<()> {
@@ -178,6 +207,7 @@ impl Tap {
             queues,
             created: !existed,
             mtu: 0,
+            offloads: BASE_OFFLOADS,
         };
         if let Some(mtu) = mtu {
             sys::set_mtu(name, mtu).map_err(|source| tap.configure_error("set the MTU", source))?;
@@ -186,6 +216,13 @@ impl Tap {
         if tap.created {
             sys::set_link_up(name)
                 .map_err(|source| tap.configure_error("set the link up", source))?;
+        }
+        match probe_uso(&tap.queues[0]) {
+            Ok(()) => tap.offloads |= USO_OFFLOADS,
+            Err(e) => log::info!(
+                "tap {name}: the kernel refuses UDP segmentation offload (TUN_F_USO4/6, \
+                 Linux >= 6.2): {e}; HOST_USO and GUEST_USO4/6 are not offered"
+            ),
         }
         tap.set_offload_flags(0)?;
         log::info!(
@@ -253,6 +290,7 @@ impl Tap {
         Ok(KernelTap {
             name: self.name.clone(),
             device: first.try_clone()?,
+            offloads: self.offloads,
         })
     }
 
@@ -300,6 +338,15 @@ pub fn apply(queue: &File, framing: Framing) -> io::Result<()> {
     set_offloads(queue, framing.offloads)
 }
 
+/// Whether the kernel's tap behind `queue` takes UDP segmentation offload:
+/// `TUNSETOFFLOAD` with checksum and USO, which kernels before 6.2 refuse
+/// (EINVAL for a flag they do not know). Leaves those flags set; the
+/// caller sets what it wants next. Taking `TUN_F_USO4/6` also means the
+/// tap takes `VIRTIO_NET_HDR_GSO_UDP_L4` frames on write (same release).
+pub fn probe_uso(queue: &File) -> io::Result<()> {
+    sys::tun_set_offload(queue, libc::TUN_F_CSUM | USO_OFFLOADS)
+}
+
 /// Applies `flags` to the tap behind `queue`. If the kernel refuses UFO
 /// (older kernels), retries without it.
 pub fn set_offloads(queue: &File, flags: u32) -> io::Result<()> {
@@ -343,6 +390,7 @@ mod tests {
             queues: Vec::new(),
             created: false,
             mtu,
+            offloads: BASE_OFFLOADS,
         }
     }
 
@@ -379,6 +427,22 @@ mod tests {
         assert_eq!(f(v1 | mrg), (12, true));
         assert_eq!(f(mrg), (12, false), "legacy virtio_net_hdr_mrg_rxbuf");
         assert_eq!(f(0), (10, false), "legacy virtio_net_hdr");
+    }
+
+    #[test]
+    fn guest_uso_maps_to_tun_uso_only_with_checksum_and_both_families() {
+        let csum = 1u64 << VIRTIO_NET_F_GUEST_CSUM;
+        let uso4 = 1u64 << VIRTIO_NET_F_GUEST_USO4;
+        let uso6 = 1u64 << VIRTIO_NET_F_GUEST_USO6;
+        assert_eq!(
+            offload_flags(csum | uso4 | uso6),
+            libc::TUN_F_CSUM | libc::TUN_F_USO4 | libc::TUN_F_USO6
+        );
+        // The kernel refuses TUN_F_USO4 without TUN_F_USO6 (and the
+        // reverse) with EINVAL, which would lose every other offload.
+        assert_eq!(offload_flags(csum | uso4), libc::TUN_F_CSUM);
+        assert_eq!(offload_flags(csum | uso6), libc::TUN_F_CSUM);
+        assert_eq!(offload_flags(uso4 | uso6), 0, "no checksum offload");
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::fs::File;
 use std::io;
 use std::sync::{Mutex, MutexGuard};
 
-use crate::host::tap::{Framing, TapControl};
+use crate::host::tap::{self, Framing, TapControl};
 
 /// One request the device made of the tap.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,14 +24,35 @@ pub enum TapRequest {
 }
 
 /// A [`TapControl`] that records requests and always succeeds.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct RecordingTap {
     requests: Mutex<Vec<TapRequest>>,
+    offloads: u32,
+}
+
+impl Default for RecordingTap {
+    fn default() -> Self {
+        RecordingTap::with_offloads(tap::BASE_OFFLOADS | tap::USO_OFFLOADS)
+    }
 }
 
 impl RecordingTap {
+    /// A tap that accepts every offload (a kernel >= 6.2).
     pub fn new() -> RecordingTap {
         RecordingTap::default()
+    }
+
+    /// A tap of a kernel older than 6.2: no UDP segmentation offload.
+    pub fn refusing_uso() -> RecordingTap {
+        RecordingTap::with_offloads(tap::BASE_OFFLOADS)
+    }
+
+    /// A tap that accepts the `TUN_F_*` flags `offloads`.
+    pub fn with_offloads(offloads: u32) -> RecordingTap {
+        RecordingTap {
+            requests: Mutex::default(),
+            offloads,
+        }
     }
 
     fn log(&self) -> MutexGuard<'_, Vec<TapRequest>> {
@@ -73,6 +94,10 @@ impl RecordingTap {
 impl TapControl for RecordingTap {
     fn name(&self) -> &str {
         "socketpair"
+    }
+
+    fn offloads(&self) -> u32 {
+        self.offloads
     }
 
     fn apply(&self, framing: Framing) -> io::Result<()> {
