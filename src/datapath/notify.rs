@@ -93,10 +93,12 @@ pub enum Policy {
     Frames { frames: u32, usecs: u32 },
     /// Signal at once while completions are sparse; while they are dense
     /// (at the recent rate, at least [`DENSE_FRAMES`] more are due within
-    /// `usecs`), hold the interrupt the guest asked for until
-    /// [`HOLD_FRAMES`] more completions, until the stream pauses (no
-    /// completion for [`IDLE_GAPS`] mean gaps, at least [`IDLE_MIN`]), or
-    /// `usecs` after the guest asked, whichever comes first.
+    /// `usecs`), hold the interrupt the guest asked for until half the ring
+    /// is waiting, until the stream pauses (no completion for [`IDLE_GAPS`]
+    /// mean gaps, between [`IDLE_MIN`] and [`IDLE_MAX`]), or `usecs` after
+    /// the guest asked, whichever comes first. A hold that the pause ended
+    /// with fewer than [`DENSE_FRAMES`] completions was only a delay
+    /// (request/response traffic): none for [`HOLD_OFF`] after it.
     Adaptive { usecs: u32 },
 }
 
@@ -109,11 +111,6 @@ pub const ADAPTIVE_DEFAULT_USECS: u32 = 250;
 /// cost it latency.
 pub const DENSE_FRAMES: u32 = 8;
 
-/// Adaptive: a held interrupt goes out once this many completions arrived
-/// since the guest asked (one NAPI budget of a Linux guest), or a quarter
-/// of the ring if that is less.
-pub const HOLD_FRAMES: u32 = 64;
-
 /// Adaptive: a held interrupt goes out when no completion came for this
 /// many mean gaps: the stream paused, and whatever the guest waits for is
 /// not coming soon (it may be waiting for the interrupt before it sends
@@ -123,6 +120,14 @@ pub const IDLE_GAPS: u32 = 4;
 /// Adaptive: the shortest pause that counts as one (timer resolution and
 /// scheduling jitter are a few microseconds).
 pub const IDLE_MIN: Duration = Duration::from_micros(10);
+
+/// Adaptive: the longest silence a hold waits through: what a guest
+/// blocked on the interrupt may lose.
+pub const IDLE_MAX: Duration = Duration::from_micros(50);
+
+/// Adaptive: after a hold that only delayed (the stream paused before
+/// [`DENSE_FRAMES`] completions), no holding for this long.
+pub const HOLD_OFF: Duration = Duration::from_millis(2);
 
 impl fmt::Display for Policy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -219,11 +224,13 @@ pub struct Coalescer {
     /// Completions since the last final decision: what the held interrupt
     /// will tell the guest about.
     held: u32,
-    /// When the last batch with completions ended.
     /// No decision since the ring (re)started: the next one signals if
     /// anything was ever published on the ring.
     fresh: bool,
+    /// When the last batch with completions ended.
     last_completion: Option<Instant>,
+    /// Adaptive: no holding before this instant (a hold was futile).
+    hold_off_until: Option<Instant>,
     /// Moving average of the time between completions, per completion.
     mean_gap_ns: f64,
 }
@@ -239,6 +246,7 @@ impl Coalescer {
             held: 0,
             fresh: true,
             last_completion: None,
+            hold_off_until: None,
             mean_gap_ns: 0.0,
         }
     }
@@ -344,13 +352,7 @@ impl Coalescer {
             Policy::Immediate => None,
             Policy::Frames { frames, usecs } if self.unsignalled < frames => hold(usecs),
             Policy::Frames { .. } => None,
-            Policy::Adaptive { usecs } => {
-                let enough = HOLD_FRAMES.min(u32::from(ring_size / 4)).max(1);
-                let quiet = self.quiet_at();
-                hold(usecs)
-                    .filter(|_| self.dense(usecs) && self.held < enough && now < quiet)
-                    .map(|d| d.min(quiet))
-            }
+            Policy::Adaptive { usecs } => self.adaptive_hold(now, usecs, ring_size, hold),
         };
         match deadline {
             Some(d) if !urgent => Verdict::Defer(d),
@@ -369,6 +371,33 @@ impl Coalescer {
         self.held = 0;
     }
 
+    /// Until when the adaptive policy holds the interrupt the guest asked
+    /// for (`None`: signal now); `bound` applies the policy's time bound.
+    fn adaptive_hold(
+        &mut self,
+        now: Instant,
+        usecs: u32,
+        ring_size: u16,
+        bound: impl Fn(u32) -> Option<Instant>,
+    ) -> Option<Instant> {
+        let resting = self.hold_off_until.is_some_and(|t| now < t);
+        let half_ring = u64::from(self.held) * 2 > u64::from(ring_size);
+        if resting || half_ring || !self.dense(usecs) {
+            return None;
+        }
+        let deadline = bound(usecs)?;
+        let quiet = self.quiet_at();
+        if now >= quiet {
+            if self.held < DENSE_FRAMES {
+                // The stream stopped before anything worth waiting for came:
+                // the guest was waiting on this very interrupt.
+                self.hold_off_until = Some(now + HOLD_OFF);
+            }
+            return None;
+        }
+        Some(deadline.min(quiet))
+    }
+
     /// At the recent rate, at least [`DENSE_FRAMES`] completions are due
     /// within `usecs`: worth holding an interrupt for.
     fn dense(&self, usecs: u32) -> bool {
@@ -377,12 +406,12 @@ impl Coalescer {
     }
 
     /// When the completion stream counts as paused: [`IDLE_GAPS`] mean gaps
-    /// (at least [`IDLE_MIN`]) after the last completion.
+    /// (between [`IDLE_MIN`] and [`IDLE_MAX`]) after the last completion.
     fn quiet_at(&self) -> Instant {
         #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // small, positive
         let gaps = Duration::from_nanos((self.mean_gap_ns * f64::from(IDLE_GAPS)) as u64);
         let last = self.last_completion.unwrap_or_else(Instant::now);
-        last + gaps.max(IDLE_MIN)
+        last + gaps.clamp(IDLE_MIN, IDLE_MAX)
     }
 
     /// Updates the moving average of the time between completions with a
@@ -598,18 +627,18 @@ mod tests {
     }
 
     #[test]
-    fn adaptive_holds_a_dense_stream_until_a_napi_budget_arrived() {
+    fn adaptive_holds_a_dense_stream_until_half_the_ring_waits() {
         // RX-like guest: asks at every entry (used_event = its last_used).
         let mut c = Coalescer::new("adaptive".parse().unwrap());
         let (mut t, mut used) = (Instant::now(), 0);
-        // Learn the rate: one completion every 2 us (500,000 per second).
-        stream(&mut c, &mut t, &mut used, 2 * US, 40, ALWAYS);
+        // Learn the rate: one completion every microsecond.
+        stream(&mut c, &mut t, &mut used, US, 40, ALWAYS);
         c.take_held();
-        let v = stream(&mut c, &mut t, &mut used, 2 * US, 200, ALWAYS);
+        let v = stream(&mut c, &mut t, &mut used, US, 400, ALWAYS);
         let at: Vec<usize> = (0..v.len()).filter(|&i| v[i] == Verdict::Signal).collect();
         assert!(!at.is_empty(), "never signalled: {v:?}");
         for w in at.windows(2) {
-            assert_eq!(w[1] - w[0], HOLD_FRAMES as usize, "{at:?}");
+            assert_eq!(w[1] - w[0], 129, "{at:?}");
         }
         for d in v.iter().filter_map(|v| match v {
             Verdict::Defer(d) => Some(*d),
@@ -638,6 +667,30 @@ mod tests {
         );
         assert!(matches!(c.on_timer(d - US, 256, ALWAYS), Verdict::Defer(_)));
         assert_eq!(c.on_timer(d, 256, ALWAYS), Verdict::Signal);
+    }
+
+    #[test]
+    fn adaptive_stops_holding_for_a_while_when_holding_only_delayed() {
+        // Request/response: one completion every 20 us, the guest waiting
+        // for each (dense by rate, but nothing follows a completion soon).
+        let mut c = Coalescer::new("adaptive".parse().unwrap());
+        let (mut t, mut used) = (Instant::now(), 0);
+        stream(&mut c, &mut t, &mut used, 20 * US, 20, |_, _| false);
+        t += 20 * US;
+        used += 1;
+        let Verdict::Defer(d) = c.after_batch(t, 1, used, 256, ALWAYS) else {
+            panic!("dense by rate: the first is held");
+        };
+        assert!(d <= t + IDLE_MAX);
+        assert_eq!(c.on_timer(d, 256, ALWAYS), Verdict::Signal);
+        t = d;
+        // For HOLD_OFF, every completion is signalled at once...
+        let v = stream(&mut c, &mut t, &mut used, 20 * US, 50, ALWAYS);
+        assert_eq!(signals(&v), 50, "{v:?}");
+        // ...and then holding is tried again.
+        t += HOLD_OFF;
+        let v = stream(&mut c, &mut t, &mut used, 20 * US, 40, ALWAYS);
+        assert!(v.iter().any(|v| matches!(v, Verdict::Defer(_))), "{v:?}");
     }
 
     #[test]
