@@ -219,6 +219,9 @@ pub struct Coalescer {
     /// Completions since the last interrupt, whether or not the guest asked
     /// for one: a guest waiting for its buffers back sees none of them.
     unsignalled: u32,
+    /// The guest consumes every completion before it asks for an interrupt
+    /// (a receive ring): only completions since it last asked wait for it.
+    receive: bool,
     /// When the guest first asked for the interrupt being held.
     first_unsignalled: Option<Instant>,
     /// Completions since the last final decision: what the held interrupt
@@ -236,9 +239,13 @@ pub struct Coalescer {
 }
 
 impl Coalescer {
+    /// For a ring whose guest may ask late for what it has not reclaimed
+    /// (a transmit ring: Linux asks after 3/4 of what is outstanding), so
+    /// every completion since the last interrupt may be waiting for it.
     pub fn new(policy: Policy) -> Self {
         Coalescer {
             policy,
+            receive: false,
             checked: None,
             latest: Wrapping(0),
             unsignalled: 0,
@@ -248,6 +255,16 @@ impl Coalescer {
             last_completion: None,
             hold_off_until: None,
             mean_gap_ns: 0.0,
+        }
+    }
+
+    /// For a receive ring: its guest polls everything before it re-arms
+    /// its event index (NAPI), so the completions it polled without an
+    /// interrupt are not waiting for one.
+    pub fn for_receive(policy: Policy) -> Self {
+        Coalescer {
+            receive: true,
+            ..Coalescer::new(policy)
         }
     }
 
@@ -264,7 +281,10 @@ impl Coalescer {
     /// a fresh start's. A held interrupt must have been taken with
     /// [`Coalescer::take_held`] first, or it is handed to that decision.
     pub fn reset(&mut self) {
-        *self = Coalescer::new(self.policy);
+        *self = Coalescer {
+            receive: self.receive,
+            ..Coalescer::new(self.policy)
+        };
     }
 
     /// Takes the held interrupt, if any: the caller signals it now (the ring
@@ -343,7 +363,12 @@ impl Coalescer {
             return Verdict::Suppress;
         }
         let first = *self.first_unsignalled.get_or_insert(now);
-        let urgent = u64::from(self.unsignalled) * 2 > u64::from(ring_size);
+        let waiting = if self.receive {
+            self.held
+        } else {
+            self.unsignalled
+        };
+        let urgent = u64::from(waiting) * 2 > u64::from(ring_size);
         let hold = |usecs: u32| {
             let deadline = first + Duration::from_micros(u64::from(usecs));
             (now < deadline).then_some(deadline)
@@ -352,7 +377,7 @@ impl Coalescer {
             Policy::Immediate => None,
             Policy::Frames { frames, usecs } if self.unsignalled < frames => hold(usecs),
             Policy::Frames { .. } => None,
-            Policy::Adaptive { usecs } => self.adaptive_hold(now, usecs, ring_size, hold),
+            Policy::Adaptive { usecs } => self.adaptive_hold(now, usecs, hold),
         };
         match deadline {
             Some(d) if !urgent => Verdict::Defer(d),
@@ -377,12 +402,10 @@ impl Coalescer {
         &mut self,
         now: Instant,
         usecs: u32,
-        ring_size: u16,
         bound: impl Fn(u32) -> Option<Instant>,
     ) -> Option<Instant> {
         let resting = self.hold_off_until.is_some_and(|t| now < t);
-        let half_ring = u64::from(self.held) * 2 > u64::from(ring_size);
-        if resting || half_ring || !self.dense(usecs) {
+        if resting || !self.dense(usecs) {
             return None;
         }
         let deadline = bound(usecs)?;
@@ -557,6 +580,28 @@ mod tests {
             c.after_batch(t0, 90, 210, 256, asks_at_200),
             Verdict::Signal
         );
+    }
+
+    #[test]
+    fn a_receive_ring_counts_only_what_came_since_its_guest_asked() {
+        // The guest polled 200 completions without an interrupt (NAPI),
+        // then re-armed: on a receive ring nothing of that waits for an
+        // interrupt, on a transmit ring it all may.
+        let asks_from_200 = |old: u16, new: u16| need_event(200, new, old);
+        let policy = "frames=1000,usecs=100000".parse().unwrap();
+        for (c, held) in [
+            (Coalescer::for_receive(policy), true),
+            (Coalescer::new(policy), false),
+        ] {
+            let mut c = c;
+            let t0 = Instant::now();
+            assert_eq!(
+                c.after_batch(t0, 200, 200, 256, asks_from_200),
+                Verdict::Suppress
+            );
+            let v = c.after_batch(t0 + US, 2, 202, 256, asks_from_200);
+            assert_eq!(matches!(v, Verdict::Defer(_)), held, "{v:?}");
+        }
     }
 
     #[test]

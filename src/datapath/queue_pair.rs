@@ -323,18 +323,21 @@ impl QueuePair {
             dir.timer.set(None)?;
             listeners.register(dir.timer.as_raw_fd(), EventSet::IN, event.id(n))?;
         }
-        let ring = |dir: &Direction| RingState {
+        let ring = |coalescer| RingState {
             broken: false,
             pending: false,
             watching: false,
-            coalescer: Coalescer::new(dir.policy),
+            coalescer,
             timer_deadline: None,
             used_log: None,
         };
         self.conn = Some(Connection {
             mem,
             listeners,
-            rings: [ring(&self.dirs[RX]), ring(&self.dirs[TX])],
+            rings: [
+                ring(Coalescer::for_receive(self.dirs[RX].policy)),
+                ring(Coalescer::new(self.dirs[TX].policy)),
+            ],
             vrings: None,
         });
         Ok(())
