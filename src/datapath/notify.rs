@@ -115,15 +115,15 @@ pub const DENSE_FRAMES: u32 = 8;
 /// many mean gaps: the stream paused, and whatever the guest waits for is
 /// not coming soon (it may be waiting for the interrupt before it sends
 /// more).
-pub const IDLE_GAPS: u32 = 4;
+pub const IDLE_GAPS: u32 = 2;
 
 /// Adaptive: the shortest pause that counts as one (timer resolution and
 /// scheduling jitter are a few microseconds).
-pub const IDLE_MIN: Duration = Duration::from_micros(10);
+pub const IDLE_MIN: Duration = Duration::from_micros(5);
 
 /// Adaptive: the longest silence a hold waits through: what a guest
 /// blocked on the interrupt may lose.
-pub const IDLE_MAX: Duration = Duration::from_micros(50);
+pub const IDLE_MAX: Duration = Duration::from_micros(20);
 
 /// Adaptive: after a hold that only delayed (the stream paused before
 /// [`DENSE_FRAMES`] completions), no holding for this long.
