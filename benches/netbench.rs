@@ -629,6 +629,7 @@ fn main() {
         .collect();
     let sums = Summary::of(&mut rows);
     print!("{}", report(&sums, &floors, &o));
+    print!("{}", by_load(&sums));
     print!("{}", targets(&rows, &sums, &floors));
     if let Some(path) = &o.svg {
         std::fs::write(path, svg(&sums)).expect("write svg");
@@ -700,6 +701,60 @@ fn report(sums: &[Summary], floors: &[(Dir, usize, f64)], o: &Opts) -> String {
                 r.p99,
             );
         }
+    }
+    out
+}
+
+/// Packets per interrupt by policy and load, host to guest and guest to
+/// host (the shape of lguest's table), with what would be exits per second
+/// and the throughput: one line per direction, size and load.
+fn by_load(sums: &[Summary]) -> String {
+    let mut policies: Vec<&str> = Vec::new();
+    for r in sums {
+        if !policies.contains(&r.policy) {
+            policies.push(r.policy);
+        }
+    }
+    let mut out = String::from(
+        "\npackets per interrupt / notifications per second / Mpps, by policy and load:\n| direction | frame | offered |",
+    );
+    for p in &policies {
+        let _ = write!(out, " {p} |");
+    }
+    out.push_str("\n|---|---|---|");
+    out.push_str(&"---|".repeat(policies.len()));
+    out.push('\n');
+    let mut seen: Vec<(Dir, usize, String)> = Vec::new();
+    for r in sums {
+        let key = (r.dir, r.len, r.load.label());
+        if seen.contains(&key) {
+            continue;
+        }
+        let label = match r.dir {
+            Dir::Rx => "rx (host -> guest)",
+            Dir::Tx => "tx (guest -> host)",
+            Dir::Loop => "loop",
+        };
+        let _ = write!(out, "| {label} | {} | {} |", r.len, key.2);
+        for p in &policies {
+            match sums
+                .iter()
+                .find(|x| x.policy == *p && (x.dir, x.len, x.load.label()) == key)
+            {
+                Some(x) => {
+                    let per_irq = x.per_irq.map_or("none".to_owned(), |v| format!("{v:.1}"));
+                    let _ = write!(
+                        out,
+                        " {per_irq} / {:.0} / {:.3} |",
+                        x.exits_per_sec,
+                        x.median_mpps()
+                    );
+                }
+                None => out.push_str(" - |"),
+            }
+        }
+        out.push('\n');
+        seen.push(key);
     }
     out
 }

@@ -75,7 +75,8 @@ pub struct Args {
     pub mtu: Option<u32>,
 
     /// Interrupt coalescing for RX (tap to guest): immediate,
-    /// frames=N,usecs=T, or adaptive[,usecs=T].
+    /// frames=N,usecs=T, or adaptive[,usecs=T] (hold while completions are
+    /// dense, until they pause or T µs, default 250).
     #[arg(long, value_name = "POLICY", default_value = "immediate")]
     pub rx_coalesce: Policy,
 
