@@ -17,6 +17,11 @@
 //! (fewer combinations), `--svg PATH` (plot of the loop runs),
 //! `--dirty-log` (the guest's dirty log shared and LOG_ALL on, as during a
 //! live migration), `--dir`, `--policy`, `--size`, `--max-only` to narrow.
+//!
+//! `--peer dpdk` (or `dpdk-signal`: DPDK's `net_tap` left on its RT-signal
+//! RX trigger) runs only the side-by-side comparison with DPDK's vhost
+//! backend, `--runs N` (at least 3) alternating runs each of `--secs S`:
+//! see `harness/src/dpdk.rs`.
 
 use vhost_user_net_harness as common;
 
@@ -72,6 +77,7 @@ struct Opts {
     size: Option<usize>,
     max_only: bool,
     dirty_log: bool,
+    peer: Option<String>,
 }
 
 fn opts() -> Opts {
@@ -89,6 +95,7 @@ fn opts() -> Opts {
         size: None,
         max_only: false,
         dirty_log: false,
+        peer: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -114,11 +121,12 @@ fn opts() -> Opts {
             "--size" => o.size = args.next().and_then(|v| v.parse().ok()),
             "--max-only" => o.max_only = true,
             "--dirty-log" => o.dirty_log = true,
+            "--peer" => o.peer = args.next(),
             "--bench" => {}
             other => panic!(
                 "unknown option {other}: use --secs S, --runs N, --irq-cost NS, \
                  --kick-cost NS, --quick, --svg PATH, --dir tx|rx|loop, --policy P, \
-                 --size N, --max-only, --dirty-log"
+                 --size N, --max-only, --dirty-log, --peer dpdk|dpdk-signal"
             ),
         }
     }
@@ -536,6 +544,10 @@ fn main() {
         eprintln!("netbench needs root (network namespaces, taps)");
         std::process::exit(1);
     }
+    if let Some(peer) = &o.peer {
+        common::dpdk::main(peer, o.runs.max(3), o.secs);
+        return;
+    }
     let all_sizes: &[usize] = if o.quick {
         &[64, 1514]
     } else {
@@ -627,6 +639,9 @@ fn main() {
         .filter(|&(d, l)| d == Dir::Tx || l <= 1514)
         .map(|(d, l)| (d, l, floor(&ns, d, l, o.secs)))
         .collect();
+    if dirs.contains(&Dir::Tx) {
+        print!("{}", common::floor::cold_tx_report(&ns, &sizes, o.secs));
+    }
     let sums = Summary::of(&mut rows);
     print!("{}", report(&sums, &floors, &o));
     print!("{}", by_load(&sums));

@@ -7,6 +7,8 @@
 //! integration tests and the benchmark use it; the daemon does not.
 
 pub mod daemon;
+pub mod dpdk;
+pub mod floor;
 pub mod frames;
 pub mod frontend;
 pub mod netns;
