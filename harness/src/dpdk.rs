@@ -162,7 +162,7 @@ struct Proc {
     child: Option<Child>,
     out: PathBuf,
     /// DPDK's runtime directory of this `--file-prefix`, removed on drop.
-    runtime: PathBuf,
+    runtime: Option<PathBuf>,
 }
 
 impl Proc {
@@ -191,7 +191,9 @@ impl Proc {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        let _ = std::fs::remove_dir_all(&self.runtime);
+        if let Some(dir) = &self.runtime {
+            let _ = std::fs::remove_dir_all(dir);
+        }
         self.output()
     }
 }
@@ -231,7 +233,7 @@ impl Dpdk {
         Proc {
             child: Some(child),
             out,
-            runtime: Path::new("/var/run/dpdk").join(prefix),
+            runtime: Some(Path::new("/var/run/dpdk").join(prefix)),
         }
     }
 }
@@ -240,6 +242,49 @@ impl Dpdk {
 enum Running {
     Dpdk(Proc),
     Ours(Daemon),
+}
+
+/// With `VUN_PEER_PERF=DIR`, a `perf record` of the backend process over
+/// the counted time of each TX 64 B run, into
+/// `DIR/<backend>-tx64-<n>.data`; `perf report -i FILE --no-children
+/// --sort symbol` shows where the backend's CPU went.
+fn profile(dpdk: &Dpdk, backend: Backend, flow: Flow, len: usize, pid: u32) -> Option<Proc> {
+    let dir = PathBuf::from(std::env::var_os("VUN_PEER_PERF")?);
+    if flow != Flow::Tx || len != 64 {
+        return None;
+    }
+    let tag = match backend {
+        Backend::Dpdk => "dpdk",
+        Backend::Ours => "ours",
+    };
+    let data = dir.join(format!("{tag}-tx64-{}.data", unique("")));
+    let out = dpdk.dir.path().join(format!("{}.perf.out", unique("p")));
+    let log = File::create(&out).expect("perf output file");
+    let child = Command::new("perf")
+        .args([
+            "record",
+            "-e",
+            "cpu-clock",
+            "-F",
+            "4999",
+            "-p",
+            &pid.to_string(),
+            "-o",
+        ])
+        .arg(&data)
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("clone output file"))
+        .stderr(log)
+        .spawn()
+        .map_err(|e| eprintln!("perf record: {e}"))
+        .ok()?;
+    eprintln!("perf record of {} into {}", backend.name(), data.display());
+    Some(Proc {
+        child: Some(child),
+        out,
+        runtime: None,
+    })
 }
 
 /// One measured run.
@@ -259,6 +304,9 @@ pub struct Run {
     pub features: String,
     /// Which `net_tap` variant the DPDK backend logged (None for ours).
     pub polling: Option<bool>,
+    /// Share of the counted time the backend's and the frontend's threads
+    /// waited to run (other work on the CPUs): the run's noise.
+    pub waited: (f64, f64),
 }
 
 impl Run {
@@ -416,9 +464,25 @@ pub fn run(dpdk: &Dpdk, ns: &Netns, backend: Backend, flow: Flow, len: usize, se
         &mut || fe.alive(),
     );
     std::thread::sleep(Duration::from_millis(500));
+    let pid = match &mut running {
+        Running::Dpdk(p) => p.child.as_ref().map_or(0, Child::id),
+        Running::Ours(d) => u32::try_from(d.pid().as_raw()).expect("pid"),
+    };
+    let fe_pid = fe.child.as_ref().map_or(0, Child::id);
+    let mut perf = profile(dpdk, backend, flow, len, pid);
+    let waited = (run_delay_ns(pid), run_delay_ns(fe_pid));
     let (t0, c0) = sample(ns, &tap, flow);
     std::thread::sleep(Duration::from_secs_f64(secs));
     let (t1, c1) = sample(ns, &tap, flow);
+    let window = (t1 - t0).as_secs_f64() * 1e9;
+    #[allow(clippy::cast_precision_loss)]
+    let waited = (
+        run_delay_ns(pid).saturating_sub(waited.0) as f64 / window,
+        run_delay_ns(fe_pid).saturating_sub(waited.1) as f64 / window,
+    );
+    if let Some(p) = perf.as_mut() {
+        p.stop();
+    }
     assert!(fe.alive(), "the frontend exited: {}", fe.output());
     let fe_out = fe.stop();
     let (_, end_count) = sample(ns, &tap, flow);
@@ -460,7 +524,22 @@ pub fn run(dpdk: &Dpdk, ns: &Netns, backend: Backend, flow: Flow, len: usize, se
         delivered,
         features,
         polling,
+        waited,
     }
+}
+
+/// Nanoseconds the threads of process `pid` have spent runnable but not
+/// running (`/proc/PID/task/*/schedstat`, second field): how much other
+/// work on the CPUs took from it.
+fn run_delay_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(Result::ok)
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum()
 }
 
 /// The virtio feature bits in `hex` (e.g. `0x950008000`) by name.
@@ -525,13 +604,16 @@ pub fn bench(dpdk: &Dpdk, runs: usize, secs: f64) -> String {
                         .delivered
                         .map_or(String::new(), |d| format!(", delivered/read {d:.3}"));
                     eprintln!(
-                        "peer {:<4} {len:>4} B run {} {:<18}: {:.3} Mpps ({} frames in {:.2} s{extra})",
+                        "peer {:<4} {len:>4} B run {} {:<18}: {:.3} Mpps ({} frames in {:.2} s{extra}; \
+                         waited to run: backend {:.0}%, frontend {:.0}%)",
                         flow.name(),
                         i + 1,
                         backend.name(),
                         r.mpps(),
                         r.frames,
                         r.secs,
+                        r.waited.0 * 100.0,
+                        r.waited.1 * 100.0,
                     );
                     all.push(r);
                 }
@@ -570,9 +652,9 @@ fn summary(dpdk: &Dpdk, all: &[Run], runs: usize, secs: f64) -> String {
     }
     let _ = writeln!(
         out,
-        "| mode | frame | DPDK runs (Mpps) | DPDK median [range] | ours runs (Mpps) | ours median [range] | ours / DPDK |"
+        "| mode | frame | DPDK runs (Mpps) | DPDK median [range] | ours runs (Mpps) | ours median [range] | ours / DPDK | backend + frontend waited to run, DPDK / ours (median) |"
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
     for flow in [Flow::Tx, Flow::Loop] {
         for len in [64, 1500] {
             let pick = |b: Backend| -> Vec<f64> {
@@ -591,12 +673,21 @@ fn summary(dpdk: &Dpdk, all: &[Run], runs: usize, secs: f64) -> String {
                     .collect::<Vec<_>>()
                     .join(", ")
             };
+            let wait = |b: Backend| {
+                let mut w: Vec<f64> = all
+                    .iter()
+                    .filter(|r| r.backend == b && r.flow == flow && r.len == len)
+                    .map(|r| r.waited.0 + r.waited.1)
+                    .collect();
+                median(&mut w) * 100.0
+            };
+            let (wd, wo) = (wait(Backend::Dpdk), wait(Backend::Ours));
             let (dl, ol) = (list(&d), list(&o));
             let (md, mo) = (median(&mut d), median(&mut o));
             let range = |v: &[f64]| format!("[{:.3}–{:.3}]", v[0], v[v.len() - 1]);
             let _ = writeln!(
                 out,
-                "| {} | {len} B | {dl} | {md:.3} {} | {ol} | {mo:.3} {} | {:.2} |",
+                "| {} | {len} B | {dl} | {md:.3} {} | {ol} | {mo:.3} {} | {:.2} | {wd:.0}% / {wo:.0}% |",
                 flow.name(),
                 range(&d),
                 range(&o),

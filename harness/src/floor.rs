@@ -26,6 +26,11 @@ const SLOTS: usize = 256;
 #[derive(Default)]
 struct Line(AtomicU64);
 
+/// A frame slot whose lock is alone on its cache line: the producer
+/// refills the slot next to the one the writer holds.
+#[repr(align(64))]
+struct Slot(Mutex<Vec<u8>>);
+
 /// Pins the calling thread to `cpu`.
 pub fn pin_thread(cpu: usize) {
     let mut set = CpuSet::new();
@@ -55,8 +60,11 @@ fn sink_tap(ns: &Netns, name: &str) -> File {
 pub fn tx_floor(ns: &Netns, len: usize, secs: f64, cold: bool) -> f64 {
     let q = sink_tap(ns, &crate::unique("fc"));
     let template = frame(len, SINK_MAC);
-    let slots: Arc<Vec<Mutex<Vec<u8>>>> =
-        Arc::new((0..SLOTS).map(|_| Mutex::new(template.clone())).collect());
+    let slots: Arc<Vec<Slot>> = Arc::new(
+        (0..SLOTS)
+            .map(|_| Slot(Mutex::new(template.clone())))
+            .collect(),
+    );
     let produced = Arc::new(Line::default());
     let consumed = Arc::new(Line::default());
     let stop = Arc::new(AtomicBool::new(false));
@@ -77,7 +85,7 @@ pub fn tx_floor(ns: &Netns, len: usize, secs: f64, cold: bool) -> f64 {
                     continue;
                 }
                 {
-                    let mut s = slots[slot(head)].lock().expect("slot");
+                    let mut s = slots[slot(head)].0.lock().expect("slot");
                     // The whole frame, as a frontend writes it, with a
                     // sequence number so no two frames are alike.
                     s.copy_from_slice(&template);
@@ -102,7 +110,7 @@ pub fn tx_floor(ns: &Netns, len: usize, secs: f64, cold: bool) -> f64 {
                         std::hint::spin_loop();
                         continue;
                     }
-                    let s = slots[slot(tail)].lock().expect("slot");
+                    let s = slots[slot(tail)].0.lock().expect("slot");
                     if (&q).write(&s).is_ok() {
                         sent += 1;
                     }
