@@ -307,9 +307,19 @@ pub struct Run {
     /// Share of the counted time the backend's and the frontend's threads
     /// waited to run (other work on the CPUs): the run's noise.
     pub waited: (f64, f64),
+    /// CPU time the backend's threads used over the counted time.
+    pub backend_cpu_ns: u64,
 }
 
 impl Run {
+    /// Backend CPU time per frame (a polling backend also spends it on
+    /// empty polls, so it is an upper bound for DPDK's).
+    pub fn cpu_ns_per_frame(&self) -> f64 {
+        #[allow(clippy::cast_precision_loss)]
+        let v = self.backend_cpu_ns as f64 / self.frames.max(1) as f64;
+        v
+    }
+
     pub fn mpps(&self) -> f64 {
         #[allow(clippy::cast_precision_loss)]
         let f = self.frames as f64;
@@ -470,16 +480,18 @@ pub fn run(dpdk: &Dpdk, ns: &Netns, backend: Backend, flow: Flow, len: usize, se
     };
     let fe_pid = fe.child.as_ref().map_or(0, Child::id);
     let mut perf = profile(dpdk, backend, flow, len, pid);
-    let waited = (run_delay_ns(pid), run_delay_ns(fe_pid));
+    let (be0, fe0) = (sched_ns(pid), sched_ns(fe_pid));
     let (t0, c0) = sample(ns, &tap, flow);
     std::thread::sleep(Duration::from_secs_f64(secs));
     let (t1, c1) = sample(ns, &tap, flow);
+    let (be1, fe1) = (sched_ns(pid), sched_ns(fe_pid));
     let window = (t1 - t0).as_secs_f64() * 1e9;
     #[allow(clippy::cast_precision_loss)]
     let waited = (
-        run_delay_ns(pid).saturating_sub(waited.0) as f64 / window,
-        run_delay_ns(fe_pid).saturating_sub(waited.1) as f64 / window,
+        be1.1.saturating_sub(be0.1) as f64 / window,
+        fe1.1.saturating_sub(fe0.1) as f64 / window,
     );
+    let backend_cpu_ns = be1.0.saturating_sub(be0.0);
     if let Some(p) = perf.as_mut() {
         p.stop();
     }
@@ -525,21 +537,25 @@ pub fn run(dpdk: &Dpdk, ns: &Netns, backend: Backend, flow: Flow, len: usize, se
         features,
         polling,
         waited,
+        backend_cpu_ns,
     }
 }
 
-/// Nanoseconds the threads of process `pid` have spent runnable but not
-/// running (`/proc/PID/task/*/schedstat`, second field): how much other
-/// work on the CPUs took from it.
-fn run_delay_ns(pid: u32) -> u64 {
+/// Nanoseconds the threads of process `pid` have spent on a CPU and
+/// runnable but not running (`/proc/PID/task/*/schedstat`, first and second
+/// fields): what the process used, and how much other work took from it.
+fn sched_ns(pid: u32) -> (u64, u64) {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
+        return (0, 0);
     };
     tasks
         .filter_map(Result::ok)
         .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .sum()
+        .filter_map(|s| {
+            let mut f = s.split_whitespace().map(|v| v.parse::<u64>().ok());
+            Some((f.next()??, f.next()??))
+        })
+        .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
 }
 
 /// The virtio feature bits in `hex` (e.g. `0x950008000`) by name.
@@ -605,7 +621,7 @@ pub fn bench(dpdk: &Dpdk, runs: usize, secs: f64) -> String {
                         .map_or(String::new(), |d| format!(", delivered/read {d:.3}"));
                     eprintln!(
                         "peer {:<4} {len:>4} B run {} {:<18}: {:.3} Mpps ({} frames in {:.2} s{extra}; \
-                         waited to run: backend {:.0}%, frontend {:.0}%)",
+                         waited to run: backend {:.0}%, frontend {:.0}%; backend CPU {:.0} ns/frame)",
                         flow.name(),
                         i + 1,
                         backend.name(),
@@ -614,6 +630,7 @@ pub fn bench(dpdk: &Dpdk, runs: usize, secs: f64) -> String {
                         r.secs,
                         r.waited.0 * 100.0,
                         r.waited.1 * 100.0,
+                        r.cpu_ns_per_frame(),
                     );
                     all.push(r);
                 }
@@ -652,9 +669,9 @@ fn summary(dpdk: &Dpdk, all: &[Run], runs: usize, secs: f64) -> String {
     }
     let _ = writeln!(
         out,
-        "| mode | frame | DPDK runs (Mpps) | DPDK median [range] | ours runs (Mpps) | ours median [range] | ours / DPDK | backend + frontend waited to run, DPDK / ours (median) |"
+        "| mode | frame | DPDK runs (Mpps) | DPDK median [range] | ours runs (Mpps) | ours median [range] | ours / DPDK | backend CPU ns/frame, DPDK / ours (median) | backend + frontend waited to run, DPDK / ours (median) |"
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
     for flow in [Flow::Tx, Flow::Loop] {
         for len in [64, 1500] {
             let pick = |b: Backend| -> Vec<f64> {
@@ -682,12 +699,21 @@ fn summary(dpdk: &Dpdk, all: &[Run], runs: usize, secs: f64) -> String {
                 median(&mut w) * 100.0
             };
             let (wd, wo) = (wait(Backend::Dpdk), wait(Backend::Ours));
+            let cost = |b: Backend| {
+                let mut c: Vec<f64> = all
+                    .iter()
+                    .filter(|r| r.backend == b && r.flow == flow && r.len == len)
+                    .map(Run::cpu_ns_per_frame)
+                    .collect();
+                median(&mut c)
+            };
+            let (cd, co) = (cost(Backend::Dpdk), cost(Backend::Ours));
             let (dl, ol) = (list(&d), list(&o));
             let (md, mo) = (median(&mut d), median(&mut o));
             let range = |v: &[f64]| format!("[{:.3}–{:.3}]", v[0], v[v.len() - 1]);
             let _ = writeln!(
                 out,
-                "| {} | {len} B | {dl} | {md:.3} {} | {ol} | {mo:.3} {} | {:.2} | {wd:.0}% / {wo:.0}% |",
+                "| {} | {len} B | {dl} | {md:.3} {} | {ol} | {mo:.3} {} | {:.2} | {cd:.0} / {co:.0} | {wd:.0}% / {wo:.0}% |",
                 flow.name(),
                 range(&d),
                 range(&o),
