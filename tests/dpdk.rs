@@ -42,10 +42,13 @@ fn dpdk_virtio_user_frontend_sends_through_our_daemon_and_gets_its_frames_back()
         assert!(tx.frames > 0, "{len} B: no frame reached the tap: {tx:?}");
         let lp = run(&dpdk, &ns, Backend::Ours, Flow::Loop, len, 0.5);
         assert!(lp.frames > 0, "{len} B: nothing came back: {lp:?}");
-        // Every frame the daemon took from the tap reached the frontend
-        // (up to the few still in flight when it stopped).
-        let delivered = lp.delivered.expect("loop counts delivery");
-        assert!(delivered > 0.99, "{len} B: frames lost on RX: {lp:?}");
+        // Every frame the daemon took from the tap reached the frontend,
+        // but those still in its 256-entry RX ring when it stopped.
+        let (read, got) = lp.delivered.expect("loop counts delivery");
+        assert!(
+            read.saturating_sub(got) <= 256,
+            "{len} B: frames lost on RX: {lp:?}"
+        );
         // What the daemon logged it was acked: mergeable RX buffers, no
         // event index.
         let acked = u64::from_str_radix(tx.features.trim_start_matches("0x"), 16)

@@ -296,10 +296,11 @@ pub struct Run {
     /// Frames counted over `secs`.
     pub frames: u64,
     pub secs: f64,
-    /// Frames the frontend got back / frames the backend took from the tap,
-    /// over the frontend's whole life (loop only): below 1 means the
-    /// backend dropped frames it had read.
-    pub delivered: Option<f64>,
+    /// Loop only, over the frontend's whole life: (frames the backend took
+    /// from the tap, frames the frontend received). The difference is
+    /// frames the backend dropped, or still in the frontend's RX ring
+    /// (at most its 256 entries) when it stopped.
+    pub delivered: Option<(u64, u64)>,
     /// The feature line the backend logged for this connection.
     pub features: String,
     /// Which `net_tap` variant the DPDK backend logged (None for ours).
@@ -500,9 +501,7 @@ pub fn run(dpdk: &Dpdk, ns: &Netns, backend: Backend, flow: Flow, len: usize, se
     let (_, end_count) = sample(ns, &tap, flow);
     let delivered = (flow == Flow::Loop).then(|| {
         let got = last_counter(&fe_out, "RX-packets:").unwrap_or(0);
-        #[allow(clippy::cast_precision_loss)]
-        let ratio = got as f64 / (end_count - start_count).max(1) as f64;
-        ratio
+        (end_count - start_count, got)
     });
     let (features, polling) = match &mut running {
         Running::Dpdk(p) => {
@@ -616,9 +615,11 @@ pub fn bench(dpdk: &Dpdk, runs: usize, secs: f64) -> String {
                 };
                 for backend in order {
                     let r = run(dpdk, &ns, backend, flow, len, secs);
-                    let extra = r
-                        .delivered
-                        .map_or(String::new(), |d| format!(", delivered/read {d:.3}"));
+                    let extra = r.delivered.map_or(String::new(), |(read, got)| {
+                        #[allow(clippy::cast_precision_loss)]
+                        let share = got as f64 / read.max(1) as f64;
+                        format!(", delivered/read {share:.3}")
+                    });
                     eprintln!(
                         "peer {:<4} {len:>4} B run {} {:<18}: {:.3} Mpps ({} frames in {:.2} s{extra}; \
                          waited to run: backend {:.0}%, frontend {:.0}%; backend CPU {:.0} ns/frame)",

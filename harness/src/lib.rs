@@ -2,6 +2,10 @@
 //! vhost-user frontend that drives the daemon exactly as QEMU does, with
 //! rings written by `vhost_user_net::testing::driver` in memfd-backed guest memory.
 //!
+//! For the benchmark also: DPDK's vhost backend and `net_virtio_user`
+//! frontend as a peer (`dpdk`), and the pinned hot and cold TX floors
+//! (`floor`).
+//!
 //! Everything created here is removed on drop (namespace, processes by PID),
 //! also when a test fails. A dev-only crate of the workspace: the
 //! integration tests and the benchmark use it; the daemon does not.
