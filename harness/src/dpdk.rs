@@ -125,6 +125,11 @@ impl Dpdk {
         Ok(Dpdk { testpmd, dir, shim })
     }
 
+    /// Whether the backend's `net_tap` is made to poll (the shim was built).
+    pub fn polls_tap(&self) -> bool {
+        self.shim.is_ok()
+    }
+
     /// Which `net_tap` RX variant the backend runs, for the report.
     pub fn tap_variant(&self) -> String {
         match &self.shim {
