@@ -37,6 +37,7 @@ command -v apt-get >/dev/null || die "needs a Debian system (apt-get)"
 
 APT_PKGS=(iproute2 busybox-static cpio ethtool iputils-ping socat procps kmod systemd util-linux
           libvirt-clients libxml2-utils
+          dpdk-dev librte-net-vhost23 librte-net-virtio23 librte-net-tap23 librte-net-null23
           xz-utils zstd gzip ca-certificates debian-archive-keyring)
 BACKPORTS_FILE=/etc/apt/sources.list.d/bookworm-backports.sources
 
