@@ -184,13 +184,10 @@ fn ns_cmd(ns: &Netns, args: &[&str]) {
 
 /// Frames the kernel dropped on their way into the tap (its queue to us was
 /// full): RX the guest never saw.
-fn tap_drops(s: &Setup) -> u64 {
+fn tap_drops(ns: &Netns, tap: &str) -> u64 {
     let out = Command::new("ip")
-        .args(["netns", "exec", &s.ns.name, "cat"])
-        .arg(format!(
-            "/sys/class/net/{}/statistics/tx_dropped",
-            s.daemon.tap
-        ))
+        .args(["netns", "exec", &ns.name, "cat"])
+        .arg(format!("/sys/class/net/{tap}/statistics/tx_dropped"))
         .output()
         .expect("spawn");
     String::from_utf8_lossy(&out.stdout)
@@ -274,11 +271,7 @@ fn run_rx(s: &mut Setup, len: usize, load: Load, secs: f64) -> Result_ {
         let stop = stop.clone();
         std::thread::spawn(move || source(&sock, payload, load, epoch, &stop))
     };
-    let drops = tap_drops(s);
-    let deferred = s.daemon.stats().get("interrupts_deferred_total", 0);
     let mut res = napi_loop(s, secs, &[0], |_| TxState::Stopped);
-    res.tap_drops = tap_drops(s) - drops;
-    res.deferred = s.daemon.stats().get("interrupts_deferred_total", 0) - deferred;
     stop.store(true, Ordering::Relaxed);
     let _ = sender.join();
     drain_rx(&mut s.guest);
@@ -318,6 +311,8 @@ fn napi_loop(
     let mut res = Result_::default();
     let before = daemon_counters(&s.daemon);
     let cpu = daemon_cpu_ns(&s.daemon);
+    let drops = tap_drops(&s.ns, &s.daemon.tap);
+    let deferred = s.daemon.stats().get("interrupts_deferred_total", 0);
     let paid = g.notify_ns;
     let start = Instant::now();
     let end = start + Duration::from_secs_f64(secs);
@@ -348,6 +343,8 @@ fn napi_loop(
     res.secs = start.elapsed().as_secs_f64();
     res.notify_ns = g.notify_ns - paid;
     res.daemon_cpu_ns = daemon_cpu_ns(&s.daemon) - cpu;
+    res.tap_drops = tap_drops(&s.ns, &s.daemon.tap) - drops;
+    res.deferred = s.daemon.stats().get("interrupts_deferred_total", 0) - deferred;
     let after = daemon_counters(&s.daemon);
     res.interrupts = after.0 - before.0;
     res.kicks = after.1 - before.1;
