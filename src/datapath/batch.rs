@@ -74,7 +74,8 @@ pub struct Batch<'q> {
     stats: &'q QueueStats,
     old_used: Wrapping<u16>,
     next_used: Wrapping<u16>,
-    frames: u64,
+    /// This batch's counts, added to `stats` once, before it publishes.
+    tally: Tally,
     warned: bool,
     queue_index: usize,
     /// The frontend logs dirty pages (a migration in progress).
@@ -107,7 +108,7 @@ impl<'q> Batch<'q> {
             stats,
             old_used: used,
             next_used: used,
-            frames: 0,
+            tally: Tally::default(),
             warned: false,
             queue_index,
             logging: crate::datapath::dirty::logging(mem),
@@ -189,7 +190,7 @@ impl<'q> Batch<'q> {
             .write_obj(u64::to_le(elem), GuestAddress(at))
             .map_err(|_| RingError::UsedRing(at))?;
         self.next_used += Wrapping(1);
-        self.stats.completions.inc();
+        self.tally.completions += 1;
         Ok(())
     }
 
@@ -200,7 +201,7 @@ impl<'q> Batch<'q> {
         head: u16,
         why: &dyn std::error::Error,
     ) -> Result<(), RingError> {
-        self.stats.bad_chains.inc();
+        self.tally.bad_chains += 1;
         if !self.warned {
             self.warned = true;
             log::warn!(
@@ -213,9 +214,8 @@ impl<'q> Batch<'q> {
 
     /// Counts one frame moved, of `bytes` bytes (header excluded).
     pub fn count_frame(&mut self, bytes: usize) {
-        self.frames += 1;
-        self.stats.frames.inc();
-        self.stats.bytes.add(bytes as u64);
+        self.tally.frames += 1;
+        self.tally.bytes += bytes as u64;
     }
 
     /// Runs `step` until the ring is empty (and kicks are re-armed with no
@@ -257,8 +257,12 @@ impl<'q> Batch<'q> {
 
     /// Publishes the batch's used entries and makes the batch's one
     /// interrupt decision through the ring's `coalescer`.
-    pub fn finish(self, coalescer: &mut Coalescer) -> Result<Verdict, RingError> {
+    pub fn finish(mut self, coalescer: &mut Coalescer) -> Result<Verdict, RingError> {
         let completed = (self.next_used - self.old_used).0;
+        // Counted before the guest can see the entries: whoever waits for
+        // them finds the counters up to date.
+        let frames = self.tally.frames;
+        self.add_tally();
         if completed > 0 {
             let idx_at = self.queue.used_ring() + 2;
             self.mem
@@ -269,7 +273,7 @@ impl<'q> Batch<'q> {
                 )
                 .map_err(|_| RingError::UsedRing(idx_at))?;
             self.queue.set_next_used(self.next_used.0);
-            self.stats.record_batch(self.frames);
+            self.stats.record_batch(frames);
         }
         if let (true, Some(log)) = (self.logging, self.used_log) {
             self.log_used_elsewhere(log, completed);
@@ -289,6 +293,42 @@ impl<'q> Batch<'q> {
             count_verdict(self.stats, verdict);
         }
         Ok(verdict)
+    }
+}
+
+/// What a batch counts per frame, in locals: the shared counters are
+/// atomics (a locked add each), added to once per batch ([`Batch::add_tally`]).
+#[derive(Default)]
+struct Tally {
+    frames: u64,
+    bytes: u64,
+    completions: u64,
+    bad_chains: u64,
+}
+
+impl Batch<'_> {
+    /// Adds the batch's counts to the queue's counters (once: the tally is
+    /// emptied).
+    fn add_tally(&mut self) {
+        let t = std::mem::take(&mut self.tally);
+        let stats = self.stats;
+        for (counter, n) in [
+            (&stats.frames, t.frames),
+            (&stats.bytes, t.bytes),
+            (&stats.completions, t.completions),
+            (&stats.bad_chains, t.bad_chains),
+        ] {
+            if n > 0 {
+                counter.add(n);
+            }
+        }
+    }
+}
+
+impl Drop for Batch<'_> {
+    /// A batch cut short by a ring error still counts what it did.
+    fn drop(&mut self) {
+        self.add_tally();
     }
 }
 
