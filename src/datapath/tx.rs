@@ -8,7 +8,7 @@
 use std::fs::File;
 use std::io;
 
-use crate::datapath::batch::{Batch, RingError, Step};
+use crate::datapath::batch::{Ring, RingError, Step};
 use crate::datapath::guest::{Access, ChainError, IoVecBuf};
 use crate::VNET_HDR_LEN;
 
@@ -22,12 +22,12 @@ pub const MAX_TX_CHAIN: usize = VNET_HDR_LEN + 65535 + 18;
 /// `tap_errors_total`, and its chain completed: the guest's ring keeps
 /// moving, without a syscall per frame.
 pub fn step(
-    batch: &mut Batch<'_>,
+    batch: &mut Ring<'_, '_>,
     iov: &mut IoVecBuf,
     tap: Option<&File>,
     hdr_len: usize,
 ) -> Result<Step, RingError> {
-    let Some(chain) = batch.pop()? else {
+    let Some(chain) = batch.pop() else {
         return Ok(Step::RingEmpty);
     };
     let head = chain.head_index();
