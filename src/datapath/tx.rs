@@ -51,6 +51,7 @@ pub fn step(
         batch.complete(head, 0)?;
         return Ok(Step::Progress);
     };
+    batch.prefetch_next();
     match iovecs.write_to(tap) {
         Ok(_) => {
             drop(iovecs);
