@@ -93,6 +93,11 @@ struct Core<'q> {
     /// Where the used ring is logged when that is not its own address
     /// (`VHOST_VRING_F_LOG` with another `log_guest_addr`).
     used_log: Option<GuestAddress>,
+    /// Complete the batch with one used entry ([`Batch::in_order`]).
+    in_order: bool,
+    /// In that mode, the last chain completed (head, length): the one
+    /// entry written.
+    last: Option<(u16, u32)>,
 }
 
 /// The chains the guest had made available when the drain loop last read
@@ -140,6 +145,8 @@ impl<'q> Batch<'q> {
                 queue_index,
                 logging: crate::datapath::dirty::logging(mem),
                 used_log: None,
+                in_order: false,
+                last: None,
             },
         })
     }
@@ -148,6 +155,16 @@ impl<'q> Batch<'q> {
     /// `log_guest_addr`), when it is not the ring's own address.
     pub fn log_used_at(&mut self, at: Option<GuestAddress>) {
         self.core.used_log = at.filter(|a| a.0 != self.core.used_ring);
+    }
+
+    /// With `VIRTIO_F_IN_ORDER` acked, completes the batch's chains with
+    /// one used entry: the last chain's, written where the batch's first
+    /// entry goes, and the used index moved past them all (the virtio
+    /// spec's in-order use of a split ring: the driver takes every chain
+    /// it made available up to that one as used). For chains whose
+    /// lengths the driver does not need: TX, where all are 0.
+    pub fn in_order(&mut self, on: bool) {
+        self.core.in_order = on;
     }
 
     /// The guest memory this batch works on.
@@ -228,6 +245,10 @@ impl<'q> Batch<'q> {
         // them finds the counters up to date.
         let frames = core.tally.frames;
         core.add_tally();
+        if let Some((head, len)) = core.last.take() {
+            let slot = core.old_used.0 % core.size;
+            core.write_used(slot, head, len)?;
+        }
         if completed > 0 {
             let idx_at = core.used_ring + 2;
             core.mem
@@ -352,15 +373,23 @@ impl<'q> Ring<'_, 'q> {
 
 impl Core<'_> {
     fn complete(&mut self, head: u16, len: u32) -> Result<(), RingError> {
-        let slot = u64::from(self.next_used.0 % self.size);
-        let at = self.used_ring + USED_RING_HEADER + slot * USED_ELEM_SIZE;
-        let elem = (u64::from(len) << 32) | u64::from(head);
-        self.mem
-            .write_obj(u64::to_le(elem), GuestAddress(at))
-            .map_err(|_| RingError::UsedRing(at))?;
+        if self.in_order {
+            self.last = Some((head, len));
+        } else {
+            self.write_used(self.next_used.0 % self.size, head, len)?;
+        }
         self.next_used += Wrapping(1);
         self.tally.completions += 1;
         Ok(())
+    }
+
+    /// Writes used entry `slot` (not published).
+    fn write_used(&self, slot: u16, head: u16, len: u32) -> Result<(), RingError> {
+        let at = self.used_ring + USED_RING_HEADER + u64::from(slot) * USED_ELEM_SIZE;
+        let elem = (u64::from(len) << 32) | u64::from(head);
+        self.mem
+            .write_obj(u64::to_le(elem), GuestAddress(at))
+            .map_err(|_| RingError::UsedRing(at))
     }
 
     /// Logs what this batch may have written into the used ring at `log`
