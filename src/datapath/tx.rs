@@ -3,7 +3,10 @@
 //! The guest's chain (virtio-net header + frame, exactly as the guest wrote
 //! it) becomes one `writev` straight from guest memory; the tap, set to the
 //! same header length, takes the header as it is, so checksum and
-//! segmentation offloads cost nothing here. The loop around this step is [`crate::datapath::batch::Batch::drain`].
+//! segmentation offloads cost nothing here. Before the `writev`, the start
+//! of the next chain's buffer is prefetched
+//! ([`crate::datapath::batch::Ring::prefetch_next`]). The loop around this
+//! step is [`crate::datapath::batch::Batch::drain`].
 
 use std::fs::File;
 use std::io;
