@@ -146,7 +146,13 @@ fn setup(policy: &str, dirty_log: bool, costs: ExitCosts) -> Setup {
     let ns = Netns::new();
     let daemon = Daemon::start(&ns, &["--rx-coalesce", policy, "--tx-coalesce", policy]);
     ns.route_to_guest(&daemon.tap, GUEST_MAC);
-    let mut fe = TestFrontend::connect(&daemon.socket, 1, RING, 0);
+    // NETBENCH_IN_ORDER=1: the guest acks VIRTIO_F_IN_ORDER and drives its
+    // rings in order (as DPDK's virtio-user does; Linux does not).
+    let mut fe = if std::env::var_os("NETBENCH_IN_ORDER").is_some_and(|v| v == "1") {
+        TestFrontend::connect_in_order(&daemon.socket, 1, RING, 0)
+    } else {
+        TestFrontend::connect(&daemon.socket, 1, RING, 0)
+    };
     if dirty_log {
         fe.share_dirty_log();
         fe.set_log_all(true);

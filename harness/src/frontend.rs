@@ -75,10 +75,14 @@ pub struct TestFrontend {
 /// migrates.
 pub const LOG_ALL: u64 = 1 << 26;
 
+/// `VIRTIO_F_IN_ORDER`: Linux's split-ring driver does not ack it (nor
+/// does QEMU pass it on by default); DPDK's virtio-user does.
+pub const IN_ORDER: u64 = 1 << 35;
+
 /// Virtio-net features a Linux guest acks (everything we offer but the ones
-/// `drop` names, and never `VHOST_F_LOG_ALL`).
+/// `drop` names, and never `VHOST_F_LOG_ALL` or `VIRTIO_F_IN_ORDER`).
 pub fn guest_features(offered: u64, drop: u64) -> u64 {
-    offered & !drop & !LOG_ALL
+    offered & !drop & !LOG_ALL & !IN_ORDER
 }
 
 impl TestFrontend {
@@ -93,6 +97,31 @@ impl TestFrontend {
     /// Like [`TestFrontend::connect`] over a stream already connected to
     /// the daemon (client mode: the daemon connected to us).
     pub fn over(sock: UnixStream, pairs: usize, queue_size: u16, drop: u64) -> TestFrontend {
+        Self::over_acking(sock, pairs, queue_size, drop, 0)
+    }
+
+    /// Like [`TestFrontend::connect`], and acks `VIRTIO_F_IN_ORDER` too
+    /// if the daemon offers it, driving every ring in order
+    /// ([`SplitRing::set_in_order`]), as DPDK's virtio-user does.
+    pub fn connect_in_order(
+        socket: &Path,
+        pairs: usize,
+        queue_size: u16,
+        drop: u64,
+    ) -> TestFrontend {
+        let sock = wait_for("the daemon's socket", || UnixStream::connect(socket).ok());
+        Self::over_acking(sock, pairs, queue_size, drop, IN_ORDER)
+    }
+
+    /// Like [`TestFrontend::over`], acking also the offered features of
+    /// `extra` that a Linux guest would not ack.
+    fn over_acking(
+        sock: UnixStream,
+        pairs: usize,
+        queue_size: u16,
+        drop: u64,
+        extra: u64,
+    ) -> TestFrontend {
         sock.set_read_timeout(Some(TIMEOUT)).expect("timeout");
         let raw = sock.try_clone().expect("clone");
         let num_queues = 2 * pairs;
@@ -160,7 +189,12 @@ impl TestFrontend {
             t.raw_vring_enable(q, true);
         }
         // 10: SET_FEATURES.
-        let features = guest_features(offered, drop);
+        let features = guest_features(offered, drop) | (offered & extra);
+        if features & IN_ORDER != 0 {
+            for vq in &mut t.vqs {
+                vq.ring.set_in_order(true);
+            }
+        }
         t.fe.set_features(features).expect("SET_FEATURES");
         t.features = features;
         // 11: ADD_MEM_REG.

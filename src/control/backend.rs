@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::VhostUserBackend;
-use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_config::{VIRTIO_F_IN_ORDER, VIRTIO_F_VERSION_1};
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_ANNOUNCE, VIRTIO_NET_F_GUEST_CSUM,
     VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
@@ -54,6 +54,9 @@ pub fn offered_features(pairs: usize, tap_offloads: u32) -> u64 {
         VIRTIO_F_VERSION_1,
         VIRTIO_RING_F_EVENT_IDX,
         VIRTIO_RING_F_INDIRECT_DESC,
+        // We use every ring's buffers in the order they were made
+        // available; TX then completes a batch with one used entry.
+        VIRTIO_F_IN_ORDER,
         VIRTIO_NET_F_MRG_RXBUF,
         VIRTIO_NET_F_CSUM,
         VIRTIO_NET_F_GUEST_CSUM,
@@ -469,14 +472,17 @@ impl VhostUserBackend for NetBackend {
             );
         }
         let params = rx_params(features, self.config.mtu);
+        let in_order = features & (1u64 << VIRTIO_F_IN_ORDER) != 0;
         for i in 0..self.pairs.len() {
-            self.pair(i).set_rx_params(params);
+            let mut pair = self.pair(i);
+            pair.set_rx_params(params);
+            pair.set_in_order(in_order);
         }
         connection_log!(
             &self.stats.connections,
             log::Level::Info,
             "features acked: {features:#x} ({}-byte header, tap offloads {:#x}, mergeable RX {}, \
-             event index {})",
+             event index {}, in order {in_order})",
             framing.hdr_len,
             framing.offloads,
             params.mergeable,
@@ -581,6 +587,7 @@ mod tests {
         let iommu = 1u64 << 33; // VIRTIO_F_ACCESS_PLATFORM
         assert_eq!(f & (packed | iommu), 0);
         assert_ne!(f & (1u64 << VIRTIO_RING_F_EVENT_IDX), 0);
+        assert_ne!(f & (1u64 << VIRTIO_F_IN_ORDER), 0);
         assert_ne!(f & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(), 0);
         let p = offered_protocol_features();
         for bad in [

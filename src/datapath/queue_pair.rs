@@ -176,6 +176,9 @@ pub struct QueuePair {
     resume: EventFd,
     stats: Arc<Stats>,
     rx_params: RxParams,
+    /// `VIRTIO_F_IN_ORDER` acked: a TX batch's completions are one used
+    /// entry ([`Batch::in_order`]).
+    in_order: bool,
     /// Indexed by ring: RX, TX.
     dirs: [Direction; 2],
     rx: RxScratch,
@@ -232,6 +235,7 @@ impl QueuePair {
             resume: EventFd::new(EFD_NONBLOCK)?,
             stats,
             rx_params: RxParams::default(),
+            in_order: false,
             rx: RxScratch {
                 chains: Vec::with_capacity(usize::from(u16::MAX)),
                 bounce: Bounce::default(),
@@ -309,6 +313,11 @@ impl QueuePair {
     /// Sets what RX may expect from the tap (at SET_FEATURES).
     pub fn set_rx_params(&mut self, params: RxParams) {
         self.rx_params = params;
+    }
+
+    /// Whether the driver acked `VIRTIO_F_IN_ORDER` (at SET_FEATURES).
+    pub fn set_in_order(&mut self, in_order: bool) {
+        self.in_order = in_order;
     }
 
     /// Starts serving a new connection: guest memory and the worker's epoll.
@@ -477,9 +486,13 @@ impl QueuePair {
         let coalescer = &mut conn.rings[ring].coalescer;
         let (dir, rx, params) = (&mut self.dirs[ring], &mut self.rx, self.rx_params);
         let tap = (!self.tap_gone).then_some(&self.tap);
+        // RX completes each chain with its own length: the driver reads
+        // every entry (DPDK's in-order RX does), so only TX batches them.
+        let in_order = self.in_order && ring == TX;
         let result =
             Batch::begin(state.get_queue_mut(), &mem, stats, queue_index).and_then(|mut batch| {
                 batch.log_used_at(used_log);
+                batch.in_order(in_order);
                 let end = match ring {
                     RX => {
                         let tap = tap.expect("RX does not run while the tap is gone");

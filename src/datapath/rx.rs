@@ -23,7 +23,7 @@
 use std::fs::File;
 use std::io;
 
-use crate::datapath::batch::{Batch, RingError, Step};
+use crate::datapath::batch::{Batch, Ring, RingError, Step};
 use crate::datapath::guest::{Access, ChainError, GuestIoVecs};
 use crate::stats::QueueStats;
 use crate::VNET_HDR_LEN;
@@ -149,7 +149,9 @@ enum Fill {
     /// when the buffers already holds a queue's worth of chains, or as many
     /// memory segments as one `readv` takes).
     Short { can_grow: bool },
-    /// The guest has posted no buffers.
+    /// The guest has posted no buffers, or the buffers are short and a
+    /// fresh pass over the avail ring may find more
+    /// ([`Ring::may_have_more`]).
     Empty,
     /// A chain the guest got wrong was returned with length 0: one step
     /// of the batch's budget, like a frame (a guest re-posting bad chains
@@ -172,7 +174,7 @@ impl RxBuffers<'_, '_, '_> {
 
     /// Completes every chain in the buffers with length 0 (used when a broken
     /// chain sits behind them in the ring, so they cannot be given back).
-    fn flush_unused(&mut self, batch: &mut Batch<'_>) -> Result<(), RingError> {
+    fn flush_unused(&mut self, batch: &mut Ring<'_, '_>) -> Result<(), RingError> {
         for c in self.chains.drain(..) {
             batch.complete(c.head, 0)?;
         }
@@ -194,7 +196,7 @@ impl RxBuffers<'_, '_, '_> {
     /// Chains shorter than a `hdr_len`-byte header are refused.
     fn fill(
         &mut self,
-        batch: &mut Batch<'_>,
+        batch: &mut Ring<'_, '_>,
         want: usize,
         mergeable: bool,
         hdr_len: usize,
@@ -212,8 +214,10 @@ impl RxBuffers<'_, '_, '_> {
             if self.chains.len() >= usize::from(batch.size()) {
                 return Ok(Fill::Short { can_grow: false });
             }
-            let Some(chain) = batch.pop()? else {
-                return Ok(if self.chains.is_empty() {
+            let Some(chain) = batch.pop() else {
+                // Chains added since the avail index was read count as
+                // posted: a fresh pass looks for them first.
+                return Ok(if self.chains.is_empty() || batch.may_have_more() {
                     Fill::Empty
                 } else {
                     Fill::Short { can_grow: true }
@@ -257,7 +261,7 @@ impl RxBuffers<'_, '_, '_> {
     /// header has it, and counts it.
     fn complete_frame(
         &mut self,
-        batch: &mut Batch<'_>,
+        batch: &mut Ring<'_, '_>,
         n: usize,
         hdr_len: usize,
     ) -> Result<Step, RingError> {
@@ -301,7 +305,11 @@ impl RxBuffers<'_, '_, '_> {
     }
 
     /// Delivers the held frame once the guest has posted room for it.
-    fn deliver_held(&mut self, batch: &mut Batch<'_>, params: RxParams) -> Result<Step, RingError> {
+    fn deliver_held(
+        &mut self,
+        batch: &mut Ring<'_, '_>,
+        params: RxParams,
+    ) -> Result<Step, RingError> {
         let n = self.bounce.held;
         let fill = if params.mergeable {
             self.fill(batch, n, true, params.hdr_len)?
@@ -378,7 +386,7 @@ fn judge(
 /// Moves one frame from `tap` into the guest's RX buffers (a held frame
 /// first, before the tap is read again).
 pub fn step(
-    batch: &mut Batch<'_>,
+    batch: &mut Ring<'_, '_>,
     buffers: &mut RxBuffers<'_, '_, '_>,
     tap: &File,
     params: RxParams,

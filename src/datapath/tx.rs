@@ -3,12 +3,15 @@
 //! The guest's chain (virtio-net header + frame, exactly as the guest wrote
 //! it) becomes one `writev` straight from guest memory; the tap, set to the
 //! same header length, takes the header as it is, so checksum and
-//! segmentation offloads cost nothing here. The loop around this step is [`crate::datapath::batch::Batch::drain`].
+//! segmentation offloads cost nothing here. Before the `writev`, the start
+//! of the next chain's buffer is prefetched
+//! ([`crate::datapath::batch::Ring::prefetch_next`]). The loop around this
+//! step is [`crate::datapath::batch::Batch::drain`].
 
 use std::fs::File;
 use std::io;
 
-use crate::datapath::batch::{Batch, RingError, Step};
+use crate::datapath::batch::{Ring, RingError, Step};
 use crate::datapath::guest::{Access, ChainError, IoVecBuf};
 use crate::VNET_HDR_LEN;
 
@@ -22,12 +25,12 @@ pub const MAX_TX_CHAIN: usize = VNET_HDR_LEN + 65535 + 18;
 /// `tap_errors_total`, and its chain completed: the guest's ring keeps
 /// moving, without a syscall per frame.
 pub fn step(
-    batch: &mut Batch<'_>,
+    batch: &mut Ring<'_, '_>,
     iov: &mut IoVecBuf,
     tap: Option<&File>,
     hdr_len: usize,
 ) -> Result<Step, RingError> {
-    let Some(chain) = batch.pop()? else {
+    let Some(chain) = batch.pop() else {
         return Ok(Step::RingEmpty);
     };
     let head = chain.head_index();
@@ -51,6 +54,7 @@ pub fn step(
         batch.complete(head, 0)?;
         return Ok(Step::Progress);
     };
+    batch.prefetch_next();
     match iovecs.write_to(tap) {
         Ok(_) => {
             drop(iovecs);

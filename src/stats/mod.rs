@@ -86,7 +86,9 @@ pub struct QueueStats {
     /// Batches that moved at least one frame. A batch that only returned
     /// refused chains (length 0) is not counted.
     pub batches: Counter,
-    /// Used-ring entries written (frames plus chains returned with length 0).
+    /// Chains completed: what the used index advanced by (frames, RX
+    /// buffers of a merged frame, chains returned with length 0). One used
+    /// entry each, except a TX batch with `VIRTIO_F_IN_ORDER`: one for all.
     pub completions: Counter,
     /// Interrupts sent to the guest (call eventfd written).
     pub interrupts_sent: Counter,
@@ -163,7 +165,7 @@ impl QueueStats {
         counter!(
             "completions_total",
             completions,
-            "Used-ring entries written."
+            "Chains completed (what the used index advanced by)."
         ),
         counter!(
             "interrupts_sent_total",

@@ -6,6 +6,7 @@
 //! schemes (event index, or the flags). It uses only vm-memory's checked
 //! accessors. Nothing in the daemon uses it.
 
+use std::collections::VecDeque;
 use std::num::Wrapping;
 use std::sync::atomic::{fence, Ordering};
 
@@ -63,9 +64,18 @@ pub struct SplitRing {
     used: GuestAddress,
     avail_idx: Wrapping<u16>,
     last_used: Wrapping<u16>,
-    free: Vec<u16>,
+    /// Free descriptors, next to use first.
+    free: VecDeque<u16>,
     /// Descriptors of each outstanding chain, by head.
     chains: Vec<Vec<u16>>,
+    /// `VIRTIO_F_IN_ORDER` acked ([`SplitRing::set_in_order`]).
+    in_order: bool,
+    /// In order: heads made available and not yet used, oldest first.
+    avail_order: VecDeque<u16>,
+    /// In order: chains a used entry said were used, not yet returned.
+    used_backlog: VecDeque<Used>,
+    /// Used entries read from the ring.
+    entries_read: u64,
 }
 
 /// A used entry read back: chain head and bytes the device wrote.
@@ -101,13 +111,37 @@ impl SplitRing {
             used,
             avail_idx: Wrapping(0),
             last_used: Wrapping(0),
-            free: (0..size).rev().collect(),
+            free: (0..size).collect(),
             chains: vec![Vec::new(); usize::from(size)],
+            in_order: false,
+            avail_order: VecDeque::new(),
+            used_backlog: VecDeque::new(),
+            entries_read: 0,
         }
     }
 
     pub fn size(&self) -> u16 {
         self.size
+    }
+
+    /// Drives the ring as `VIRTIO_F_IN_ORDER` asks of a driver: descriptors
+    /// are used in table order (wrapping at the end, each `next` the one
+    /// after), and one used entry may stand for several chains: the one
+    /// it names and every chain made available before it
+    /// ([`SplitRing::pop_used`]). Set before any chain is added.
+    pub fn set_in_order(&mut self, on: bool) {
+        assert_eq!(
+            self.free.len(),
+            usize::from(self.size),
+            "set before any chain is added"
+        );
+        self.in_order = on;
+    }
+
+    /// Used entries read from the ring so far (one per chain, unless the
+    /// device batched them in order).
+    pub fn entries_read(&self) -> u64 {
+        self.entries_read
     }
 
     pub fn desc_addr(&self) -> GuestAddress {
@@ -146,7 +180,7 @@ impl SplitRing {
             return None;
         }
         let ids: Vec<u16> = (0..bufs.len())
-            .map(|_| self.free.pop().expect("checked"))
+            .map(|_| self.free.pop_front().expect("checked"))
             .collect();
         for (i, (b, &id)) in bufs.iter().zip(&ids).enumerate() {
             let mut flags = if b.device_writes { DESC_F_WRITE } else { 0 };
@@ -172,6 +206,9 @@ impl SplitRing {
 
     /// Puts `head` in the avail ring (not yet visible: see [`Self::publish`]).
     pub fn push_avail(&mut self, mem: &GuestMem, head: u16) {
+        if self.in_order {
+            self.avail_order.push_back(head);
+        }
         let slot = u64::from(self.avail_idx.0 % self.size);
         let at = GuestAddress(self.avail.0 + 4 + 2 * slot);
         mem.write_obj(head.to_le(), at)
@@ -245,22 +282,65 @@ impl SplitRing {
         self.last_used.0
     }
 
-    /// Reads the next used entry, if the device published one, and frees
-    /// its descriptors.
+    /// Returns the next chain the device used, if it published one, and
+    /// frees its descriptors. In order, a used entry names the last chain
+    /// of a batch: the chains made available before it come first, with
+    /// length 0 (the device did not say; TX's are 0).
     pub fn pop_used(&mut self, mem: &GuestMem) -> Option<Used> {
-        if self.used_idx(mem) == self.last_used.0 {
+        if let Some(u) = self.used_backlog.pop_front() {
+            return Some(u);
+        }
+        let published = Wrapping(self.used_idx(mem));
+        if published == self.last_used {
             return None;
         }
         let slot = u64::from(self.last_used.0 % self.size);
         let at = GuestAddress(self.used.0 + 4 + 8 * slot);
         let raw: u64 = mem.read_obj(at).expect("used ring in memory");
         let raw = u64::from_le(raw);
-        self.last_used += Wrapping(1);
+        self.entries_read += 1;
         let head = u16::try_from(raw & 0xffff_ffff).unwrap_or(u16::MAX);
         let len = u32::try_from(raw >> 32).expect("upper half fits u32");
-        if let Some(ids) = self.chains.get_mut(usize::from(head)) {
-            self.free.append(ids);
+        if !self.in_order {
+            self.last_used += Wrapping(1);
+            self.release(head);
+            return Some(Used { head, len });
         }
-        Some(Used { head, len })
+        let start = self.last_used;
+        loop {
+            let next = self.avail_order.pop_front().unwrap_or_else(|| {
+                panic!("used entry names chain {head}, which is not outstanding")
+            });
+            self.release(next);
+            self.last_used += Wrapping(1);
+            let last = next == head;
+            self.used_backlog.push_back(Used {
+                head: next,
+                len: if last { len } else { 0 },
+            });
+            if last {
+                break;
+            }
+        }
+        assert!(
+            (published - start).0 >= (self.last_used - start).0,
+            "the device's used index is short of the batch its entry names"
+        );
+        self.used_backlog.pop_front()
+    }
+
+    /// Frees the descriptors of chain `head`: reused last-freed-first, or
+    /// in table order when in order.
+    fn release(&mut self, head: u16) {
+        let Some(ids) = self.chains.get_mut(usize::from(head)) else {
+            return;
+        };
+        for id in ids.drain(..) {
+            if self.in_order {
+                self.free.push_back(id);
+            } else {
+                self.free.push_front(id);
+            }
+        }
     }
 }

@@ -22,9 +22,10 @@ fn push_first(
     access: Access,
     max: usize,
 ) -> Result<usize, ChainError> {
-    let stats = QueueStats::default();
-    let mut batch = Batch::begin(queue, mem, &stats, 0).unwrap();
-    let chain = batch.pop().unwrap().expect("a chain is available");
+    let chain = virtio_queue::QueueOwnedT::iter(queue, mem)
+        .unwrap()
+        .next()
+        .expect("a chain is available");
     iov.push_chain(chain, access, max)
 }
 

@@ -8,6 +8,7 @@ use crate::stats::QueueStats;
 use crate::testing::driver::{Buf, AVAIL_F_NO_INTERRUPT, USED_F_NO_NOTIFY};
 use crate::testing::unit::{add_tx_frame, buf_addr, memory, ring, tap_pair};
 use virtio_queue::QueueT;
+use vm_memory::{Bytes, GuestAddress};
 
 /// Runs one TX batch with an unlimited budget.
 fn run_batch(
@@ -448,4 +449,68 @@ fn only_a_deleted_tap_counts_as_gone_other_write_errors_keep_the_batch_going() {
         .unwrap();
     assert_eq!(end, End::RingEmpty);
     assert_eq!(stats.tap_errors.get(), 2);
+}
+
+#[test]
+fn in_order_a_batch_including_a_bad_chain_is_one_used_entry_naming_its_last_chain() {
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 16, true);
+    r.set_in_order(true);
+    let (tap, mut peer) = tap_pair();
+    let mut heads = Vec::new();
+    for slot in 0..5 {
+        heads.push(add_tx_frame(&mem, &mut r, slot, &[0xab; 60]));
+    }
+    // A chain the device may not read (writable): completed with length
+    // 0 and counted, in its place in the order.
+    let bad = r
+        .add_chain(
+            &mem,
+            &[Buf {
+                addr: buf_addr(5, 2048),
+                len: 100,
+                device_writes: true,
+            }],
+        )
+        .unwrap();
+    r.push_avail(&mem, bad);
+    heads.push(add_tx_frame(&mem, &mut r, 6, &[0xcd; 60]));
+    r.publish(&mem);
+    let stats = QueueStats::default();
+
+    let mut iov = IoVecBuf::default();
+    let mut batch = Batch::begin(&mut q, &mem, &stats, 1).unwrap();
+    batch.in_order(true);
+    let end = batch
+        .drain(u64::MAX, |b| step(b, &mut iov, Some(&tap), 12))
+        .unwrap();
+    batch
+        .finish(&mut Coalescer::new(Policy::Immediate))
+        .unwrap();
+
+    assert_eq!(end, End::RingEmpty);
+    assert_eq!(r.used_idx(&mem), 7, "the used index moves past every chain");
+    let entry = |slot: u64| -> u64 {
+        mem.read_obj(GuestAddress(r.used_addr().0 + 4 + 8 * slot))
+            .unwrap()
+    };
+    let last = *heads.last().unwrap();
+    assert_eq!(
+        entry(0),
+        u64::from(last),
+        "one entry: the last chain, length 0"
+    );
+    assert!((1..7).all(|s| entry(s) == 0), "no other entry written");
+    let mut frame = [0u8; 256];
+    for _ in 0..6 {
+        assert_eq!(peer.read(&mut frame).unwrap(), 12 + 60);
+    }
+    let used: Vec<u16> = std::iter::from_fn(|| r.pop_used(&mem))
+        .map(|u| u.head)
+        .collect();
+    assert_eq!(used, [&heads[..5], &[bad], &heads[5..]].concat());
+    assert_eq!(r.entries_read(), 1);
+    assert_eq!(stats.bad_chains.get(), 1);
+    assert_eq!(stats.completions.get(), 7);
+    assert_eq!(stats.frames.get(), 6);
 }

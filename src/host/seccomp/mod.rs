@@ -26,6 +26,14 @@
 //! way. [`Mode::Log`] allows it but has the kernel log it (to find what is
 //! missing: `dmesg | grep type=1326`), [`Mode::Off`] installs nothing.
 //!
+//! Cost on the data path: seccompiler orders a program by syscall number,
+//! but the kernel (Linux >= 5.11) caches, per filter, which syscalls it
+//! allows whatever their arguments, and does not run the program for
+//! those. Every syscall a worker makes per frame or batch is such a one
+//! (a test holds it so), so the order of the program does not matter
+//! there; what remains is the kernel's seccomp entry (~1% of a worker at
+//! 64-byte line rate, `docs/performance.md`).
+//!
 //! The lists come from `strace -ff` of the daemon over the end-to-end and
 //! QEMU suites; `contrib/seccomp-profile.py` regenerates the measurement
 //! (the command is in its header and in `docs/robustness.md`).
