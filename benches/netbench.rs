@@ -202,19 +202,17 @@ fn tap_drops(ns: &Netns, tap: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// CPU time the daemon has used so far, in ns (from /proc, 10 ms ticks).
+/// CPU time the daemon's threads have used so far, in ns (the scheduler's
+/// own accounting in /proc/PID/task/*/schedstat, exact to the ns).
 fn daemon_cpu_ns(d: &Daemon) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{}/stat", d.pid())).unwrap_or_default();
-    // Fields after the parenthesised command name: utime and stime are the
-    // 12th and 13th.
-    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let f: Vec<u64> = after
-        .split_whitespace()
-        .skip(11)
-        .take(2)
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    f.iter().sum::<u64>() * 10_000_000
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", d.pid())) else {
+        return 0;
+    };
+    tasks
+        .filter_map(Result::ok)
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
 }
 
 /// Interrupts and kicks of the RX ring, of the TX ring, and all four summed.
