@@ -584,6 +584,14 @@ impl QueuePair {
         let Some(conn) = self.conn.as_mut() else {
             return;
         };
+        if conn.rings[1 - ring].coalescer.deferred() {
+            // The pair's other interrupt is held already: a guest waiting
+            // for either would wait for both. One held per pair.
+            if conn.rings[ring].coalescer.take_held() {
+                self.signal_held(ring, vring, state);
+            }
+            return;
+        }
         let r = &mut conn.rings[ring];
         // An armed timer that fires no later decides again then: moving a
         // deadline out costs no syscall per batch.

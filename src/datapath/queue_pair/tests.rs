@@ -77,6 +77,27 @@ fn held_interrupt_is_signalled_when_the_ring_stops() {
 }
 
 #[test]
+fn a_pair_holds_one_interrupt_at_most() {
+    // A guest waiting for either ring (Linux's RX NAPI also reclaims TX)
+    // would otherwise wait for both holds.
+    let mut w = World::new(256, [HOLD_1S; 2]);
+    w.transmit(3);
+    assert_eq!(w.interrupts(1), 0, "TX held by the policy");
+
+    w.post_rx(8);
+    let mut frame = vec![0u8; 12];
+    frame.extend_from_slice(&[0xa5; 60]);
+    w.inject(&frame);
+    w.kick(0);
+    while w.frames(0) < 1 {
+        assert!(w.step(1000), "the worker stalled");
+    }
+
+    assert_eq!(w.interrupts(0), 1, "RX signalled at once: TX holds already");
+    assert_eq!(w.interrupts(1), 0, "TX still held");
+}
+
+#[test]
 fn held_interrupt_is_signalled_when_the_frontend_disconnects() {
     let mut w = World::new(256, [HOLD_1S; 2]);
     w.transmit(3);
