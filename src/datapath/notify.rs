@@ -662,6 +662,21 @@ mod tests {
         v.iter().filter(|v| **v == Verdict::Signal).count()
     }
 
+    /// Where in `v` the interrupts went out.
+    fn signalled_at(v: &[Verdict]) -> Vec<usize> {
+        (0..v.len()).filter(|&i| v[i] == Verdict::Signal).collect()
+    }
+
+    /// A coalescer on `policy` that has learned a completion every `gap`
+    /// (40 of them), with nothing held: (it, the time, the used index).
+    fn warmed(policy: &str, gap: Duration) -> (Coalescer, Instant, u16) {
+        let mut c = Coalescer::new(policy.parse().unwrap());
+        let (mut t, mut used) = (Instant::now(), 0);
+        stream(&mut c, &mut t, &mut used, gap, 40, ALWAYS);
+        c.take_held();
+        (c, t, used)
+    }
+
     #[test]
     fn adaptive_signals_sparse_completions_at_once() {
         // 10,000 per second: fewer than DENSE_FRAMES within 250 us.
@@ -674,13 +689,10 @@ mod tests {
     #[test]
     fn adaptive_holds_a_dense_stream_until_half_the_ring_waits() {
         // RX-like guest: asks at every entry (used_event = its last_used).
-        let mut c = Coalescer::new("adaptive".parse().unwrap());
-        let (mut t, mut used) = (Instant::now(), 0);
-        // Learn the rate: one completion every microsecond.
-        stream(&mut c, &mut t, &mut used, US, 40, ALWAYS);
-        c.take_held();
+        // Learned: one completion every microsecond.
+        let (mut c, mut t, mut used) = warmed("adaptive", US);
         let v = stream(&mut c, &mut t, &mut used, US, 400, ALWAYS);
-        let at: Vec<usize> = (0..v.len()).filter(|&i| v[i] == Verdict::Signal).collect();
+        let at = signalled_at(&v);
         assert!(!at.is_empty(), "never signalled: {v:?}");
         for w in at.windows(2) {
             assert_eq!(w[1] - w[0], 129, "{at:?}");
@@ -695,10 +707,7 @@ mod tests {
 
     #[test]
     fn adaptive_lets_a_held_interrupt_go_when_the_stream_pauses() {
-        let mut c = Coalescer::new("adaptive".parse().unwrap());
-        let (mut t, mut used) = (Instant::now(), 0);
-        stream(&mut c, &mut t, &mut used, 2 * US, 40, ALWAYS);
-        c.take_held();
+        let (mut c, mut t, mut used) = warmed("adaptive", 2 * US);
         let v = stream(&mut c, &mut t, &mut used, 2 * US, 5, ALWAYS);
         let Some(Verdict::Defer(d)) = v.last().copied() else {
             panic!("dense completions are held: {v:?}");
@@ -740,13 +749,10 @@ mod tests {
 
     #[test]
     fn adaptive_never_holds_past_its_bound() {
-        let mut c = Coalescer::new("adaptive,usecs=40".parse().unwrap());
-        let (mut t, mut used) = (Instant::now(), 0);
         // 4 us apart: 10 due within 40 us, dense; 64 take 256 us.
-        stream(&mut c, &mut t, &mut used, 4 * US, 40, ALWAYS);
-        c.take_held();
+        let (mut c, mut t, mut used) = warmed("adaptive,usecs=40", 4 * US);
         let v = stream(&mut c, &mut t, &mut used, 4 * US, 40, ALWAYS);
-        let at: Vec<usize> = (0..v.len()).filter(|&i| v[i] == Verdict::Signal).collect();
+        let at = signalled_at(&v);
         assert!(at.len() >= 3, "{v:?}");
         for w in at.windows(2) {
             assert!(w[1] - w[0] <= 11, "held past 40 us: {at:?}");

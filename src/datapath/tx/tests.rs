@@ -10,6 +10,26 @@ use crate::testing::unit::{add_tx_frame, buf_addr, memory, ring, tap_pair};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
 
+/// Makes a chain TX must refuse (its buffer is device-writable) available;
+/// returns its head.
+fn push_writable_chain(
+    mem: &crate::datapath::guest::GuestMem,
+    r: &mut crate::testing::driver::SplitRing,
+) -> u16 {
+    let bad = r
+        .add_chain(
+            mem,
+            &[Buf {
+                addr: buf_addr(5, 2048),
+                len: 100,
+                device_writes: true,
+            }],
+        )
+        .unwrap();
+    r.push_avail(mem, bad);
+    bad
+}
+
 /// Runs one TX batch with an unlimited budget.
 fn run_batch(
     mem: &crate::datapath::guest::GuestMem,
@@ -61,17 +81,7 @@ fn tx_chain_with_writable_descriptor_is_returned_with_len_zero_and_traffic_conti
     let mem = memory();
     let (mut r, mut q) = ring(&mem, 16, true);
     let (tap, mut peer) = tap_pair();
-    let bad = r
-        .add_chain(
-            &mem,
-            &[Buf {
-                addr: buf_addr(5, 2048),
-                len: 100,
-                device_writes: true,
-            }],
-        )
-        .unwrap();
-    r.push_avail(&mem, bad);
+    let bad = push_writable_chain(&mem, &mut r);
     add_tx_frame(&mem, &mut r, 0, &[0x11; 60]);
     r.publish(&mem);
     let stats = QueueStats::default();
@@ -463,17 +473,7 @@ fn in_order_a_batch_including_a_bad_chain_is_one_used_entry_naming_its_last_chai
     }
     // A chain the device may not read (writable): completed with length
     // 0 and counted, in its place in the order.
-    let bad = r
-        .add_chain(
-            &mem,
-            &[Buf {
-                addr: buf_addr(5, 2048),
-                len: 100,
-                device_writes: true,
-            }],
-        )
-        .unwrap();
-    r.push_avail(&mem, bad);
+    let bad = push_writable_chain(&mem, &mut r);
     heads.push(add_tx_frame(&mem, &mut r, 6, &[0xcd; 60]));
     r.publish(&mem);
     let stats = QueueStats::default();
