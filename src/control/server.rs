@@ -440,10 +440,7 @@ fn serve_with(
 
     // The daemon accepts only from a Listener: give it a private one, in a
     // fresh 0700 directory, and connect the relay to it.
-    let dir = tempfile::Builder::new()
-        .prefix("vhost-user-net.")
-        .tempdir()
-        .map_err(ConnectionError::PrivateSocket)?;
+    let dir = private_dir().map_err(ConnectionError::PrivateSocket)?;
     let inner_path = dir.path().join("backend.sock");
     let mut inner = Listener::new(&inner_path, true).map_err(ConnectionError::PrivateListener)?;
     let backend_side = UnixStream::connect(&inner_path).map_err(ConnectionError::PrivateSocket)?;
@@ -625,4 +622,27 @@ fn spawn_stats_server(listener: UnixListener, backend: Arc<NetBackend>) -> io::R
         }
     })?;
     Ok(())
+}
+
+/// A fresh directory only we may enter (0700, whatever the umask), for the
+/// backend's private socket.
+fn private_dir() -> std::io::Result<tempfile::TempDir> {
+    use std::os::unix::fs::PermissionsExt as _;
+    tempfile::Builder::new()
+        .prefix("vhost-user-net.")
+        .permissions(fs::Permissions::from_mode(0o700))
+        .tempdir()
+}
+
+#[cfg(test)]
+mod private_dir_tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    #[test]
+    fn the_private_socket_directory_is_ours_alone() {
+        let dir = private_dir().unwrap();
+        let mode = fs::metadata(dir.path()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "mode {mode:o}");
+    }
 }
