@@ -98,22 +98,16 @@ fn opts() -> Opts {
         peer: None,
     };
     let mut args = std::env::args().skip(1);
+    // The value after a flag, parsed; `usage` names the flag and its value.
+    fn value<T: std::str::FromStr>(args: &mut impl Iterator<Item = String>, usage: &str) -> T {
+        args.next().and_then(|v| v.parse().ok()).expect(usage)
+    }
     while let Some(a) = args.next() {
         match a.as_str() {
-            "--secs" => o.secs = args.next().and_then(|v| v.parse().ok()).expect("--secs S"),
-            "--runs" => o.runs = args.next().and_then(|v| v.parse().ok()).expect("--runs N"),
-            "--irq-cost" => {
-                o.costs.irq_ns = args
-                    .next()
-                    .and_then(|v| v.parse().ok())
-                    .expect("--irq-cost NS");
-            }
-            "--kick-cost" => {
-                o.costs.kick_ns = args
-                    .next()
-                    .and_then(|v| v.parse().ok())
-                    .expect("--kick-cost NS");
-            }
+            "--secs" => o.secs = value(&mut args, "--secs S"),
+            "--runs" => o.runs = value(&mut args, "--runs N"),
+            "--irq-cost" => o.costs.irq_ns = value(&mut args, "--irq-cost NS"),
+            "--kick-cost" => o.costs.kick_ns = value(&mut args, "--kick-cost NS"),
             "--quick" => o.quick = true,
             "--svg" => o.svg = args.next(),
             "--dir" => o.dir = args.next(),
@@ -390,15 +384,7 @@ fn run_loop(s: &mut Setup, len: usize, load: Load, secs: f64) -> Result_ {
 fn floor(ns: &Netns, dir: Dir, len: usize, secs: f64) -> f64 {
     let tap = common::unique("fl");
     let f = frame(len, SINK_MAC);
-    let q = ns.within({
-        let name = tap.clone();
-        move || {
-            let t = vhost_user_net::host::tap::Tap::open(&name, 1, None).expect("floor tap");
-            t.into_queues().pop().expect("one queue")
-        }
-    });
-    vhost_user_net::host::tap::set_offloads(&q, libc::TUN_F_CSUM | libc::TUN_F_TSO4)
-        .expect("offloads");
+    let q = common::floor::sink_tap(ns, &tap);
     if dir == Dir::Loop {
         reflector(ns, &tap, true);
     }
@@ -493,22 +479,14 @@ impl Summary {
 
     fn of(rows: &mut [Row]) -> Vec<Summary> {
         let mut out: Vec<Summary> = Vec::new();
-        let keys: Vec<(Dir, &'static str, usize, String)> = {
-            let mut k: Vec<_> = rows
-                .iter()
-                .map(|r| (r.dir, r.policy, r.len, r.load.label()))
-                .collect();
-            k.dedup();
-            k.retain({
-                let mut seen = Vec::new();
-                move |x| {
-                    let new = !seen.contains(x);
-                    seen.push(x.clone());
-                    new
-                }
-            });
-            k
-        };
+        // Each combination once, in the order it first ran.
+        let mut keys: Vec<(Dir, &'static str, usize, String)> = Vec::new();
+        for r in rows.iter() {
+            let key = (r.dir, r.policy, r.len, r.load.label());
+            if !keys.contains(&key) {
+                keys.push(key);
+            }
+        }
         for (dir, policy, len, load) in keys {
             let mut group: Vec<&mut Row> = rows
                 .iter_mut()

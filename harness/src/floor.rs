@@ -36,9 +36,9 @@ pub fn pin_thread(cpu: usize) {
     sched_setaffinity(Pid::from_raw(0), &set).expect("sched_setaffinity");
 }
 
-/// A one-queue tap `name` with the virtio-net header, in `ns`, sending to
-/// the kernel's sink; removed when the returned queue is closed.
-fn sink_tap(ns: &Netns, name: &str) -> File {
+/// A one-queue tap `name` with the virtio-net header and checksum and TSO4
+/// offloads, in `ns`; removed when the returned queue is closed.
+pub fn sink_tap(ns: &Netns, name: &str) -> File {
     let q = ns.within({
         let name = name.to_owned();
         move || {

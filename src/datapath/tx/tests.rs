@@ -37,8 +37,20 @@ fn run_batch(
     stats: &QueueStats,
     tap: &File,
 ) -> (End, Verdict) {
+    run_batch_in_order(mem, queue, stats, tap, false)
+}
+
+/// [`run_batch`], with VIRTIO_F_IN_ORDER negotiated or not.
+fn run_batch_in_order(
+    mem: &crate::datapath::guest::GuestMem,
+    queue: &mut virtio_queue::Queue,
+    stats: &QueueStats,
+    tap: &File,
+    in_order: bool,
+) -> (End, Verdict) {
     let mut iov = IoVecBuf::default();
     let mut batch = Batch::begin(queue, mem, stats, 1).unwrap();
+    batch.in_order(in_order);
     let end = batch
         .drain(u64::MAX, |b| step(b, &mut iov, Some(tap), 12))
         .unwrap();
@@ -478,15 +490,7 @@ fn in_order_a_batch_including_a_bad_chain_is_one_used_entry_naming_its_last_chai
     r.publish(&mem);
     let stats = QueueStats::default();
 
-    let mut iov = IoVecBuf::default();
-    let mut batch = Batch::begin(&mut q, &mem, &stats, 1).unwrap();
-    batch.in_order(true);
-    let end = batch
-        .drain(u64::MAX, |b| step(b, &mut iov, Some(&tap), 12))
-        .unwrap();
-    batch
-        .finish(&mut Coalescer::new(Policy::Immediate))
-        .unwrap();
+    let (end, _) = run_batch_in_order(&mem, &mut q, &stats, &tap, true);
 
     assert_eq!(end, End::RingEmpty);
     assert_eq!(r.used_idx(&mem), 7, "the used index moves past every chain");
