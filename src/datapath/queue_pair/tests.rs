@@ -203,3 +203,62 @@ fn a_call_fd_on_a_ring_without_a_past_sends_nothing() {
         "nothing to tell a fresh ring's guest"
     );
 }
+
+/// Holds an interrupt for up to 3 ms (64 frames).
+const HOLD_3MS: Policy = Policy::Frames {
+    frames: 64,
+    usecs: 3000,
+};
+
+#[test]
+fn a_busy_worker_ends_a_hold_at_its_deadline_without_arming_a_timer() {
+    // Arming a timer is a hypervisor exit on a VM's host; while a resume is
+    // pending the worker checks its holds after every event instead.
+    let mut w = World::new(1024, [Policy::Immediate, HOLD_3MS]);
+    w.post_rx(1024);
+    w.fill_tap();
+    w.kick(0);
+    assert!(w.step(1000));
+    assert!(w.pair.conn.as_ref().unwrap().rings[RX].pending, "RX busy");
+    w.queue_tx(3);
+    w.kick(1);
+    let start = Instant::now();
+    while w.frames(1) < 3 {
+        assert!(w.step(1000), "the worker stalled");
+    }
+    let mut busy_steps = 0;
+    while w.interrupts(1) == 0 {
+        let conn = w.pair.conn.as_ref().unwrap();
+        assert!(
+            conn.rings[RX].pending,
+            "RX ran out of work before the deadline"
+        );
+        assert_eq!(conn.rings[TX].timer_deadline, None, "a timer was armed");
+        w.fill_tap();
+        std::thread::sleep(std::time::Duration::from_micros(400));
+        assert!(w.step(1000), "the worker stalled");
+        busy_steps += 1;
+    }
+    assert!(
+        start.elapsed() >= std::time::Duration::from_millis(3),
+        "signalled before the policy's bound"
+    );
+    assert!(busy_steps > 1, "the hold ended at once");
+    assert_eq!(w.stats.queues[1].interrupts_sent.get(), 1);
+}
+
+#[test]
+fn an_idle_worker_covers_a_hold_with_its_timer() {
+    let mut w = World::new(256, [Policy::Immediate, HOLD_3MS]);
+    w.transmit(3);
+    assert_eq!(w.interrupts(1), 0, "held by the policy");
+    assert!(
+        w.pair.conn.as_ref().unwrap().rings[TX]
+            .timer_deadline
+            .is_some(),
+        "nothing else wakes an idle worker"
+    );
+    while w.interrupts(1) == 0 {
+        assert!(w.step(1000), "the held interrupt was never sent");
+    }
+}
