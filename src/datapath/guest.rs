@@ -23,6 +23,7 @@ use vm_memory::{
 };
 
 use crate::datapath::dirty::DirtyLog;
+use crate::host::sys::Uring;
 
 /// The guest memory type the daemon maps, with a dirty-page log per region
 /// for live migration ([`crate::datapath::dirty`]).
@@ -281,7 +282,19 @@ impl GuestIoVecs<'_, '_> {
     /// that skips libc's cancellation-point wrapper (~4% of a worker at
     /// 64-byte line rate); we never use thread cancellation.
     fn vectored(&self, nr: libc::c_long, file: &File) -> io::Result<usize> {
-        let count = libc::c_int::try_from(self.buf.iovecs.len()).expect("at most IOV_MAX iovecs");
+        self.vectored_range(nr, file, 0, self.buf.iovecs.len())
+    }
+
+    /// [`GuestIoVecs::vectored`] of the `count` iovecs from `start`.
+    fn vectored_range(
+        &self,
+        nr: libc::c_long,
+        file: &File,
+        start: usize,
+        count: usize,
+    ) -> io::Result<usize> {
+        let iovecs = &self.buf.iovecs[start..start + count];
+        let count = libc::c_int::try_from(count).expect("at most IOV_MAX iovecs");
         // SAFETY: every iovec was made by `push_range` from a bounds-checked
         // slice of `self.mem`, which `'m` keeps mapped for the whole call,
         // except the last one of a `read_from`: it describes the `overflow`
@@ -292,7 +305,7 @@ impl GuestIoVecs<'_, '_> {
         // memory is shared with the guest by design, so no Rust reference to
         // it exists that a write could invalidate, and a guest racing on it
         // changes bytes, not the validity of the pointers.
-        let n = unsafe { libc::syscall(nr, file.as_raw_fd(), self.buf.iovecs.as_ptr(), count) };
+        let n = unsafe { libc::syscall(nr, file.as_raw_fd(), iovecs.as_ptr(), count) };
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -369,6 +382,183 @@ impl GuestIoVecs<'_, '_> {
             Ok(())
         } else {
             Err(ChainError::TooLong { max: offset })
+        }
+    }
+}
+
+/// Frames written to a tap through an io_uring ([`Uring`]): each
+/// validated chain becomes one queued `writev` straight from guest memory,
+/// and one `io_uring_enter` submits them all and waits for every one.
+///
+/// Soundness: the queued requests point at this writer's iovecs, which
+/// point into guest memory `'m`. The iovecs are only appended to (never
+/// moved: the storage has room for [`IOV_MAX`] and no more are pushed)
+/// while requests are in flight, and are cleared only after
+/// [`TapWriter::flush`] has reaped every request; dropping the writer
+/// flushes first. So no request outlives the iovecs, the borrow of the
+/// guest memory, or the tap fd. The guest memory a worker borrows is a
+/// snapshot (`GuestMemoryAtomic::memory`) that stays mapped while the
+/// batch holds it, even if the frontend sends a new memory table
+/// meanwhile; a batch waits for all its requests before it ends, so
+/// nothing is in flight across events, ring stops, resets or disconnects.
+pub struct TapWriter<'a, 'm> {
+    iovecs: GuestIoVecs<'a, 'm>,
+    ring: &'a mut Uring,
+    tap: &'a File,
+    /// Iovecs already queued (the rest belong to the chain being pushed).
+    queued: usize,
+    /// First iovec and iovec count of each queued write, by request number.
+    writes: &'a mut Vec<(usize, usize)>,
+    /// The result of each write after a flush (bytes or `-errno`).
+    results: &'a mut Vec<i32>,
+}
+
+/// What a [`TapWriter`] keeps between batches (no allocation per batch).
+#[derive(Default)]
+pub struct WriterBufs {
+    writes: Vec<(usize, usize)>,
+    results: Vec<i32>,
+}
+
+impl<'a, 'm> TapWriter<'a, 'm> {
+    /// A writer of frames from `mem` to `tap` through `ring`, with iovec
+    /// storage `iov` (at least [`IOV_MAX`] iovecs of capacity: see
+    /// [`IoVecBuf::with_capacity`]).
+    pub fn new(
+        iov: &'a mut IoVecBuf,
+        bufs: &'a mut WriterBufs,
+        mem: &'m GuestMem,
+        ring: &'a mut Uring,
+        tap: &'a File,
+    ) -> Self {
+        iov.iovecs.reserve(IOV_MAX);
+        iov.spans.reserve(IOV_MAX);
+        bufs.writes.clear();
+        bufs.results.clear();
+        TapWriter {
+            iovecs: iov.bind(mem),
+            ring,
+            tap,
+            queued: 0,
+            writes: &mut bufs.writes,
+            results: &mut bufs.results,
+        }
+    }
+
+    /// Writes queued and not flushed yet.
+    pub fn pending(&self) -> usize {
+        self.writes.len()
+    }
+
+    /// Whether the ring takes one more write without a flush first.
+    pub fn has_room(&mut self) -> bool {
+        self.ring.room() > 0
+    }
+
+    /// Appends the buffers of TX `chain` (see [`GuestIoVecs::push_chain`])
+    /// after those already queued; `TooManySegments` when they do not fit
+    /// beside them (flush, then push the chain again).
+    pub fn push_chain<M>(
+        &mut self,
+        chain: DescriptorChain<M>,
+        max_len: usize,
+    ) -> Result<usize, ChainError>
+    where
+        M: std::ops::Deref,
+        M::Target: vm_memory::GuestMemory,
+    {
+        self.iovecs.push_chain(chain, Access::DeviceReads, max_len)
+    }
+
+    /// Forgets the chain pushed last (not queued: refused after all).
+    pub fn discard_unqueued(&mut self) {
+        self.iovecs.buf.iovecs.truncate(self.queued);
+        self.iovecs.buf.spans.truncate(self.queued);
+    }
+
+    /// Queues the chain pushed last as one `writev`, linked to the write
+    /// queued before it (a write that fails cancels the ones after it: a
+    /// full tap never sees them out of order). Returns its number in
+    /// [`TapWriter::flush`]'s results. The caller checked
+    /// [`TapWriter::has_room`] before pushing the chain.
+    pub fn queue(&mut self) -> usize {
+        let start = self.queued;
+        let count = self.iovecs.segments() - start;
+        let n = self.writes.len();
+        // Every write is pushed linked to the next: the kernel ends a link
+        // at the end of a submission, so the last one simply runs.
+        // SAFETY: the iovecs `start..start + count` live in storage that is
+        // not moved or cleared until `flush` has reaped this request (see
+        // the type's doc), and describe guest memory `'m` that this writer
+        // borrows for as long; `self.tap` is borrowed as long too.
+        let pushed = unsafe {
+            self.ring.push_writev(
+                self.tap.as_raw_fd(),
+                self.iovecs.buf.iovecs.as_ptr().add(start),
+                u32::try_from(count).expect("at most IOV_MAX iovecs"),
+                n as u64,
+                true,
+            )
+        };
+        assert!(pushed, "queue() without has_room()");
+        self.writes.push((start, count));
+        self.queued = self.iovecs.segments();
+        n
+    }
+
+    /// Submits the queued writes (one `io_uring_enter`) and waits for all;
+    /// then [`TapWriter::results`] has one result per write, in order.
+    /// An error means the ring failed: see [`Uring::reap`].
+    pub fn flush(&mut self) -> io::Result<()> {
+        let results = &mut *self.results;
+        results.clear();
+        results.resize(self.writes.len(), -libc::ECANCELED);
+        let outcome = self.ring.reap(|n, res| {
+            if let Some(r) = usize::try_from(n).ok().and_then(|n| results.get_mut(n)) {
+                *r = res;
+            }
+        });
+        if outcome.is_err() && self.ring.in_flight() > 0 {
+            // Requests the kernel took may still read guest memory: keep
+            // the mapping forever rather than let one read freed memory.
+            std::mem::forget(self.iovecs.mem.clone());
+        }
+        outcome
+    }
+
+    /// The results of the last flush: bytes written, or `-errno`
+    /// (`-ECANCELED`: a write before it in the link failed).
+    pub fn results(&self) -> &[i32] {
+        self.results
+    }
+
+    /// Writes write `n` of the last flush again, now, with `writev(2)`
+    /// (after a link was cut by an error).
+    pub fn write_now(&self, n: usize) -> io::Result<usize> {
+        let (start, count) = self.writes[n];
+        self.iovecs
+            .vectored_range(libc::SYS_writev, self.tap, start, count)
+    }
+
+    /// Forgets the flushed writes: the storage is free for more.
+    pub fn clear(&mut self) {
+        debug_assert_eq!(self.ring.in_flight(), 0);
+        self.writes.clear();
+        self.results.clear();
+        let n = self.iovecs.segments();
+        self.iovecs.drop_front(n);
+        self.queued = 0;
+    }
+}
+
+impl Drop for TapWriter<'_, '_> {
+    /// A writer dropped with writes in flight (a ring error ended the
+    /// batch) waits for them first.
+    fn drop(&mut self) {
+        if self.ring.in_flight() > 0 {
+            if let Err(e) = self.flush() {
+                log::error!("io_uring failed with writes in flight: {e}");
+            }
         }
     }
 }

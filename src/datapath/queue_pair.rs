@@ -182,6 +182,8 @@ pub struct QueuePair {
     /// Indexed by ring: RX, TX.
     dirs: [Direction; 2],
     rx: RxScratch,
+    /// TX's io_uring (`--tap-io uring|auto` where the kernel allows it).
+    tx_uring: Option<tx::TxUring>,
     /// Whether our tap queue is attached (receives frames from the kernel).
     tap_attached: bool,
     /// Whether it should be: a frontend has this pair's RX ring enabled.
@@ -240,6 +242,7 @@ impl QueuePair {
                 chains: Vec::with_capacity(usize::from(u16::MAX)),
                 bounce: Bounce::default(),
             },
+            tx_uring: None,
             tap_attached: true,
             tap_wanted: true,
             tap_gone: false,
@@ -308,6 +311,21 @@ impl QueuePair {
             self.resume.write(1)?;
         }
         Ok(())
+    }
+
+    /// Chooses how TX writes to the tap (`--tap-io`): through an io_uring
+    /// set up here (before the seccomp filters: the worker then needs only
+    /// `io_uring_enter`), or one `writev` per frame when `mode` says so or
+    /// the kernel refuses io_uring. Returns the mode TX runs in, which the
+    /// counters show too (`tap_io_info`).
+    pub fn set_tap_io(&mut self, mode: crate::host::tap::TapIo) -> &'static str {
+        self.tx_uring = crate::host::tap::open_uring(mode, self.index).map(tx::TxUring::new);
+        let q = 2 * self.index + TX;
+        self.stats.uring[q].store(
+            self.tx_uring.is_some(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        self.stats.tap_io(q)
     }
 
     /// Sets what RX may expect from the tap (at SET_FEATURES).
@@ -507,14 +525,28 @@ impl QueuePair {
                         buffers.give_back(&mut batch);
                         end
                     }
-                    _ => batch.drain(BUDGET_FRAMES, |b| {
-                        tx::step(b, &mut dir.iov, tap, params.hdr_len)
-                    }),
+                    _ => tx::drain(
+                        &mut batch,
+                        BUDGET_FRAMES,
+                        &mut dir.iov,
+                        self.tx_uring.as_mut(),
+                        tap,
+                        params.hdr_len,
+                    ),
                 }?;
                 Ok((end, batch.finish(coalescer)?))
             });
         let end = self.settle_batch(result, vring, &state, ring);
         drop(state);
+        if self.tx_uring.as_ref().is_some_and(tx::TxUring::failed) {
+            self.tx_uring = None;
+            self.stats.uring[2 * self.index + TX]
+                .store(false, std::sync::atomic::Ordering::Relaxed);
+            log::error!(
+                "pair {}: io_uring failed: tap writes use writev from now on",
+                self.index
+            );
+        }
         match end {
             Some(End::TapBlocked) => self.watch_tap(ring, true),
             Some(End::RingEmpty) | None => self.watch_tap(ring, false),

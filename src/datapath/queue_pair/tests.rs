@@ -203,3 +203,64 @@ fn a_call_fd_on_a_ring_without_a_past_sends_nothing() {
         "nothing to tell a fresh ring's guest"
     );
 }
+
+#[test]
+fn tap_io_auto_writes_through_a_ring_and_the_counters_say_so() {
+    let mut w = World::new(256, [Policy::Immediate; 2]);
+    assert_eq!(w.pair.set_tap_io(crate::host::tap::TapIo::Auto), "uring");
+    w.queue_tx(100);
+    w.kick(1);
+    assert!(w.step(1000));
+    while w.step(0) {}
+    assert_eq!(w.frames(1), 100);
+    let mut buf = [0u8; 2048];
+    let mut read = 0;
+    while std::io::Read::read(&mut w.peer, &mut buf).is_ok() {
+        read += 1;
+    }
+    assert_eq!(read, 100);
+    let text = w.stats.prometheus();
+    assert!(text.contains("vhost_user_net_tap_io_info{queue=\"0\",dir=\"rx\",mode=\"syscall\"} 1"));
+    assert!(text.contains("vhost_user_net_tap_io_info{queue=\"1\",dir=\"tx\",mode=\"uring\"} 1"));
+    let table = crate::stats::format::table(&w.stats.snapshot(), None);
+    assert!(table.contains("uring"), "{table}");
+}
+
+#[test]
+fn refused_io_uring_falls_back_to_writev_and_says_so() {
+    for errno in [libc::EPERM, libc::ENOSYS] {
+        let mut w = World::new(256, [Policy::Immediate; 2]);
+        crate::host::sys::refuse::set(Some(errno));
+        let mode = w.pair.set_tap_io(crate::host::tap::TapIo::Uring);
+        crate::host::sys::refuse::set(None);
+        assert_eq!(mode, "syscall");
+        assert!(w
+            .stats
+            .prometheus()
+            .contains("vhost_user_net_tap_io_info{queue=\"1\",dir=\"tx\",mode=\"syscall\"} 1"));
+        w.queue_tx(10);
+        w.kick(1);
+        assert!(w.step(1000));
+        assert_eq!(w.frames(1), 10);
+    }
+}
+
+#[test]
+fn with_io_uring_rx_and_tx_still_take_turns_when_both_spend_their_budget() {
+    let mut w = World::new(1024, [Policy::Immediate; 2]);
+    assert_eq!(w.pair.set_tap_io(crate::host::tap::TapIo::Uring), "uring");
+    w.post_rx(1024);
+    w.kick(0);
+    assert!(w.step(1000));
+    w.queue_tx(1024);
+    w.fill_tap();
+    w.kick(1);
+    let mut worst = 0u64;
+    while w.frames(0) + w.frames(1) < 1024 {
+        assert!(w.step(1000), "the worker stalled");
+        w.drain_tap();
+        w.fill_tap();
+        worst = worst.max(w.frames(0).abs_diff(w.frames(1)));
+    }
+    assert!(worst <= BUDGET_FRAMES, "worst gap {worst}");
+}
