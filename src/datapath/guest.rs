@@ -476,17 +476,13 @@ impl<'a, 'm> TapWriter<'a, 'm> {
         self.iovecs.buf.spans.truncate(self.queued);
     }
 
-    /// Queues the chain pushed last as one `writev`, linked to the write
-    /// queued before it (a write that fails cancels the ones after it: a
-    /// full tap never sees them out of order). Returns its number in
+    /// Queues the chain pushed last as one `writev`. Returns its number in
     /// [`TapWriter::flush`]'s results. The caller checked
     /// [`TapWriter::has_room`] before pushing the chain.
     pub fn queue(&mut self) -> usize {
         let start = self.queued;
         let count = self.iovecs.segments() - start;
         let n = self.writes.len();
-        // Every write is pushed linked to the next: the kernel ends a link
-        // at the end of a submission, so the last one simply runs.
         // SAFETY: the iovecs `start..start + count` live in storage that is
         // not moved or cleared until `flush` has reaped this request (see
         // the type's doc), and describe guest memory `'m` that this writer
@@ -497,7 +493,6 @@ impl<'a, 'm> TapWriter<'a, 'm> {
                 self.iovecs.buf.iovecs.as_ptr().add(start),
                 u32::try_from(count).expect("at most IOV_MAX iovecs"),
                 n as u64,
-                true,
             )
         };
         assert!(pushed, "queue() without has_room()");
@@ -527,13 +522,12 @@ impl<'a, 'm> TapWriter<'a, 'm> {
     }
 
     /// The results of the last flush: bytes written, or `-errno`
-    /// (`-ECANCELED`: a write before it in the link failed).
+    /// (`-ECANCELED`: the ring failed before it reported this write).
     pub fn results(&self) -> &[i32] {
         self.results
     }
 
-    /// Writes write `n` of the last flush again, now, with `writev(2)`
-    /// (after a link was cut by an error).
+    /// Makes write `n` of the last flush again, now, with `writev(2)`.
     pub fn write_now(&self, n: usize) -> io::Result<usize> {
         let (start, count) = self.writes[n];
         self.iovecs

@@ -13,12 +13,19 @@
 //! ([`step_queued`]); the batch submits them all with one `io_uring_enter`
 //! and waits for every one before [`crate::datapath::batch::Batch::finish`]
 //! publishes the used entries, so those still follow the data, once per
-//! batch. The writes are linked: one the tap refuses with EAGAIN cancels
-//! the rest, and the batch ends with [`Step::TapBlocked`] giving the
-//! unsent chains back in order. Any other write error is counted as a
-//! `writev`'s is, and the writes it cancelled are made at once with
-//! `writev`. Chains the guest got wrong are completed with length 0 and
-//! counted in their place among the writes.
+//! batch. The kernel makes the writes one after the other, in order. When
+//! the tap refuses one with EAGAIN (its queue is full) and every one after
+//! it too, the batch ends with [`Step::TapBlocked`] giving those chains
+//! back in order, as with `writev`. If the tap took a later one all the
+//! same (it freed room in between: a race the kernel decided), the order
+//! is lost already: the refused frame is written again at once, and
+//! dropped and counted (`tap_errors_total`, plus a second
+//! `tap_eagain_total`) if the tap refuses it again. The requests are not
+//! linked (`IOSQE_IO_LINK`), which would keep the order in that race too:
+//! each linked write waits for a task-work round trip, and TX 64 B fell
+//! to 0.56x of `writev` (docs/performance.md). Any other write error is
+//! counted as a `writev`'s is. Chains the guest got wrong are completed
+//! with length 0 and counted in their place among the writes.
 
 use std::fs::File;
 use std::io;
@@ -231,49 +238,63 @@ fn settle<'q>(
     }
     let stats = c.stats();
     let (tap_eagain, tap_errors) = (&stats.tap_eagain, &stats.tap_errors);
+    let write_now = |n: usize| match w.write_now(n) {
+        Ok(k) => i32::try_from(k).unwrap_or(i32::MAX),
+        Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
+    };
+    let entries = &queued.entries;
+    let sent = |e: &Entry| matches!(*e, Entry::Write { n, .. } if w.results()[n] >= 0);
     let mut end = None;
     let mut settled = 0;
-    for entry in &queued.entries {
-        match *entry {
-            Entry::Bad { head, ref why } => c.complete_bad(head, why)?,
-            Entry::Write { head, bytes, n } => {
-                let mut result = w.results()[n];
-                if one_by_one && result == -libc::ECANCELED {
-                    result = match w.write_now(n) {
-                        Ok(k) => i32::try_from(k).unwrap_or(i32::MAX),
-                        Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
-                    };
-                }
-                if result == -libc::EOPNOTSUPP && !one_by_one {
-                    // The file cannot take a non-blocking write from a
-                    // ring (a tap before Linux 6.4): writev from now on.
-                    log::warn!("the tap refuses io_uring writes: going back to writev");
-                    queued.failed = true;
-                    one_by_one = true;
-                    result = match w.write_now(n) {
-                        Ok(k) => i32::try_from(k).unwrap_or(i32::MAX),
-                        Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
-                    };
-                }
-                if result >= 0 {
-                    c.complete(head, 0)?;
-                    c.count_frame(bytes);
-                } else if result == -libc::EAGAIN {
-                    tap_eagain.inc();
-                    end = Some(Step::TapBlocked);
-                    break;
-                } else {
-                    let e = io::Error::from_raw_os_error(-result);
-                    tap_errors.inc();
-                    log::debug!("TX tap write failed: {e}");
-                    c.complete(head, 0)?;
-                    if crate::host::tap::is_gone(&e) {
-                        settled += 1;
-                        end = Some(Step::TapGone);
-                        break;
-                    }
-                    one_by_one = true;
-                }
+    for (i, entry) in entries.iter().enumerate() {
+        let (head, bytes, n) = match *entry {
+            Entry::Bad { head, ref why } => {
+                c.complete_bad(head, why)?;
+                settled += 1;
+                continue;
+            }
+            Entry::Write { head, bytes, n } => (head, bytes, n),
+        };
+        let mut result = w.results()[n];
+        if one_by_one && result == -libc::ECANCELED {
+            result = write_now(n);
+        }
+        if result == -libc::EOPNOTSUPP && !queued.failed {
+            // The file cannot take a non-blocking write from a ring (a
+            // tap before Linux 6.4): writev from now on.
+            log::warn!("the tap refuses io_uring writes: going back to writev");
+            queued.failed = true;
+            one_by_one = true;
+        }
+        if one_by_one && result == -libc::EOPNOTSUPP {
+            result = write_now(n);
+        }
+        if result == -libc::EAGAIN {
+            tap_eagain.inc();
+            if !entries[i + 1..].iter().any(sent) {
+                // The tap is full: this chain and the ones after it go
+                // back to the ring, in order, for when it has room.
+                end = Some(Step::TapBlocked);
+                break;
+            }
+            // The tap took a later frame (it freed room meanwhile): the
+            // order is lost already; this one goes now or never.
+            result = write_now(n);
+            if result == -libc::EAGAIN {
+                tap_eagain.inc();
+                result = -libc::ENOBUFS;
+            }
+        }
+        if result >= 0 {
+            c.complete(head, 0)?;
+            c.count_frame(bytes);
+        } else {
+            let e = io::Error::from_raw_os_error(-result);
+            tap_errors.inc();
+            log::debug!("TX tap write failed: {e}");
+            c.complete(head, 0)?;
+            if crate::host::tap::is_gone(&e) {
+                end = Some(Step::TapGone);
             }
         }
         settled += 1;

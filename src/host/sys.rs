@@ -351,8 +351,8 @@ pub fn inherited_listener(fd: RawFd) -> io::Result<UnixListener> {
 pub const URING_ENTRIES: u32 = 128;
 
 /// An io_uring for one queue pair's tap writes: `writev` requests only
-/// (`IORING_REGISTER_RESTRICTIONS`: opcode `IORING_OP_WRITEV`, SQE flag
-/// `IOSQE_IO_LINK`, no register operation once enabled), each with
+/// (`IORING_REGISTER_RESTRICTIONS`: opcode `IORING_OP_WRITEV`, no SQE
+/// flag, no register operation once enabled), each with
 /// `RWF_NOWAIT`, so a full tap completes with EAGAIN instead of waiting.
 /// Made before the seccomp filters are installed (`io_uring_setup` and
 /// `io_uring_register` are then not needed by the worker, only
@@ -394,9 +394,7 @@ impl Uring {
         let submitter = ring.submitter();
         submitter.register_restrictions(&mut [
             io_uring::register::Restriction::sqe_op(io_uring::opcode::Writev::CODE),
-            io_uring::register::Restriction::sqe_flags_allowed(
-                io_uring::squeue::Flags::IO_LINK.bits(),
-            ),
+            io_uring::register::Restriction::sqe_flags_allowed(0),
         ])?;
         submitter.register_enable_rings()?;
         Ok(Uring { ring, in_flight: 0 })
@@ -413,9 +411,7 @@ impl Uring {
         self.in_flight
     }
 
-    /// Queues a non-blocking `writev` of `count` iovecs at `iov` to `fd`,
-    /// linked to the next request pushed when `link` (it then starts only
-    /// if this one wrote, and completes with ECANCELED otherwise).
+    /// Queues a non-blocking `writev` of `count` iovecs at `iov` to `fd`.
     /// `false`: the submission queue is full (nothing queued).
     ///
     /// # Safety
@@ -429,19 +425,12 @@ impl Uring {
         iov: *const libc::iovec,
         count: u32,
         user_data: u64,
-        link: bool,
     ) -> bool {
-        let flags = if link {
-            io_uring::squeue::Flags::IO_LINK
-        } else {
-            io_uring::squeue::Flags::empty()
-        };
         let entry = io_uring::opcode::Writev::new(io_uring::types::Fd(fd), iov, count)
             // -1: the file's position, as writev(2) (a tap or socket has none).
             .offset(u64::MAX)
             .rw_flags(libc::RWF_NOWAIT)
             .build()
-            .flags(flags)
             .user_data(user_data);
         // SAFETY: the entry points at `count` iovecs the caller keeps valid
         // (with the memory they describe) until the request is reaped.
@@ -497,7 +486,7 @@ impl Uring {
         }];
         // SAFETY: `iov` and `data` outlive the request: `reap` below waits
         // for it (and this is the only request pushed).
-        assert!(unsafe { self.push_writev(fd, iov.as_ptr(), 1, 0, false) });
+        assert!(unsafe { self.push_writev(fd, iov.as_ptr(), 1, 0) });
         let mut result = None;
         self.reap(|_, r| result = Some(r))?;
         Ok(result.expect("one completion"))

@@ -680,7 +680,7 @@ fn uring_write_errors_are_counted_per_frame_and_the_batch_goes_on() {
     r.publish(&mem);
     let stats = QueueStats::default();
     // A closed peer: every write fails with EPIPE, as a downed tap's with
-    // EIO. The first cuts the link; the rest are written one by one.
+    // EIO: each is counted, every chain completed.
     let (tap, peer) = tap_pair();
     drop(peer);
 
