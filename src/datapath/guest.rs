@@ -411,6 +411,10 @@ pub struct TapWriter<'a, 'm> {
     writes: &'a mut Vec<(usize, usize)>,
     /// The result of each write after a flush (bytes or `-errno`).
     results: &'a mut Vec<i32>,
+    /// A test's result for one write of the next flush, in place of the
+    /// kernel's (the write is still made).
+    #[cfg(test)]
+    pub fake_result: Option<(usize, i32)>,
 }
 
 /// What a [`TapWriter`] keeps between batches (no allocation per batch).
@@ -442,6 +446,8 @@ impl<'a, 'm> TapWriter<'a, 'm> {
             queued: 0,
             writes: &mut bufs.writes,
             results: &mut bufs.results,
+            #[cfg(test)]
+            fake_result: None,
         }
     }
 
@@ -517,6 +523,10 @@ impl<'a, 'm> TapWriter<'a, 'm> {
             // Requests the kernel took may still read guest memory: keep
             // the mapping forever rather than let one read freed memory.
             std::mem::forget(self.iovecs.mem.clone());
+        }
+        #[cfg(test)]
+        if let Some((n, result)) = self.fake_result.take() {
+            self.results[n] = result;
         }
         outcome
     }

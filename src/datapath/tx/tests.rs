@@ -3,6 +3,7 @@ use std::io::{Read, Write};
 use super::*;
 use crate::datapath::batch::{Batch, End};
 use crate::datapath::guest::IoVecBuf;
+use crate::datapath::guest::TapWriter;
 use crate::datapath::notify::{Coalescer, Policy, Verdict};
 use crate::host::sys::Uring;
 use crate::stats::QueueStats;
@@ -743,4 +744,88 @@ fn uring_chains_that_fill_the_iovecs_flush_what_is_queued_first() {
     assert_eq!(stats.frames.get(), 3);
     assert_eq!(stats.bad_chains.get(), 0);
     assert_eq!(stats.batches.get(), 1);
+}
+
+#[test]
+fn uring_a_refused_frame_the_tap_overtook_is_written_again_at_once() {
+    // The race of an unlinked submission: the tap refused write 1 but took
+    // write 2 (it freed room in between). Write 1 is made again with
+    // writev (here it goes through), so no chain is lost or given back out
+    // of order; the refusal is counted.
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 16, true);
+    let (tap, mut peer) = tap_pair();
+    for i in 0..3u8 {
+        add_tx_frame(&mem, &mut r, usize::from(i), &[i + 1; 60]);
+    }
+    r.publish(&mem);
+    let stats = QueueStats::default();
+    let mut uring = TxUring::new(Uring::new().expect("io_uring on the test machine"));
+    let mut iov = IoVecBuf::with_capacity(crate::datapath::guest::IOV_MAX);
+    let mut batch = Batch::begin(&mut q, &mem, &stats, 1).unwrap();
+    let TxUring {
+        ring: u_ring,
+        bufs,
+        queued,
+    } = &mut uring;
+    let mut w = TapWriter::new(&mut iov, bufs, &mem, u_ring, &tap);
+    let end = batch
+        .drain(u64::MAX, |b| step_queued(b, &mut w, queued, 12))
+        .unwrap();
+    assert_eq!(end, End::RingEmpty);
+    w.fake_result = Some((1, -libc::EAGAIN));
+
+    assert_eq!(settle(&mut batch, &mut w, queued).unwrap(), None);
+    drop(w);
+    batch
+        .finish(&mut Coalescer::new(Policy::Immediate))
+        .unwrap();
+
+    // The kernel wrote all three; the retry wrote the second again.
+    assert_eq!(frames_at(&mut peer), [1, 2, 3, 2]);
+    assert_eq!(r.used_idx(&mem), 3);
+    assert_eq!(stats.frames.get(), 3);
+    assert_eq!(stats.tap_eagain.get(), 1);
+    assert_eq!(stats.tap_errors.get(), 0);
+}
+
+#[test]
+fn uring_an_overtaken_frame_refused_again_is_dropped_and_counted() {
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 16, true);
+    let (tap, _peer) = tap_pair();
+    for i in 0..3u8 {
+        add_tx_frame(&mem, &mut r, usize::from(i), &[i + 1; 60]);
+    }
+    r.publish(&mem);
+    let stats = QueueStats::default();
+    let mut uring = TxUring::new(Uring::new().expect("io_uring on the test machine"));
+    let mut iov = IoVecBuf::with_capacity(crate::datapath::guest::IOV_MAX);
+    let mut batch = Batch::begin(&mut q, &mem, &stats, 1).unwrap();
+    let TxUring {
+        ring: u_ring,
+        bufs,
+        queued,
+    } = &mut uring;
+    let mut w = TapWriter::new(&mut iov, bufs, &mem, u_ring, &tap);
+    batch
+        .drain(u64::MAX, |b| step_queued(b, &mut w, queued, 12))
+        .unwrap();
+    // The tap is full for all three writes and for the retry, but claims
+    // to have taken the second.
+    while (&tap).write(&[0u8; 100]).is_ok() {}
+    w.fake_result = Some((1, 72));
+
+    let end = settle(&mut batch, &mut w, queued).unwrap();
+    drop(w);
+    batch
+        .finish(&mut Coalescer::new(Policy::Immediate))
+        .unwrap();
+
+    assert_eq!(end, Some(Step::TapBlocked), "the third waits for room");
+    assert_eq!(q.next_avail(), 2, "the third was given back");
+    assert_eq!(r.used_idx(&mem), 2);
+    assert_eq!(stats.frames.get(), 1);
+    assert_eq!(stats.tap_errors.get(), 1, "the first, dropped");
+    assert_eq!(stats.tap_eagain.get(), 3, "first, its retry, third");
 }
