@@ -10,7 +10,7 @@
 //!
 //! With `--tap-io uring` ([`drain`] with a [`TxUring`]) the step queues
 //! the `writev` on the pair's io_uring instead of making it
-//! ([`step_queued`]); the batch submits them all with one `io_uring_enter`
+//! (`step_queued`); the batch submits them all with one `io_uring_enter`
 //! and waits for every one before [`crate::datapath::batch::Batch::finish`]
 //! publishes the used entries, so those still follow the data, once per
 //! batch. The kernel makes the writes one after the other, in order. When
