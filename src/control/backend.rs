@@ -231,7 +231,7 @@ impl NetBackend {
                 let ctl = tap_ctl.clone();
                 let mut pair = QueuePair::new(i, num_queues, q, ctl, stats.clone(), policies)?;
                 let mode = pair.set_tap_io(config.tap_io);
-                log::info!("pair {i}: tap I/O: TX {mode}, RX syscall");
+                log::info!("pair {i}: tap I/O: {mode}");
                 // No frontend yet: the kernel must neither queue frames for
                 // nobody nor steer flows to us (another backend may share
                 // the tap). Attached again when a frontend enables the ring.

@@ -567,6 +567,170 @@ impl Drop for TapWriter<'_, '_> {
     }
 }
 
+/// Up to a few frames read from a tap through an io_uring ([`Uring`]):
+/// each read goes into the buffers of one validated RX chain, straight
+/// into guest memory, then on into one byte of host memory (a frame with a
+/// byte there did not fit); one `io_uring_enter` submits them all and
+/// waits for every one ([`TapReads::submit`]).
+///
+/// Soundness: `submit` pushes the requests, and reaps every one of them
+/// before it returns: no request outlives the call, so none outlives the
+/// iovecs (not touched during the call), the guest memory `'m` they
+/// point into, the overflow bytes (borrowed mutably for `'a`), or the tap.
+pub struct TapReads<'a, 'm> {
+    reads: Vec<GuestIoVecs<'a, 'm>>,
+    overflow: &'a mut [u8],
+    ring: &'a mut Uring,
+    tap: &'a File,
+    results: &'a mut Vec<i32>,
+}
+
+/// What [`TapReads`] keeps between rounds (no allocation per frame).
+pub struct ReaderBufs {
+    iov: Vec<IoVecBuf>,
+    /// One byte per read, allocated once and never freed (a few bytes per
+    /// queue pair): a read the kernel might still make after a ring
+    /// failure can never write freed memory.
+    overflow: &'static mut [u8],
+    results: Vec<i32>,
+}
+
+impl ReaderBufs {
+    /// Room for `reads` reads per round.
+    pub fn new(reads: usize) -> Self {
+        ReaderBufs {
+            iov: (0..reads).map(|_| IoVecBuf::default()).collect(),
+            overflow: Box::leak(vec![0u8; reads].into_boxed_slice()),
+            results: Vec::with_capacity(reads),
+        }
+    }
+
+    /// Reads per round.
+    pub fn reads(&self) -> usize {
+        self.iov.len()
+    }
+}
+
+impl<'a, 'm> TapReads<'a, 'm> {
+    pub fn new(
+        bufs: &'a mut ReaderBufs,
+        mem: &'m GuestMem,
+        ring: &'a mut Uring,
+        tap: &'a File,
+    ) -> Self {
+        bufs.results.clear();
+        TapReads {
+            reads: bufs.iov.iter_mut().map(|b| b.bind(mem)).collect(),
+            overflow: &mut *bufs.overflow,
+            ring,
+            tap,
+            results: &mut bufs.results,
+        }
+    }
+
+    /// Puts the buffers of RX `chain` behind read `i` (see
+    /// [`GuestIoVecs::push_chain`]); returns their length.
+    pub fn push_chain<M>(
+        &mut self,
+        i: usize,
+        chain: DescriptorChain<M>,
+        max_len: usize,
+    ) -> Result<usize, ChainError>
+    where
+        M: std::ops::Deref,
+        M::Target: vm_memory::GuestMemory,
+    {
+        let read = &mut self.reads[i];
+        let n = read.segments();
+        read.drop_front(n);
+        read.push_chain(chain, Access::DeviceWrites, max_len)
+    }
+
+    /// The buffers of read `i`.
+    pub fn read(&self, i: usize) -> &GuestIoVecs<'a, 'm> {
+        &self.reads[i]
+    }
+
+    /// Reads `count` frames (reads `0..count`) with one `io_uring_enter`,
+    /// and waits for all; then [`TapReads::result`] has each one's result.
+    /// An error means the ring failed: see [`Uring::reap`].
+    pub fn submit(&mut self, count: usize) -> io::Result<()> {
+        let results = &mut *self.results;
+        results.clear();
+        results.resize(count, -libc::ECANCELED);
+        let fd = self.tap.as_raw_fd();
+        let mut pushed = 0;
+        for (i, (read, byte)) in self
+            .reads
+            .iter_mut()
+            .zip(self.overflow.iter_mut())
+            .take(count)
+            .enumerate()
+        {
+            read.buf.iovecs.push(libc::iovec {
+                iov_base: std::ptr::from_mut(byte).cast(),
+                iov_len: 1,
+            });
+            let iovecs = &read.buf.iovecs;
+            // SAFETY: the iovecs of read `i` describe its guest buffers,
+            // bounds-checked slices of `'m`, and one overflow byte borrowed
+            // mutably for `'a`; `reap` below waits for this request before
+            // this function returns, and nothing touches the iovecs or the
+            // memory meanwhile (guest memory is shared with the guest by
+            // design, as for `readv`).
+            pushed += usize::from(unsafe {
+                self.ring.push_readv(
+                    fd,
+                    iovecs.as_ptr(),
+                    u32::try_from(iovecs.len()).expect("at most IOV_MAX iovecs"),
+                    i as u64,
+                )
+            });
+        }
+        debug_assert_eq!(pushed, count, "more reads than the ring holds");
+        let outcome = self.ring.reap(|n, res| {
+            if let Some(r) = usize::try_from(n).ok().and_then(|n| results.get_mut(n)) {
+                *r = res;
+            }
+        });
+        if outcome.is_err() && self.ring.in_flight() > 0 {
+            // Requests the kernel took may still write guest memory: keep
+            // it mapped for good (the overflow bytes are never freed).
+            std::mem::forget(self.reads[0].mem.clone());
+        }
+        for read in self.reads.iter_mut().take(count) {
+            read.buf.iovecs.pop();
+        }
+        outcome
+    }
+
+    /// The result of read `i` of the last submit: bytes, or `-errno`.
+    pub fn result(&self, i: usize) -> i32 {
+        self.results.get(i).copied().unwrap_or(-libc::ECANCELED)
+    }
+
+    /// Copies the first `n` bytes of read `from`'s buffers to read `to`'s,
+    /// through `scratch`, with vm-memory's checked accessors.
+    pub fn copy(
+        &self,
+        from: usize,
+        to: usize,
+        n: usize,
+        scratch: &mut [u8],
+    ) -> Result<(), ChainError> {
+        let max = scratch.len();
+        let tmp = scratch.get_mut(..n).ok_or(ChainError::TooLong { max })?;
+        self.reads[from].read_at(0, tmp)?;
+        self.reads[to].write_at(0, tmp)
+    }
+}
+
+impl Drop for TapReads<'_, '_> {
+    fn drop(&mut self) {
+        debug_assert_eq!(self.ring.in_flight(), 0, "submit reaps every read");
+    }
+}
+
 /// Bytes of a buffer [`prefetch`] brings in: a small frame and its header.
 const PREFETCH_BYTES: usize = 128;
 const CACHE_LINE: usize = 64;

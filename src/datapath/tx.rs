@@ -140,6 +140,11 @@ impl TxUring {
         }
     }
 
+    /// The ring, for RX's reads between TX's batches.
+    pub fn ring_mut(&mut self) -> &mut Uring {
+        &mut self.ring
+    }
+
     /// Whether the ring failed in the last batch (then the pair drops it
     /// and uses plain syscalls).
     pub fn failed(&self) -> bool {

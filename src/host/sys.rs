@@ -350,10 +350,11 @@ pub fn inherited_listener(fd: RawFd) -> io::Result<UnixListener> {
 /// most [`crate::datapath::queue_pair::BUDGET_FRAMES`] frames) fit at once.
 pub const URING_ENTRIES: u32 = 128;
 
-/// An io_uring for one queue pair's tap writes: `writev` requests only
-/// (`IORING_REGISTER_RESTRICTIONS`: opcode `IORING_OP_WRITEV`, no SQE
-/// flag, no register operation once enabled), each with
-/// `RWF_NOWAIT`, so a full tap completes with EAGAIN instead of waiting.
+/// An io_uring for one queue pair's tap I/O: `writev` and `readv`
+/// requests only (`IORING_REGISTER_RESTRICTIONS`: opcodes
+/// `IORING_OP_WRITEV` and `IORING_OP_READV`, no SQE flag, no register
+/// operation once enabled), each with `RWF_NOWAIT`, so a full tap (or an
+/// empty one) completes with EAGAIN instead of waiting.
 /// Made before the seccomp filters are installed (`io_uring_setup` and
 /// `io_uring_register` are then not needed by the worker, only
 /// `io_uring_enter`).
@@ -394,6 +395,7 @@ impl Uring {
         let submitter = ring.submitter();
         submitter.register_restrictions(&mut [
             io_uring::register::Restriction::sqe_op(io_uring::opcode::Writev::CODE),
+            io_uring::register::Restriction::sqe_op(io_uring::opcode::Readv::CODE),
             io_uring::register::Restriction::sqe_flags_allowed(0),
         ])?;
         submitter.register_enable_rings()?;
@@ -434,6 +436,35 @@ impl Uring {
             .user_data(user_data);
         // SAFETY: the entry points at `count` iovecs the caller keeps valid
         // (with the memory they describe) until the request is reaped.
+        let pushed = unsafe { self.ring.submission().push(&entry) }.is_ok();
+        if pushed {
+            self.in_flight += 1;
+        }
+        pushed
+    }
+
+    /// Queues a non-blocking `readv` of `count` iovecs at `iov` from `fd`.
+    /// `false`: the submission queue is full (nothing queued).
+    ///
+    /// # Safety
+    ///
+    /// As [`Uring::push_writev`]; the memory the iovecs describe is
+    /// written by the kernel until the request is reaped.
+    pub unsafe fn push_readv(
+        &mut self,
+        fd: RawFd,
+        iov: *const libc::iovec,
+        count: u32,
+        user_data: u64,
+    ) -> bool {
+        let entry = io_uring::opcode::Readv::new(io_uring::types::Fd(fd), iov, count)
+            .offset(u64::MAX)
+            .rw_flags(libc::RWF_NOWAIT)
+            .build()
+            .user_data(user_data);
+        // SAFETY: the entry points at `count` iovecs the caller keeps valid
+        // (with the memory they describe, which nothing else uses) until
+        // the request is reaped.
         let pushed = unsafe { self.ring.submission().push(&entry) }.is_ok();
         if pushed {
             self.in_flight += 1;
