@@ -157,10 +157,31 @@ fn setup(policy: &str, tap_io: Option<&str>, dirty_log: bool, costs: ExitCosts) 
     ns.route_to_guest(&daemon.tap, GUEST_MAC);
     // NETBENCH_IN_ORDER=1: the guest acks VIRTIO_F_IN_ORDER and drives its
     // rings in order (as DPDK's virtio-user does; Linux does not).
-    let mut fe = if std::env::var_os("NETBENCH_IN_ORDER").is_some_and(|v| v == "1") {
-        TestFrontend::connect_in_order(&daemon.socket, 1, RING, 0)
+    // NETBENCH_NO_GUEST_GSO=1: the guest acks no receive segmentation
+    // (TSO, UFO, USO), so its largest frame is one MTU and each of its
+    // 4 KiB RX buffers holds one whole: RX reads through the io_uring a
+    // round at a time (docs/performance.md, "io_uring tap I/O").
+    let drop = if std::env::var_os("NETBENCH_NO_GUEST_GSO").is_some_and(|v| v == "1") {
+        use virtio_bindings::virtio_net::{
+            VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO,
+            VIRTIO_NET_F_GUEST_USO4, VIRTIO_NET_F_GUEST_USO6,
+        };
+        [
+            VIRTIO_NET_F_GUEST_TSO4,
+            VIRTIO_NET_F_GUEST_TSO6,
+            VIRTIO_NET_F_GUEST_UFO,
+            VIRTIO_NET_F_GUEST_USO4,
+            VIRTIO_NET_F_GUEST_USO6,
+        ]
+        .iter()
+        .fold(0u64, |m, &b| m | 1 << b)
     } else {
-        TestFrontend::connect(&daemon.socket, 1, RING, 0)
+        0
+    };
+    let mut fe = if std::env::var_os("NETBENCH_IN_ORDER").is_some_and(|v| v == "1") {
+        TestFrontend::connect_in_order(&daemon.socket, 1, RING, drop)
+    } else {
+        TestFrontend::connect(&daemon.socket, 1, RING, drop)
     };
     if dirty_log {
         fe.share_dirty_log();

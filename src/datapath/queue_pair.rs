@@ -344,6 +344,9 @@ impl QueuePair {
     /// Sets what RX may expect from the tap (at SET_FEATURES).
     pub fn set_rx_params(&mut self, params: RxParams) {
         self.rx_params = params;
+        if let Some(st) = self.rx_uring.as_mut() {
+            st.features_changed();
+        }
     }
 
     /// Whether the driver acked `VIRTIO_F_IN_ORDER` (at SET_FEATURES).

@@ -468,7 +468,10 @@ pub struct RxUring {
     /// How the last round ended (tap empty, ...), reported after them.
     pending: Option<Step>,
     /// The guest's chains are shorter than the largest frame it may
-    /// receive: this batch reads frame by frame ([`step`]).
+    /// receive: RX reads frame by frame ([`step`]) until the features
+    /// change ([`RxUring::features_changed`]); a guest's buffers keep
+    /// their size (a Linux guest's mergeable buffers vary a little, far
+    /// below a 64 KiB GSO frame), and looking costs a pop per batch.
     small: bool,
     /// The ring failed: the pair goes back to plain syscalls.
     failed: bool,
@@ -496,6 +499,11 @@ impl RxUring {
     pub fn start_batch(&mut self) {
         self.credits = 0;
         self.pending = None;
+    }
+
+    /// The guest acked features (its largest frame may have changed):
+    /// look at its chains again.
+    pub fn features_changed(&mut self) {
         self.small = false;
     }
 
