@@ -84,11 +84,12 @@ pub struct Args {
     #[arg(long, value_name = "POLICY", default_value = "immediate")]
     pub tx_coalesce: Policy,
 
-    /// How frames reach the tap: uring (TX writes of a batch submitted with
-    /// one io_uring_enter), syscall (one writev per frame), or auto (uring
-    /// where the kernel allows it). uring and auto fall back to syscall
-    /// where io_uring is missing or refused. RX reads with readv in every
-    /// mode.
+    /// How frames move between the rings and the tap: uring (a TX batch's
+    /// writes, and RX reads into guest buffers that each hold a whole
+    /// frame, submitted with one io_uring_enter per round), syscall (one
+    /// writev or readv per frame), or auto (uring where the kernel allows
+    /// it). uring and auto fall back to syscall where io_uring is missing
+    /// or refused.
     #[arg(long, value_name = "MODE", default_value = "auto")]
     pub tap_io: crate::host::tap::TapIo,
 

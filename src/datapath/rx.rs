@@ -19,6 +19,10 @@
 //! cut; a mergeable one that is merely longer than the buffers posted so
 //! far is held there, whole, and delivered first once the guest has posted
 //! enough (the tap is not read meanwhile).
+//!
+//! With the pair's io_uring (`--tap-io uring|auto`), chains that each hold
+//! the largest frame the guest may receive are read a round at a time:
+//! [`step_batched`], up to [`URING_READS`] `readv`s per `io_uring_enter`.
 
 use std::fs::File;
 use std::io;
