@@ -17,6 +17,10 @@
 //! (fewer combinations), `--svg PATH` (plot of the loop runs),
 //! `--dirty-log` (the guest's dirty log shared and LOG_ALL on, as during a
 //! live migration), `--dir`, `--policy`, `--size`, `--max-only` to narrow.
+//! `--tap-io uring,syscall` (or the flag repeated) runs a daemon per
+//! policy and tap I/O mode, side by side, alternating as the policies do;
+//! rows are labelled `POLICY MODE` (without it the daemon runs its
+//! default, or `VUN_TAP_IO`).
 //!
 //! `--peer dpdk` (or `dpdk-signal`: DPDK's `net_tap` left on its RT-signal
 //! RX trigger) runs only the side-by-side comparison with DPDK's vhost
@@ -78,6 +82,8 @@ struct Opts {
     max_only: bool,
     dirty_log: bool,
     peer: Option<String>,
+    /// `--tap-io` modes to compare (empty: the daemon's default).
+    tap_io: Vec<String>,
 }
 
 fn opts() -> Opts {
@@ -96,6 +102,7 @@ fn opts() -> Opts {
         max_only: false,
         dirty_log: false,
         peer: None,
+        tap_io: Vec::new(),
     };
     let mut args = std::env::args().skip(1);
     // The value after a flag, parsed; `usage` names the flag and its value.
@@ -116,11 +123,17 @@ fn opts() -> Opts {
             "--max-only" => o.max_only = true,
             "--dirty-log" => o.dirty_log = true,
             "--peer" => o.peer = args.next(),
+            "--tap-io" => o.tap_io.extend(
+                args.next()
+                    .iter()
+                    .flat_map(|v| v.split(',').map(str::to_owned)),
+            ),
             "--bench" => {}
             other => panic!(
                 "unknown option {other}: use --secs S, --runs N, --irq-cost NS, \
                  --kick-cost NS, --quick, --svg PATH, --dir tx|rx|loop, --policy P, \
-                 --size N, --max-only, --dirty-log, --peer dpdk|dpdk-signal"
+                 --size N, --max-only, --dirty-log, --peer dpdk|dpdk-signal, \
+                 --tap-io uring,syscall,auto"
             ),
         }
     }
@@ -136,16 +149,39 @@ struct Setup {
 /// The daemon and a synthetic guest on `policy`; with `dirty_log`, the
 /// guest shares a dirty log and acks LOG_ALL, as QEMU does for the whole of
 /// a live migration (the worst case of its cost).
-fn setup(policy: &str, dirty_log: bool, costs: ExitCosts) -> Setup {
+fn setup(policy: &str, tap_io: Option<&str>, dirty_log: bool, costs: ExitCosts) -> Setup {
     let ns = Netns::new();
-    let daemon = Daemon::start(&ns, &["--rx-coalesce", policy, "--tx-coalesce", policy]);
+    let mut flags = vec!["--rx-coalesce", policy, "--tx-coalesce", policy];
+    flags.extend(tap_io.iter().flat_map(|t| ["--tap-io", t]));
+    let daemon = Daemon::start(&ns, &flags);
     ns.route_to_guest(&daemon.tap, GUEST_MAC);
     // NETBENCH_IN_ORDER=1: the guest acks VIRTIO_F_IN_ORDER and drives its
     // rings in order (as DPDK's virtio-user does; Linux does not).
-    let mut fe = if std::env::var_os("NETBENCH_IN_ORDER").is_some_and(|v| v == "1") {
-        TestFrontend::connect_in_order(&daemon.socket, 1, RING, 0)
+    // NETBENCH_NO_GUEST_GSO=1: the guest acks no receive segmentation
+    // (TSO, UFO, USO), so its largest frame is one MTU and each of its
+    // 4 KiB RX buffers holds one whole: RX reads through the io_uring a
+    // round at a time (docs/performance.md, "io_uring tap I/O").
+    let drop = if std::env::var_os("NETBENCH_NO_GUEST_GSO").is_some_and(|v| v == "1") {
+        use virtio_bindings::virtio_net::{
+            VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO,
+            VIRTIO_NET_F_GUEST_USO4, VIRTIO_NET_F_GUEST_USO6,
+        };
+        [
+            VIRTIO_NET_F_GUEST_TSO4,
+            VIRTIO_NET_F_GUEST_TSO6,
+            VIRTIO_NET_F_GUEST_UFO,
+            VIRTIO_NET_F_GUEST_USO4,
+            VIRTIO_NET_F_GUEST_USO6,
+        ]
+        .iter()
+        .fold(0u64, |m, &b| m | 1 << b)
     } else {
-        TestFrontend::connect(&daemon.socket, 1, RING, 0)
+        0
+    };
+    let mut fe = if std::env::var_os("NETBENCH_IN_ORDER").is_some_and(|v| v == "1") {
+        TestFrontend::connect_in_order(&daemon.socket, 1, RING, drop)
+    } else {
+        TestFrontend::connect(&daemon.socket, 1, RING, drop)
     };
     if dirty_log {
         fe.share_dirty_log();
@@ -551,10 +587,23 @@ fn main() {
     );
     // One daemon per policy, side by side; the policies take turns in every
     // combination, in a rotating order, so drift hits them alike.
+    // With --tap-io, one daemon per policy and mode, labelled "POLICY MODE".
+    let modes: Vec<Option<&str>> = if o.tap_io.is_empty() {
+        vec![None]
+    } else {
+        o.tap_io.iter().map(|m| Some(m.as_str())).collect()
+    };
     let mut setups: Vec<(&'static str, Setup)> = POLICIES
         .into_iter()
         .filter(|p| o.policies.is_empty() || o.policies.iter().any(|q| q == p))
-        .map(|p| (p, setup(p, o.dirty_log, o.costs)))
+        .flat_map(|p| modes.iter().map(move |m| (p, *m)))
+        .map(|(p, m)| {
+            let label: &'static str = match m {
+                None => p,
+                Some(m) => Box::leak(format!("{p} {m}").into_boxed_str()),
+            };
+            (label, setup(p, m, o.dirty_log, o.costs))
+        })
         .collect();
     let dirs: Vec<Dir> = [Dir::Tx, Dir::Rx, Dir::Loop]
         .into_iter()
@@ -779,6 +828,40 @@ fn targets(rows: &[Row], sums: &[Summary], floors: &[(Dir, usize, f64)]) -> Stri
                 ratio >= 0.95,
             );
         }
+    }
+    // --tap-io uring,syscall: TX 64 B through io_uring against one
+    // syscall per frame, per policy, run by run.
+    for p in POLICIES {
+        let per_run = |mode: &str| {
+            let label = format!("{p} {mode}");
+            rows.iter()
+                .filter(|r| {
+                    r.dir == Dir::Tx
+                        && r.len == 64
+                        && r.policy == label
+                        && matches!(r.load, Load::Max)
+                })
+                .map(|r| (r.run, r.res.mpps()))
+                .collect::<Vec<_>>()
+        };
+        let (uring, syscall) = (per_run("uring"), per_run("syscall"));
+        if uring.is_empty() || syscall.is_empty() {
+            continue;
+        }
+        let ratios: Vec<f64> = uring
+            .iter()
+            .filter_map(|(run, u)| syscall.iter().find(|(r, _)| r == run).map(|(_, s)| u / s))
+            .collect();
+        let mut sorted = ratios.clone();
+        sorted.sort_by(f64::total_cmp);
+        let median = sorted.get(sorted.len() / 2).copied().unwrap_or(0.0);
+        line(
+            format!(
+                "tx 64 B {p}: io_uring >= 1.3x one syscall per frame: median {median:.2}x (runs: {})",
+                ratios.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>().join(" ")
+            ),
+            median >= 1.3,
+        );
     }
     let worst_kicks = sums
         .iter()

@@ -175,6 +175,13 @@ fn prometheus_endpoint_serves_http_on_loopback_and_on_a_unix_socket() {
 #[test]
 #[ignore = "needs root and /dev/net/tun (CI runs it)"]
 fn synthetic_guest_through_a_reflector_keeps_the_counters_consistent() {
+    // The same counters whichever way TX reaches the tap.
+    for mode in ["uring", "syscall"] {
+        reflector_keeps_the_counters_consistent(mode);
+    }
+}
+
+fn reflector_keeps_the_counters_consistent(tap_io: &str) {
     use common::synthetic::{frame, Guest, Result_, RING, SINK_MAC};
     let ns = Netns::new();
     let d = Daemon::start(
@@ -184,8 +191,22 @@ fn synthetic_guest_through_a_reflector_keeps_the_counters_consistent() {
             "adaptive",
             "--tx-coalesce",
             "frames=32,usecs=500",
+            "--tap-io",
+            tap_io,
         ],
     );
+    // The mode is said at start and in the counters.
+    assert!(
+        d.log().contains(&format!("pair 0: tap I/O: {tap_io}")),
+        "{}",
+        d.log()
+    );
+    for (q, dir) in [(0, "rx"), (1, "tx")] {
+        let info = format!(
+            "vhost_user_net_tap_io_info{{queue=\"{q}\",dir=\"{dir}\",mode=\"{tap_io}\"}} 1"
+        );
+        assert!(d.stats().text.contains(&info), "{}", d.stats().text);
+    }
     let exec = |args: &[&str]| {
         let mut all = vec!["netns", "exec", &ns.name];
         all.extend_from_slice(args);

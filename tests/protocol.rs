@@ -53,6 +53,7 @@ impl Device {
     fn with_tx_coalesce(pairs: usize, policy: &str) -> Device {
         let _ = env_logger::builder().is_test(true).try_init();
         let config = DeviceConfig {
+            tap_io: vhost_user_net::host::tap::TapIo::Syscall,
             mac: MAC,
             mtu: 1500,
             queue_pairs: pairs,

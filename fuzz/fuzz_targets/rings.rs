@@ -23,6 +23,7 @@ use vhost_user_net::datapath::batch::{Batch, End, RingError};
 use vhost_user_net::datapath::rx::{self, Bounce, RxChain, RxParams, RxBuffers};
 use vhost_user_net::stats::QueueStats;
 use vhost_user_net::datapath::tx;
+use vhost_user_net::host::sys::Uring;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -103,30 +104,34 @@ fuzz_target!(|input: &[u8]| {
     let mem: GuestMem =
         GuestMemoryMmap::from_ranges(&[(GuestAddress(R1.0), R1.1), (GuestAddress(R2.0), R2.1)])
             .expect("memory");
-    let mut data = input;
-    let mergeable = data.first().is_some_and(|b| b & 1 == 1);
-    let _ = take(&mut data, 1);
+    let mergeable = input.first().is_some_and(|b| b & 1 == 1);
 
-    // TX.
-    let (mut r, mut q, heads, bogus) = build(&mem, &mut data);
-    let (tap, _peer) = tap_pair();
-    let stats = QueueStats::default();
-    let mut iov = IoVecBuf::default();
-    let mut batch = Batch::begin(&mut q, &mem, &stats, 1).expect("ring in memory");
-    let result = batch.drain(u64::MAX, |b| tx::step(b, &mut iov, Some(&tap), 12));
-    batch.finish(&mut Coalescer::new(Policy::Immediate)).expect("used ring in memory");
-    match result {
-        Err(RingError::BadAvailIndex(_)) => assert!(bogus),
-        Err(e) => panic!("unexpected TX error {e}"),
-        Ok(end) => {
-            assert!(!bogus);
-            let used: Vec<u16> = std::iter::from_fn(|| r.pop_used(&mem)).map(|u| u.head).collect();
-            if end == End::TapBlocked {
-                // The tap (here a socket nobody reads) is full: the rest
-                // waits in the ring for "tap writable", none is lost.
-                assert!(heads.starts_with(&used), "completed out of order");
-            } else {
-                assert_eq!(used, heads, "every avail entry completed exactly once");
+    // TX, with one writev per frame, then through an io_uring, each on a
+    // fresh ring from the same bytes.
+    for uring in [false, true] {
+        let mut data = &input[input.len().min(1)..];
+        let (mut r, mut q, heads, bogus) = build(&mem, &mut data);
+        let (tap, _peer) = tap_pair();
+        let stats = QueueStats::default();
+        let mut iov = IoVecBuf::with_capacity(1024);
+        let mut ring = uring.then(|| tx::TxUring::new(Uring::new().expect("io_uring")));
+        let mut batch = Batch::begin(&mut q, &mem, &stats, 1).expect("ring in memory");
+        let result = tx::drain(&mut batch, u64::MAX, &mut iov, ring.as_mut(), Some(&tap), 12);
+        batch.finish(&mut Coalescer::new(Policy::Immediate)).expect("used ring in memory");
+        match result {
+            Err(RingError::BadAvailIndex(_)) => assert!(bogus),
+            Err(e) => panic!("unexpected TX error {e}"),
+            Ok(end) => {
+                assert!(!bogus);
+                let used: Vec<u16> =
+                    std::iter::from_fn(|| r.pop_used(&mem)).map(|u| u.head).collect();
+                if end == End::TapBlocked {
+                    // The tap (here a socket nobody reads) is full: the rest
+                    // waits in the ring for "tap writable", none is lost.
+                    assert!(heads.starts_with(&used), "completed out of order");
+                } else {
+                    assert_eq!(used, heads, "every avail entry completed exactly once");
+                }
             }
         }
     }
@@ -139,6 +144,7 @@ fuzz_target!(|input: &[u8]| {
     for len in input.iter().take(3).map(|b| 12 + usize::from(*b) * 7) {
         let _ = peer.write_all(&vec![0x5a; len]);
     }
+    let stats = QueueStats::default();
     let mut buf = IoVecBuf::default();
     let mut iovecs = buf.bind(&mem);
     let mut chains: Vec<RxChain> = Vec::new();

@@ -111,6 +111,13 @@ impl Daemon {
         }
         args.extend(["--tap", &self.tap, "--stats-socket", &stats]);
         args.extend_from_slice(extra);
+        // VUN_TAP_IO (uring, syscall, auto) picks the daemon's --tap-io
+        // unless the test gives one: CI runs the end-to-end suites in
+        // both modes.
+        let tap_io = std::env::var("VUN_TAP_IO").unwrap_or_default();
+        if !tap_io.is_empty() && !extra.contains(&"--tap-io") {
+            args.extend(["--tap-io", &tap_io]);
+        }
         let child = Command::new("ip")
             .args(&args)
             // Its own process group: kill() takes down a wrapper's children too.

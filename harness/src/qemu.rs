@@ -78,6 +78,9 @@ pub struct Options {
     /// the guest, in a directory the image has, e.g. `/bin/NAME`), e.g. a
     /// helper program built by the test.
     pub extra_files: Vec<(PathBuf, String)>,
+    /// More properties of the virtio-net device, e.g.
+    /// `",mrg_rxbuf=off"`.
+    pub device_props: &'static str,
 }
 
 impl Default for Options {
@@ -89,6 +92,7 @@ impl Default for Options {
             chardev: Chardev::Client,
             mac: "52:54:00:12:34:56",
             extra_files: Vec::new(),
+            device_props: "",
         }
     }
 }
@@ -241,7 +245,10 @@ impl Qemu {
                 opts.queue_pairs
             ),
             "-device".into(),
-            format!("virtio-net-pci,netdev=net0,mac={}{mq}{vectors}", opts.mac),
+            format!(
+                "virtio-net-pci,netdev=net0,mac={}{mq}{vectors}{}",
+                opts.mac, opts.device_props
+            ),
         ])
         // VUN_QEMU_ARGS (e.g. "-trace vhost_user_write -trace vhost_user_read",
         // traces go to QEMU's stderr, kept with a failing test's artifacts)

@@ -230,6 +230,8 @@ impl NetBackend {
                 let policies = [config.rx_coalesce, config.tx_coalesce];
                 let ctl = tap_ctl.clone();
                 let mut pair = QueuePair::new(i, num_queues, q, ctl, stats.clone(), policies)?;
+                let mode = pair.set_tap_io(config.tap_io);
+                log::info!("pair {i}: tap I/O: {mode}");
                 // No frontend yet: the kernel must neither queue frames for
                 // nobody nor steer flows to us (another backend may share
                 // the tap). Attached again when a frontend enables the ring.
@@ -672,6 +674,7 @@ mod tests {
         let device = |tap: RecordingTap| {
             let (queue, _peer) = crate::testing::unit::tap_pair();
             let config = DeviceConfig {
+                tap_io: crate::host::tap::TapIo::Syscall,
                 mac: [0x52, 0x54, 0, 0, 0, 1],
                 mtu: 1500,
                 queue_pairs: 1,

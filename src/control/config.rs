@@ -84,6 +84,15 @@ pub struct Args {
     #[arg(long, value_name = "POLICY", default_value = "immediate")]
     pub tx_coalesce: Policy,
 
+    /// How frames move between the rings and the tap: uring (a TX batch's
+    /// writes, and RX reads into guest buffers that each hold a whole
+    /// frame, submitted with one io_uring_enter per round), syscall (one
+    /// writev or readv per frame), or auto (uring where the kernel allows
+    /// it). uring and auto fall back to syscall where io_uring is missing
+    /// or refused.
+    #[arg(long, value_name = "MODE", default_value = "auto")]
+    pub tap_io: crate::host::tap::TapIo,
+
     /// Also serve the counters over HTTP for Prometheus, on a loopback
     /// address (127.0.0.1:9717) or a unix socket (unix:/run/x.prom).
     #[arg(long, value_name = "ADDR")]
@@ -153,6 +162,8 @@ pub struct DeviceConfig {
     /// Interrupt coalescing per direction.
     pub rx_coalesce: Policy,
     pub tx_coalesce: Policy,
+    /// How frames reach the tap.
+    pub tap_io: crate::host::tap::TapIo,
 }
 
 /// How the daemon meets its frontends.
@@ -367,6 +378,7 @@ impl Config {
                 queue_size,
                 rx_coalesce: args.rx_coalesce,
                 tx_coalesce: args.tx_coalesce,
+                tap_io: args.tap_io,
             },
         })
     }

@@ -352,26 +352,85 @@ impl<'q> Ring<'_, 'q> {
         head: u16,
         why: &dyn std::error::Error,
     ) -> Result<(), RingError> {
-        let core = &mut *self.core;
-        core.tally.bad_chains += 1;
-        if !core.warned {
-            core.warned = true;
-            log::warn!(
-                "queue {}: descriptor chain {head} returned unused: {why}",
-                core.queue_index
-            );
-        }
-        core.complete(head, 0)
+        self.core.complete_bad(head, why)
     }
 
     /// Counts one frame moved, of `bytes` bytes (header excluded).
     pub fn count_frame(&mut self, bytes: usize) {
-        self.core.tally.frames += 1;
-        self.core.tally.bytes += bytes as u64;
+        self.core.count_frame(bytes);
+    }
+}
+
+/// What a step that completes chains after the fact needs, from inside
+/// the drain loop ([`Ring`]) or after it ([`Batch`]): TX through an
+/// io_uring learns how its writes went only when it reaps them.
+pub trait Completer<'q> {
+    /// See [`Ring::complete`].
+    fn complete(&mut self, head: u16, len: u32) -> Result<(), RingError>;
+    /// See [`Ring::complete_bad`].
+    fn complete_bad(&mut self, head: u16, why: &dyn std::error::Error) -> Result<(), RingError>;
+    /// See [`Ring::count_frame`].
+    fn count_frame(&mut self, bytes: usize);
+    /// Gives back the last `n` popped chains.
+    fn give_back(&mut self, n: usize);
+    /// Counters of this queue.
+    fn stats(&self) -> &'q QueueStats;
+}
+
+impl<'q> Completer<'q> for Ring<'_, 'q> {
+    fn complete(&mut self, head: u16, len: u32) -> Result<(), RingError> {
+        Ring::complete(self, head, len)
+    }
+    fn complete_bad(&mut self, head: u16, why: &dyn std::error::Error) -> Result<(), RingError> {
+        Ring::complete_bad(self, head, why)
+    }
+    fn count_frame(&mut self, bytes: usize) {
+        Ring::count_frame(self, bytes);
+    }
+    fn give_back(&mut self, n: usize) {
+        Ring::give_back(self, n);
+    }
+    fn stats(&self) -> &'q QueueStats {
+        self.core.stats
+    }
+}
+
+impl<'q> Completer<'q> for Batch<'q> {
+    fn complete(&mut self, head: u16, len: u32) -> Result<(), RingError> {
+        self.core.complete(head, len)
+    }
+    fn complete_bad(&mut self, head: u16, why: &dyn std::error::Error) -> Result<(), RingError> {
+        self.core.complete_bad(head, why)
+    }
+    fn count_frame(&mut self, bytes: usize) {
+        self.core.count_frame(bytes);
+    }
+    fn give_back(&mut self, n: usize) {
+        Batch::give_back(self, n);
+    }
+    fn stats(&self) -> &'q QueueStats {
+        self.core.stats
     }
 }
 
 impl Core<'_> {
+    fn complete_bad(&mut self, head: u16, why: &dyn std::error::Error) -> Result<(), RingError> {
+        self.tally.bad_chains += 1;
+        if !self.warned {
+            self.warned = true;
+            log::warn!(
+                "queue {}: descriptor chain {head} returned unused: {why}",
+                self.queue_index
+            );
+        }
+        self.complete(head, 0)
+    }
+
+    fn count_frame(&mut self, bytes: usize) {
+        self.tally.frames += 1;
+        self.tally.bytes += bytes as u64;
+    }
+
     fn complete(&mut self, head: u16, len: u32) -> Result<(), RingError> {
         if self.in_order {
             self.last = Some((head, len));

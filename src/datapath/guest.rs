@@ -23,6 +23,7 @@ use vm_memory::{
 };
 
 use crate::datapath::dirty::DirtyLog;
+use crate::host::sys::Uring;
 
 /// The guest memory type the daemon maps, with a dirty-page log per region
 /// for live migration ([`crate::datapath::dirty`]).
@@ -281,7 +282,19 @@ impl GuestIoVecs<'_, '_> {
     /// that skips libc's cancellation-point wrapper (~4% of a worker at
     /// 64-byte line rate); we never use thread cancellation.
     fn vectored(&self, nr: libc::c_long, file: &File) -> io::Result<usize> {
-        let count = libc::c_int::try_from(self.buf.iovecs.len()).expect("at most IOV_MAX iovecs");
+        self.vectored_range(nr, file, 0, self.buf.iovecs.len())
+    }
+
+    /// [`GuestIoVecs::vectored`] of the `count` iovecs from `start`.
+    fn vectored_range(
+        &self,
+        nr: libc::c_long,
+        file: &File,
+        start: usize,
+        count: usize,
+    ) -> io::Result<usize> {
+        let iovecs = &self.buf.iovecs[start..start + count];
+        let count = libc::c_int::try_from(count).expect("at most IOV_MAX iovecs");
         // SAFETY: every iovec was made by `push_range` from a bounds-checked
         // slice of `self.mem`, which `'m` keeps mapped for the whole call,
         // except the last one of a `read_from`: it describes the `overflow`
@@ -292,7 +305,7 @@ impl GuestIoVecs<'_, '_> {
         // memory is shared with the guest by design, so no Rust reference to
         // it exists that a write could invalidate, and a guest racing on it
         // changes bytes, not the validity of the pointers.
-        let n = unsafe { libc::syscall(nr, file.as_raw_fd(), self.buf.iovecs.as_ptr(), count) };
+        let n = unsafe { libc::syscall(nr, file.as_raw_fd(), iovecs.as_ptr(), count) };
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -370,6 +383,351 @@ impl GuestIoVecs<'_, '_> {
         } else {
             Err(ChainError::TooLong { max: offset })
         }
+    }
+}
+
+/// Frames written to a tap through an io_uring ([`Uring`]): each
+/// validated chain becomes one queued `writev` straight from guest memory,
+/// and one `io_uring_enter` submits them all and waits for every one.
+///
+/// Soundness: the queued requests point at this writer's iovecs, which
+/// point into guest memory `'m`. The iovecs are only appended to (never
+/// moved: the storage has room for [`IOV_MAX`] and no more are pushed)
+/// while requests are in flight, and are cleared only after
+/// [`TapWriter::flush`] has reaped every request; dropping the writer
+/// flushes first. So no request outlives the iovecs, the borrow of the
+/// guest memory, or the tap fd. The guest memory a worker borrows is a
+/// snapshot (`GuestMemoryAtomic::memory`) that stays mapped while the
+/// batch holds it, even if the frontend sends a new memory table
+/// meanwhile; a batch waits for all its requests before it ends, so
+/// nothing is in flight across events, ring stops, resets or disconnects.
+pub struct TapWriter<'a, 'm> {
+    iovecs: GuestIoVecs<'a, 'm>,
+    ring: &'a mut Uring,
+    tap: &'a File,
+    /// Iovecs already queued (the rest belong to the chain being pushed).
+    queued: usize,
+    /// First iovec and iovec count of each queued write, by request number.
+    writes: &'a mut Vec<(usize, usize)>,
+    /// The result of each write after a flush (bytes or `-errno`).
+    results: &'a mut Vec<i32>,
+    /// A test's result for one write of the next flush, in place of the
+    /// kernel's (the write is still made).
+    #[cfg(test)]
+    pub fake_result: Option<(usize, i32)>,
+}
+
+/// What a [`TapWriter`] keeps between batches (no allocation per batch).
+#[derive(Default)]
+pub struct WriterBufs {
+    writes: Vec<(usize, usize)>,
+    results: Vec<i32>,
+}
+
+impl<'a, 'm> TapWriter<'a, 'm> {
+    /// A writer of frames from `mem` to `tap` through `ring`, with iovec
+    /// storage `iov` (at least [`IOV_MAX`] iovecs of capacity: see
+    /// [`IoVecBuf::with_capacity`]).
+    pub fn new(
+        iov: &'a mut IoVecBuf,
+        bufs: &'a mut WriterBufs,
+        mem: &'m GuestMem,
+        ring: &'a mut Uring,
+        tap: &'a File,
+    ) -> Self {
+        iov.iovecs.reserve(IOV_MAX);
+        iov.spans.reserve(IOV_MAX);
+        bufs.writes.clear();
+        bufs.results.clear();
+        TapWriter {
+            iovecs: iov.bind(mem),
+            ring,
+            tap,
+            queued: 0,
+            writes: &mut bufs.writes,
+            results: &mut bufs.results,
+            #[cfg(test)]
+            fake_result: None,
+        }
+    }
+
+    /// Writes queued and not flushed yet.
+    pub fn pending(&self) -> usize {
+        self.writes.len()
+    }
+
+    /// Whether the ring takes one more write without a flush first.
+    pub fn has_room(&mut self) -> bool {
+        self.ring.room() > 0
+    }
+
+    /// Appends the buffers of TX `chain` (see [`GuestIoVecs::push_chain`])
+    /// after those already queued; `TooManySegments` when they do not fit
+    /// beside them (flush, then push the chain again).
+    pub fn push_chain<M>(
+        &mut self,
+        chain: DescriptorChain<M>,
+        max_len: usize,
+    ) -> Result<usize, ChainError>
+    where
+        M: std::ops::Deref,
+        M::Target: vm_memory::GuestMemory,
+    {
+        self.iovecs.push_chain(chain, Access::DeviceReads, max_len)
+    }
+
+    /// Forgets the chain pushed last (not queued: refused after all).
+    pub fn discard_unqueued(&mut self) {
+        self.iovecs.buf.iovecs.truncate(self.queued);
+        self.iovecs.buf.spans.truncate(self.queued);
+    }
+
+    /// Queues the chain pushed last as one `writev`. Returns its number in
+    /// [`TapWriter::flush`]'s results. The caller checked
+    /// [`TapWriter::has_room`] before pushing the chain.
+    pub fn queue(&mut self) -> usize {
+        let start = self.queued;
+        let count = self.iovecs.segments() - start;
+        let n = self.writes.len();
+        // SAFETY: the iovecs `start..start + count` live in storage that is
+        // not moved or cleared until `flush` has reaped this request (see
+        // the type's doc), and describe guest memory `'m` that this writer
+        // borrows for as long; `self.tap` is borrowed as long too.
+        let pushed = unsafe {
+            self.ring.push_writev(
+                self.tap.as_raw_fd(),
+                self.iovecs.buf.iovecs.as_ptr().add(start),
+                u32::try_from(count).expect("at most IOV_MAX iovecs"),
+                n as u64,
+            )
+        };
+        assert!(pushed, "queue() without has_room()");
+        self.writes.push((start, count));
+        self.queued = self.iovecs.segments();
+        n
+    }
+
+    /// Submits the queued writes (one `io_uring_enter`) and waits for all;
+    /// then [`TapWriter::results`] has one result per write, in order.
+    /// An error means the ring failed: see [`Uring::reap`].
+    pub fn flush(&mut self) -> io::Result<()> {
+        let results = &mut *self.results;
+        results.clear();
+        results.resize(self.writes.len(), -libc::ECANCELED);
+        let outcome = self.ring.reap(|n, res| {
+            if let Some(r) = usize::try_from(n).ok().and_then(|n| results.get_mut(n)) {
+                *r = res;
+            }
+        });
+        if outcome.is_err() && self.ring.in_flight() > 0 {
+            // Requests the kernel took may still read guest memory: keep
+            // the mapping forever rather than let one read freed memory.
+            std::mem::forget(self.iovecs.mem.clone());
+        }
+        #[cfg(test)]
+        if let Some((n, result)) = self.fake_result.take() {
+            self.results[n] = result;
+        }
+        outcome
+    }
+
+    /// The results of the last flush: bytes written, or `-errno`
+    /// (`-ECANCELED`: the ring failed before it reported this write).
+    pub fn results(&self) -> &[i32] {
+        self.results
+    }
+
+    /// Makes write `n` of the last flush again, now, with `writev(2)`.
+    pub fn write_now(&self, n: usize) -> io::Result<usize> {
+        let (start, count) = self.writes[n];
+        self.iovecs
+            .vectored_range(libc::SYS_writev, self.tap, start, count)
+    }
+
+    /// Forgets the flushed writes: the storage is free for more.
+    pub fn clear(&mut self) {
+        debug_assert_eq!(self.ring.in_flight(), 0);
+        self.writes.clear();
+        self.results.clear();
+        let n = self.iovecs.segments();
+        self.iovecs.drop_front(n);
+        self.queued = 0;
+    }
+}
+
+impl Drop for TapWriter<'_, '_> {
+    /// A writer dropped with writes in flight (a ring error ended the
+    /// batch) waits for them first.
+    fn drop(&mut self) {
+        if self.ring.in_flight() > 0 {
+            if let Err(e) = self.flush() {
+                log::error!("io_uring failed with writes in flight: {e}");
+            }
+        }
+    }
+}
+
+/// Up to a few frames read from a tap through an io_uring ([`Uring`]):
+/// each read goes into the buffers of one validated RX chain, straight
+/// into guest memory, then on into one byte of host memory (a frame with a
+/// byte there did not fit); one `io_uring_enter` submits them all and
+/// waits for every one ([`TapReads::submit`]).
+///
+/// Soundness: `submit` pushes the requests, and reaps every one of them
+/// before it returns: no request outlives the call, so none outlives the
+/// iovecs (not touched during the call), the guest memory `'m` they
+/// point into, the overflow bytes (borrowed mutably for `'a`), or the tap.
+pub struct TapReads<'a, 'm> {
+    reads: Vec<GuestIoVecs<'a, 'm>>,
+    overflow: &'a mut [u8],
+    ring: &'a mut Uring,
+    tap: &'a File,
+    results: &'a mut Vec<i32>,
+}
+
+/// What [`TapReads`] keeps between rounds (no allocation per frame).
+pub struct ReaderBufs {
+    iov: Vec<IoVecBuf>,
+    /// One byte per read, allocated once and never freed (a few bytes per
+    /// queue pair): a read the kernel might still make after a ring
+    /// failure can never write freed memory.
+    overflow: &'static mut [u8],
+    results: Vec<i32>,
+}
+
+impl ReaderBufs {
+    /// Room for `reads` reads per round.
+    pub fn new(reads: usize) -> Self {
+        ReaderBufs {
+            iov: (0..reads).map(|_| IoVecBuf::default()).collect(),
+            overflow: Box::leak(vec![0u8; reads].into_boxed_slice()),
+            results: Vec::with_capacity(reads),
+        }
+    }
+
+    /// Reads per round.
+    pub fn reads(&self) -> usize {
+        self.iov.len()
+    }
+}
+
+impl<'a, 'm> TapReads<'a, 'm> {
+    pub fn new(
+        bufs: &'a mut ReaderBufs,
+        mem: &'m GuestMem,
+        ring: &'a mut Uring,
+        tap: &'a File,
+    ) -> Self {
+        bufs.results.clear();
+        TapReads {
+            reads: bufs.iov.iter_mut().map(|b| b.bind(mem)).collect(),
+            overflow: &mut *bufs.overflow,
+            ring,
+            tap,
+            results: &mut bufs.results,
+        }
+    }
+
+    /// Puts the buffers of RX `chain` behind read `i` (see
+    /// [`GuestIoVecs::push_chain`]); returns their length.
+    pub fn push_chain<M>(
+        &mut self,
+        i: usize,
+        chain: DescriptorChain<M>,
+        max_len: usize,
+    ) -> Result<usize, ChainError>
+    where
+        M: std::ops::Deref,
+        M::Target: vm_memory::GuestMemory,
+    {
+        let read = &mut self.reads[i];
+        let n = read.segments();
+        read.drop_front(n);
+        read.push_chain(chain, Access::DeviceWrites, max_len)
+    }
+
+    /// The buffers of read `i`.
+    pub fn read(&self, i: usize) -> &GuestIoVecs<'a, 'm> {
+        &self.reads[i]
+    }
+
+    /// Reads `count` frames (reads `0..count`) with one `io_uring_enter`,
+    /// and waits for all; then [`TapReads::result`] has each one's result.
+    /// An error means the ring failed: see [`Uring::reap`].
+    pub fn submit(&mut self, count: usize) -> io::Result<()> {
+        let results = &mut *self.results;
+        results.clear();
+        results.resize(count, -libc::ECANCELED);
+        let fd = self.tap.as_raw_fd();
+        let mut pushed = 0;
+        for (i, (read, byte)) in self
+            .reads
+            .iter_mut()
+            .zip(self.overflow.iter_mut())
+            .take(count)
+            .enumerate()
+        {
+            read.buf.iovecs.push(libc::iovec {
+                iov_base: std::ptr::from_mut(byte).cast(),
+                iov_len: 1,
+            });
+            let iovecs = &read.buf.iovecs;
+            // SAFETY: the iovecs of read `i` describe its guest buffers,
+            // bounds-checked slices of `'m`, and one overflow byte borrowed
+            // mutably for `'a`; `reap` below waits for this request before
+            // this function returns, and nothing touches the iovecs or the
+            // memory meanwhile (guest memory is shared with the guest by
+            // design, as for `readv`).
+            pushed += usize::from(unsafe {
+                self.ring.push_readv(
+                    fd,
+                    iovecs.as_ptr(),
+                    u32::try_from(iovecs.len()).expect("at most IOV_MAX iovecs"),
+                    i as u64,
+                )
+            });
+        }
+        debug_assert_eq!(pushed, count, "more reads than the ring holds");
+        let outcome = self.ring.reap(|n, res| {
+            if let Some(r) = usize::try_from(n).ok().and_then(|n| results.get_mut(n)) {
+                *r = res;
+            }
+        });
+        if outcome.is_err() && self.ring.in_flight() > 0 {
+            // Requests the kernel took may still write guest memory: keep
+            // it mapped for good (the overflow bytes are never freed).
+            std::mem::forget(self.reads[0].mem.clone());
+        }
+        for read in self.reads.iter_mut().take(count) {
+            read.buf.iovecs.pop();
+        }
+        outcome
+    }
+
+    /// The result of read `i` of the last submit: bytes, or `-errno`.
+    pub fn result(&self, i: usize) -> i32 {
+        self.results.get(i).copied().unwrap_or(-libc::ECANCELED)
+    }
+
+    /// Copies the first `n` bytes of read `from`'s buffers to read `to`'s,
+    /// through `scratch`, with vm-memory's checked accessors.
+    pub fn copy(
+        &self,
+        from: usize,
+        to: usize,
+        n: usize,
+        scratch: &mut [u8],
+    ) -> Result<(), ChainError> {
+        let max = scratch.len();
+        let tmp = scratch.get_mut(..n).ok_or(ChainError::TooLong { max })?;
+        self.reads[from].read_at(0, tmp)?;
+        self.reads[to].write_at(0, tmp)
+    }
+}
+
+impl Drop for TapReads<'_, '_> {
+    fn drop(&mut self) {
+        debug_assert_eq!(self.ring.in_flight(), 0, "submit reaps every read");
     }
 }
 

@@ -185,6 +185,12 @@ pub struct QueuePair {
     /// Indexed by ring: RX, TX.
     dirs: [Direction; 2],
     rx: RxScratch,
+    /// The pair's io_uring (`--tap-io uring|auto` where the kernel allows
+    /// it), with what TX keeps for it; RX borrows the ring between TX's
+    /// batches (one thread: never at once).
+    tx_uring: Option<tx::TxUring>,
+    /// What RX keeps for the ring (present with it).
+    rx_uring: Option<rx::RxUring>,
     /// Whether our tap queue is attached (receives frames from the kernel).
     tap_attached: bool,
     /// Whether it should be: a frontend has this pair's RX ring enabled.
@@ -243,6 +249,8 @@ impl QueuePair {
                 chains: Vec::with_capacity(usize::from(u16::MAX)),
                 bounce: Bounce::default(),
             },
+            tx_uring: None,
+            rx_uring: None,
             tap_attached: true,
             tap_wanted: true,
             tap_gone: false,
@@ -313,9 +321,35 @@ impl QueuePair {
         Ok(())
     }
 
+    /// Chooses how the pair moves frames to and from the tap
+    /// (`--tap-io`): through an io_uring set up here (before the seccomp
+    /// filters: the worker then needs only `io_uring_enter`), or one
+    /// syscall per frame when `mode` says so or the kernel refuses
+    /// io_uring. Returns the mode it runs in, which the counters show too
+    /// (`tap_io_info`).
+    pub fn set_tap_io(&mut self, mode: crate::host::tap::TapIo) -> &'static str {
+        self.tx_uring = crate::host::tap::open_uring(mode, self.index).map(tx::TxUring::new);
+        self.rx_uring = self.tx_uring.as_ref().map(|_| rx::RxUring::default());
+        self.show_tap_io();
+        self.stats.tap_io(2 * self.index + TX)
+    }
+
+    /// Tells the counters whether the pair's queues use the ring.
+    fn show_tap_io(&self) {
+        for ring in [RX, TX] {
+            self.stats.uring[2 * self.index + ring].store(
+                self.tx_uring.is_some(),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
+    }
+
     /// Sets what RX may expect from the tap (at SET_FEATURES).
     pub fn set_rx_params(&mut self, params: RxParams) {
         self.rx_params = params;
+        if let Some(st) = self.rx_uring.as_mut() {
+            st.features_changed();
+        }
     }
 
     /// Whether the driver acked `VIRTIO_F_IN_ORDER` (at SET_FEATURES).
@@ -561,19 +595,42 @@ impl QueuePair {
                             iovecs: &mut iovecs,
                             bounce: &mut rx.bounce,
                         };
-                        let end =
-                            batch.drain(BUDGET_FRAMES, |b| rx::step(b, &mut buffers, tap, params));
+                        let end = match (self.tx_uring.as_mut(), self.rx_uring.as_mut()) {
+                            (Some(u), Some(st)) => {
+                                st.start_batch();
+                                let ring = u.ring_mut();
+                                batch.drain(BUDGET_FRAMES, |b| {
+                                    rx::step_batched(b, st, ring, &mut buffers, tap, params)
+                                })
+                            }
+                            _ => batch
+                                .drain(BUDGET_FRAMES, |b| rx::step(b, &mut buffers, tap, params)),
+                        };
                         buffers.give_back(&mut batch);
                         end
                     }
-                    _ => batch.drain(BUDGET_FRAMES, |b| {
-                        tx::step(b, &mut dir.iov, tap, params.hdr_len)
-                    }),
+                    _ => tx::drain(
+                        &mut batch,
+                        BUDGET_FRAMES,
+                        &mut dir.iov,
+                        self.tx_uring.as_mut(),
+                        tap,
+                        params.hdr_len,
+                    ),
                 }?;
                 Ok((end, batch.finish(coalescer)?))
             });
         let end = self.settle_batch(result, vring, &state, ring);
         drop(state);
+        if self.tx_uring.as_ref().is_some_and(tx::TxUring::failed) {
+            self.tx_uring = None;
+            self.stats.uring[2 * self.index + TX]
+                .store(false, std::sync::atomic::Ordering::Relaxed);
+            log::error!(
+                "pair {}: io_uring failed: tap writes use writev from now on",
+                self.index
+            );
+        }
         match end {
             Some(End::TapBlocked) => self.watch_tap(ring, true),
             Some(End::RingEmpty) | None => self.watch_tap(ring, false),

@@ -19,12 +19,17 @@
 //! cut; a mergeable one that is merely longer than the buffers posted so
 //! far is held there, whole, and delivered first once the guest has posted
 //! enough (the tap is not read meanwhile).
+//!
+//! With the pair's io_uring (`--tap-io uring|auto`), chains that each hold
+//! the largest frame the guest may receive are read a round at a time:
+//! [`step_batched`], up to [`URING_READS`] `readv`s per `io_uring_enter`.
 
 use std::fs::File;
 use std::io;
 
 use crate::datapath::batch::{Batch, Ring, RingError, Step};
-use crate::datapath::guest::{Access, ChainError, GuestIoVecs};
+use crate::datapath::guest::{Access, ChainError, GuestIoVecs, ReaderBufs, TapReads};
+use crate::host::sys::Uring;
 use crate::stats::QueueStats;
 use crate::VNET_HDR_LEN;
 
@@ -452,6 +457,201 @@ pub fn step(
             Ok(Step::Progress)
         }
     }
+}
+
+/// Reads one io_uring round makes at most.
+pub const URING_READS: usize = 8;
+
+/// RX through the pair's io_uring (`--tap-io uring|auto`): what a batch
+/// keeps between steps ([`step_batched`]).
+pub struct RxUring {
+    bufs: ReaderBufs,
+    /// Frames the last round read beyond the one its step reported: the
+    /// next steps report them, so the batch's budget counts every frame.
+    credits: usize,
+    /// How the last round ended (tap empty, ...), reported after them.
+    pending: Option<Step>,
+    /// The guest's chains are shorter than the largest frame it may
+    /// receive: RX reads frame by frame ([`step`]) until the features
+    /// change ([`RxUring::features_changed`]); a guest's buffers keep
+    /// their size (a Linux guest's mergeable buffers vary a little, far
+    /// below a 64 KiB GSO frame), and looking costs a pop per batch.
+    small: bool,
+    /// The ring failed: the pair goes back to plain syscalls.
+    failed: bool,
+    /// Rounds submitted (the tests' proof that a round ran).
+    #[cfg(test)]
+    pub(crate) rounds: usize,
+}
+
+impl Default for RxUring {
+    fn default() -> Self {
+        RxUring {
+            bufs: ReaderBufs::new(URING_READS),
+            credits: 0,
+            pending: None,
+            small: false,
+            failed: false,
+            #[cfg(test)]
+            rounds: 0,
+        }
+    }
+}
+
+impl RxUring {
+    /// Forgets what the last batch left (call before each batch).
+    pub fn start_batch(&mut self) {
+        self.credits = 0;
+        self.pending = None;
+    }
+
+    /// The guest acked features (its largest frame may have changed):
+    /// look at its chains again.
+    pub fn features_changed(&mut self) {
+        self.small = false;
+    }
+
+    /// Whether the ring failed (then the pair drops it).
+    pub fn failed(&self) -> bool {
+        self.failed
+    }
+}
+
+/// Moves up to [`URING_READS`] frames from `tap` into the guest's RX
+/// chains with one `io_uring_enter`: one read per chain, each chain able
+/// to hold the largest frame the guest may receive. The frames are
+/// delivered in the order the chains were popped: if a read found the tap
+/// empty (or its frame was dropped) and a later one got a frame, that
+/// frame is copied into the earlier chain, so the chains left over are
+/// the last popped and go back to the ring in order (also with
+/// `VIRTIO_F_IN_ORDER`). Chains shorter than that (mergeable buffers
+/// smaller than the largest frame), a held frame or a chain the guest got
+/// wrong take the frame-by-frame [`step`].
+pub fn step_batched(
+    batch: &mut Ring<'_, '_>,
+    st: &mut RxUring,
+    ring: &mut Uring,
+    buffers: &mut RxBuffers<'_, '_, '_>,
+    tap: &File,
+    params: RxParams,
+) -> Result<Step, RingError> {
+    if st.credits > 0 {
+        st.credits -= 1;
+        return Ok(Step::Progress);
+    }
+    if let Some(end) = st.pending.take() {
+        return Ok(end);
+    }
+    if st.small || st.failed || buffers.bounce.holds_frame() || !buffers.chains.is_empty() {
+        return step(batch, buffers, tap, params);
+    }
+    let mut reads = TapReads::new(&mut st.bufs, batch.mem(), ring, tap);
+    let mut heads = [(0u16, 0usize); URING_READS];
+    let mut count = 0;
+    while count < URING_READS {
+        let Some(chain) = batch.pop() else {
+            break;
+        };
+        let head = chain.head_index();
+        match reads.push_chain(count, chain, MAX_RX_CHAIN) {
+            Ok(len) if len >= params.max_frame && len >= params.hdr_len => {
+                heads[count] = (head, len);
+                count += 1;
+            }
+            Ok(_) => {
+                batch.give_back(1);
+                st.small |= count == 0;
+                break;
+            }
+            Err(_) => {
+                batch.give_back(1);
+                break;
+            }
+        }
+    }
+    if count == 0 {
+        drop(reads);
+        return step(batch, buffers, tap, params);
+    }
+    #[cfg(test)]
+    {
+        st.rounds += 1;
+    }
+    if let Err(e) = reads.submit(count) {
+        log::error!("RX io_uring failed, going back to readv: {e}");
+        st.failed = true;
+    }
+    let stats = batch.stats();
+    let has_num_buffers = params.hdr_len >= NUM_BUFFERS_OFFSET + 2;
+    let (mut filled, mut frames, mut eagain, mut end) = (0, 0, false, None);
+    for (j, &(_, capacity)) in heads.iter().enumerate().take(count) {
+        let result = reads.result(j);
+        if result == -libc::EOPNOTSUPP {
+            // A tap that cannot take non-blocking ring reads (before
+            // Linux 6.4): readv from now on.
+            st.failed = true;
+        }
+        let Ok(n) = usize::try_from(result) else {
+            if result == -libc::EAGAIN {
+                eagain = true;
+            } else if result != -libc::ECANCELED && result != -libc::EOPNOTSUPP {
+                let e = io::Error::from_raw_os_error(-result);
+                stats.tap_errors.inc();
+                log::debug!("RX tap read failed: {e}");
+                end = Some(if crate::host::tap::is_gone(&e) {
+                    Step::TapGone
+                } else {
+                    Step::TapBlocked
+                });
+            }
+            continue;
+        };
+        frames += 1;
+        let read = reads.read(j);
+        if batch.logging() {
+            read.mark_written(n.min(capacity));
+        }
+        let gso_type = || {
+            let mut b = [0u8];
+            read.read_at(GSO_TYPE_OFFSET, &mut b).map_or(0, |()| b[0])
+        };
+        match judge(n, capacity, params, false, gso_type) {
+            Verdict::Deliver => {
+                // Into the first chain not used yet: the same one unless
+                // an earlier read got no frame.
+                let placed = (j == filled
+                    || reads.copy(j, filled, n, &mut buffers.bounce.buf).is_ok())
+                    && (!has_num_buffers
+                        || reads
+                            .read(filled)
+                            .write_at(NUM_BUFFERS_OFFSET, &1u16.to_le_bytes())
+                            .is_ok());
+                if !placed {
+                    // Cannot happen for chains that passed validation.
+                    stats.rx_dropped_frames.inc();
+                    continue;
+                }
+                let len = u32::try_from(n).expect("a frame within a chain fits u32");
+                batch.complete(heads[filled].0, len)?;
+                batch.count_frame(n - params.hdr_len);
+                filled += 1;
+            }
+            Verdict::Oversize => stats.rx_dropped_oversize_frames.inc(),
+            Verdict::Hold | Verdict::Unfit => stats.rx_dropped_frames.inc(),
+        }
+    }
+    drop(reads);
+    batch.give_back(count - filled);
+    if eagain {
+        stats.tap_eagain.inc();
+        end = end.or(Some(Step::TapBlocked));
+    }
+    if frames == 0 {
+        return Ok(end.unwrap_or(Step::Progress));
+    }
+    st.credits = frames - 1;
+    st.pending = end;
+    Ok(Step::Progress)
 }
 
 #[cfg(test)]

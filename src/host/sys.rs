@@ -346,6 +346,203 @@ pub fn inherited_listener(fd: RawFd) -> io::Result<UnixListener> {
     Ok(listener)
 }
 
+/// Entries of a [`Uring`]'s submission queue: a TX batch's writes (at
+/// most [`crate::datapath::queue_pair::BUDGET_FRAMES`] frames) fit at once.
+pub const URING_ENTRIES: u32 = 128;
+
+/// An io_uring for one queue pair's tap I/O: `writev` and `readv`
+/// requests only (`IORING_REGISTER_RESTRICTIONS`: opcodes
+/// `IORING_OP_WRITEV` and `IORING_OP_READV`, no SQE flag, no register
+/// operation once enabled), each with `RWF_NOWAIT`, so a full tap (or an
+/// empty one) completes with EAGAIN instead of waiting.
+/// Made before the seccomp filters are installed (`io_uring_setup` and
+/// `io_uring_register` are then not needed by the worker, only
+/// `io_uring_enter`).
+pub struct Uring {
+    ring: io_uring::IoUring,
+    /// Requests pushed and not yet reaped (submitted or not).
+    in_flight: usize,
+}
+
+impl std::fmt::Debug for Uring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Uring")
+            .field("in_flight", &self.in_flight)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Uring {
+    /// Sets a ring up: created disabled, restricted to what the data path
+    /// submits, then enabled. Fails as the kernel refuses: ENOSYS (no
+    /// io_uring), EPERM (`kernel.io_uring_disabled`, a container's seccomp
+    /// profile), EINVAL (a kernel older than 5.19 lacks a setup flag).
+    pub fn new() -> io::Result<Uring> {
+        #[cfg(any(test, feature = "test-utils"))]
+        if let Some(errno) = refuse::get() {
+            return Err(io::Error::from_raw_os_error(errno));
+        }
+        let ring = io_uring::IoUring::builder()
+            .setup_r_disabled()
+            // A request that fails to start does not stop the rest of the
+            // submission: every request pushed gets a completion.
+            .setup_submit_all()
+            // Completions need no interrupt of the worker: it waits for
+            // them in io_uring_enter.
+            .setup_coop_taskrun()
+            .setup_cqsize(2 * URING_ENTRIES)
+            .build(URING_ENTRIES)?;
+        let submitter = ring.submitter();
+        submitter.register_restrictions(&mut [
+            io_uring::register::Restriction::sqe_op(io_uring::opcode::Writev::CODE),
+            io_uring::register::Restriction::sqe_op(io_uring::opcode::Readv::CODE),
+            io_uring::register::Restriction::sqe_flags_allowed(0),
+        ])?;
+        submitter.register_enable_rings()?;
+        Ok(Uring { ring, in_flight: 0 })
+    }
+
+    /// Room left in the submission queue.
+    pub fn room(&mut self) -> usize {
+        let sq = self.ring.submission();
+        sq.capacity() - sq.len()
+    }
+
+    /// Requests pushed and not reaped yet.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// Queues a non-blocking `writev` of `count` iovecs at `iov` to `fd`.
+    /// `false`: the submission queue is full (nothing queued).
+    ///
+    /// # Safety
+    ///
+    /// The `count` iovecs at `iov`, and the memory they describe, must
+    /// stay valid and unchanged until [`Uring::reap`] has reported this
+    /// request (or the process ends), and `fd` must stay open as long.
+    pub unsafe fn push_writev(
+        &mut self,
+        fd: RawFd,
+        iov: *const libc::iovec,
+        count: u32,
+        user_data: u64,
+    ) -> bool {
+        let entry = io_uring::opcode::Writev::new(io_uring::types::Fd(fd), iov, count)
+            // -1: the file's position, as writev(2) (a tap or socket has none).
+            .offset(u64::MAX)
+            .rw_flags(libc::RWF_NOWAIT)
+            .build()
+            .user_data(user_data);
+        // SAFETY: the entry points at `count` iovecs the caller keeps valid
+        // (with the memory they describe) until the request is reaped.
+        let pushed = unsafe { self.ring.submission().push(&entry) }.is_ok();
+        if pushed {
+            self.in_flight += 1;
+        }
+        pushed
+    }
+
+    /// Queues a non-blocking `readv` of `count` iovecs at `iov` from `fd`.
+    /// `false`: the submission queue is full (nothing queued).
+    ///
+    /// # Safety
+    ///
+    /// As [`Uring::push_writev`]; the memory the iovecs describe is
+    /// written by the kernel until the request is reaped.
+    pub unsafe fn push_readv(
+        &mut self,
+        fd: RawFd,
+        iov: *const libc::iovec,
+        count: u32,
+        user_data: u64,
+    ) -> bool {
+        let entry = io_uring::opcode::Readv::new(io_uring::types::Fd(fd), iov, count)
+            .offset(u64::MAX)
+            .rw_flags(libc::RWF_NOWAIT)
+            .build()
+            .user_data(user_data);
+        // SAFETY: the entry points at `count` iovecs the caller keeps valid
+        // (with the memory they describe, which nothing else uses) until
+        // the request is reaped.
+        let pushed = unsafe { self.ring.submission().push(&entry) }.is_ok();
+        if pushed {
+            self.in_flight += 1;
+        }
+        pushed
+    }
+
+    /// Submits what was pushed with one `io_uring_enter` and waits until
+    /// every request pushed has completed, calling `each(user_data,
+    /// result)` per completion (`result`: bytes written, or `-errno`).
+    ///
+    /// On an error from the kernel (not EINTR/EAGAIN/EBUSY, which are
+    /// retried) the ring cannot be trusted any more: the caller drops it.
+    /// Requests the kernel took before the error may still run; the guest
+    /// memory they point into must then outlive them
+    /// ([`Uring::in_flight`] says whether any is left).
+    pub fn reap(&mut self, mut each: impl FnMut(u64, i32)) -> io::Result<()> {
+        while self.in_flight > 0 {
+            match self.ring.submit_and_wait(self.in_flight) {
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
+                    ) => {}
+                Err(e) => {
+                    // What the kernel never took is gone with the ring.
+                    let unsubmitted = self.ring.submission().len();
+                    self.in_flight -= unsubmitted.min(self.in_flight);
+                    return Err(e);
+                }
+            }
+            for cqe in self.ring.completion() {
+                self.in_flight = self.in_flight.saturating_sub(1);
+                each(cqe.user_data(), cqe.result());
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+impl Uring {
+    /// Writes `data` to `fd` through the ring and waits: the write's
+    /// result (bytes, or `-errno`).
+    pub fn write_and_wait(&mut self, fd: RawFd, data: &[u8]) -> io::Result<i32> {
+        let iov = [libc::iovec {
+            iov_base: data.as_ptr().cast_mut().cast(),
+            iov_len: data.len(),
+        }];
+        // SAFETY: `iov` and `data` outlive the request: `reap` below waits
+        // for it (and this is the only request pushed).
+        assert!(unsafe { self.push_writev(fd, iov.as_ptr(), 1, 0) });
+        let mut result = None;
+        self.reap(|_, r| result = Some(r))?;
+        Ok(result.expect("one completion"))
+    }
+}
+
+/// A test's way to make [`Uring::new`] fail as a kernel that refuses
+/// io_uring would, on this thread.
+#[cfg(any(test, feature = "test-utils"))]
+pub mod refuse {
+    use std::cell::Cell;
+
+    thread_local!(static ERRNO: Cell<Option<i32>> = const { Cell::new(None) });
+
+    /// From now on this thread's `Uring::new` fails with `errno` (`None`:
+    /// works again).
+    pub fn set(errno: Option<i32>) {
+        ERRNO.with(|e| e.set(errno));
+    }
+
+    pub(super) fn get() -> Option<i32> {
+        ERRNO.with(Cell::get)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

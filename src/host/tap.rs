@@ -25,6 +25,42 @@ use virtio_bindings::virtio_net::{
 use crate::host::sys;
 use crate::VNET_HDR_LEN;
 
+/// How a queue pair moves frames to the tap (`--tap-io`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TapIo {
+    /// io_uring where the kernel allows it, plain syscalls otherwise (the
+    /// default: see `docs/performance.md`, "io_uring tap I/O").
+    Auto,
+    /// io_uring; plain syscalls (with a warning) where it is refused.
+    Uring,
+    /// One `writev` per frame.
+    Syscall,
+}
+
+/// Sets up an io_uring for a pair's tap writes if `mode` asks for one,
+/// saying why not when the kernel refuses it (ENOSYS: no io_uring; EPERM:
+/// `kernel.io_uring_disabled` or a container's seccomp profile).
+pub fn open_uring(mode: TapIo, pair: usize) -> Option<sys::Uring> {
+    if mode == TapIo::Syscall {
+        return None;
+    }
+    match sys::Uring::new() {
+        Ok(ring) => Some(ring),
+        Err(e) => {
+            let level = if mode == TapIo::Uring {
+                log::Level::Warn
+            } else {
+                log::Level::Info
+            };
+            log::log!(
+                level,
+                "pair {pair}: io_uring refused ({e}): tap writes use writev"
+            );
+            None
+        }
+    }
+}
+
 /// Errors opening or configuring the tap. All are host faults.
 #[derive(Debug, thiserror::Error)]
 pub enum TapError {

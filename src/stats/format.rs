@@ -29,6 +29,20 @@ impl Stats {
                 direction(q)
             );
         }
+        let info = "vhost_user_net_tap_io_info";
+        let _ = writeln!(
+            out,
+            "# HELP {info} How the queue moves frames to or from the tap (--tap-io): uring or syscall (value 1)."
+        );
+        let _ = writeln!(out, "# TYPE {info} gauge");
+        for q in 0..self.queues.len() {
+            let _ = writeln!(
+                out,
+                "{info}{{queue=\"{q}\",dir=\"{}\",mode=\"{}\"}} 1",
+                direction(q),
+                self.tap_io(q)
+            );
+        }
         for (name, help, get) in DEVICE_FIELDS {
             let name = format!("vhost_user_net_{name}");
             let _ = writeln!(out, "# HELP {name} {help}");
@@ -70,6 +84,8 @@ pub struct QueueSnapshot {
     pub queue: usize,
     pub dir: String,
     pub policy: String,
+    /// How the queue moves frames to or from the tap: `uring` or `syscall`.
+    pub tap_io: String,
     /// `name` (without prefix) to value; histogram buckets as `batch_frames_le_N`.
     pub values: BTreeMap<String, u64>,
 }
@@ -108,6 +124,10 @@ pub fn parse(text: &str) -> Vec<QueueSnapshot> {
         entry.dir = label("dir").unwrap_or_default();
         if name == "coalesce_policy_info" {
             entry.policy = label("policy").unwrap_or_default();
+            continue;
+        }
+        if name == "tap_io_info" {
+            entry.tap_io = label("mode").unwrap_or_default();
             continue;
         }
         let key = match label("le") {
@@ -159,7 +179,7 @@ pub fn table(now: &[QueueSnapshot], since: Option<(&[QueueSnapshot], f64)>) -> S
     let rate = since.is_some();
     let _ = writeln!(
         out,
-        "{:<5} {:<3} {:>12} {:>12} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8}  policy",
+        "{:<5} {:<3} {:>12} {:>12} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:<7}  policy",
         "queue",
         "dir",
         if rate { "frames/s" } else { "frames" },
@@ -173,6 +193,7 @@ pub fn table(now: &[QueueSnapshot], since: Option<(&[QueueSnapshot], f64)>) -> S
         "drops",
         "bad",
         "tap_err",
+        "tap_io",
     );
     for q in now {
         let prev = since.and_then(|(p, _)| p.iter().find(|x| x.queue == q.queue));
@@ -200,7 +221,7 @@ pub fn table(now: &[QueueSnapshot], since: Option<(&[QueueSnapshot], f64)>) -> S
         };
         let _ = writeln!(
             out,
-            "{:<5} {:<3} {:>12} {:>12} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8}  {}",
+            "{:<5} {:<3} {:>12} {:>12} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:<7}  {}",
             q.queue,
             q.dir,
             fmt(frames),
@@ -214,6 +235,7 @@ pub fn table(now: &[QueueSnapshot], since: Option<(&[QueueSnapshot], f64)>) -> S
             d("rx_dropped_frames_total") + d("rx_dropped_oversize_frames_total"),
             d("bad_chains_total"),
             d("tap_errors_total"),
+            q.tap_io,
             q.policy,
         );
     }

@@ -239,6 +239,9 @@ pub struct Stats {
     pub policies: [String; 2],
     /// The daemon's frontend connections.
     pub connections: connections::Connections,
+    /// Per queue: whether it moves frames through an io_uring (`--tap-io`)
+    /// rather than one syscall per frame.
+    pub uring: Vec<std::sync::atomic::AtomicBool>,
 }
 
 /// The daemon-wide counters (no queue label): name, help, accessor.
@@ -259,6 +262,21 @@ pub const DEVICE_FIELDS: &[(&str, &str, fn(&Stats) -> &Counter)] = &[
     ),
 ];
 
+impl Stats {
+    /// How queue `q` moves frames to or from the tap: `uring` or `syscall`.
+    pub fn tap_io(&self, q: usize) -> &'static str {
+        let uring = self
+            .uring
+            .get(q)
+            .is_some_and(|u| u.load(std::sync::atomic::Ordering::Relaxed));
+        if uring {
+            "uring"
+        } else {
+            "syscall"
+        }
+    }
+}
+
 /// Name of a queue's direction from its index.
 pub fn direction(queue: usize) -> &'static str {
     if queue % 2 == 0 {
@@ -274,6 +292,9 @@ impl Stats {
             queues: (0..num_queues).map(|_| QueueStats::default()).collect(),
             policies,
             connections: connections::Connections::default(),
+            uring: (0..num_queues)
+                .map(|_| std::sync::atomic::AtomicBool::new(false))
+                .collect(),
         }
     }
 }

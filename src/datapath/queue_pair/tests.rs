@@ -262,3 +262,163 @@ fn an_idle_worker_covers_a_hold_with_its_timer() {
         assert!(w.step(1000), "the held interrupt was never sent");
     }
 }
+
+#[test]
+fn tap_io_auto_writes_through_a_ring_and_the_counters_say_so() {
+    let mut w = World::new(256, [Policy::Immediate; 2]);
+    assert_eq!(w.pair.set_tap_io(crate::host::tap::TapIo::Auto), "uring");
+    w.queue_tx(100);
+    w.kick(1);
+    assert!(w.step(1000));
+    while w.step(0) {}
+    assert_eq!(w.frames(1), 100);
+    let mut buf = [0u8; 2048];
+    let mut read = 0;
+    while std::io::Read::read(&mut w.peer, &mut buf).is_ok() {
+        read += 1;
+    }
+    assert_eq!(read, 100);
+    let text = w.stats.prometheus();
+    assert!(text.contains("vhost_user_net_tap_io_info{queue=\"0\",dir=\"rx\",mode=\"uring\"} 1"));
+    assert!(text.contains("vhost_user_net_tap_io_info{queue=\"1\",dir=\"tx\",mode=\"uring\"} 1"));
+    let table = crate::stats::format::table(&w.stats.snapshot(), None);
+    assert!(table.contains("uring"), "{table}");
+}
+
+#[test]
+fn refused_io_uring_falls_back_to_writev_and_says_so() {
+    for errno in [libc::EPERM, libc::ENOSYS] {
+        let mut w = World::new(256, [Policy::Immediate; 2]);
+        crate::host::sys::refuse::set(Some(errno));
+        let mode = w.pair.set_tap_io(crate::host::tap::TapIo::Uring);
+        crate::host::sys::refuse::set(None);
+        assert_eq!(mode, "syscall");
+        assert!(w
+            .stats
+            .prometheus()
+            .contains("vhost_user_net_tap_io_info{queue=\"1\",dir=\"tx\",mode=\"syscall\"} 1"));
+        w.queue_tx(10);
+        w.kick(1);
+        assert!(w.step(1000));
+        assert_eq!(w.frames(1), 10);
+    }
+}
+
+#[test]
+fn with_io_uring_rx_and_tx_still_take_turns_when_both_spend_their_budget() {
+    let mut w = World::new(1024, [Policy::Immediate; 2]);
+    assert_eq!(w.pair.set_tap_io(crate::host::tap::TapIo::Uring), "uring");
+    w.post_rx(1024);
+    w.kick(0);
+    assert!(w.step(1000));
+    w.queue_tx(1024);
+    w.fill_tap();
+    w.kick(1);
+    let mut worst = 0u64;
+    while w.frames(0) + w.frames(1) < 1024 {
+        assert!(w.step(1000), "the worker stalled");
+        w.drain_tap();
+        w.fill_tap();
+        worst = worst.max(w.frames(0).abs_diff(w.frames(1)));
+    }
+    assert!(worst <= BUDGET_FRAMES, "worst gap {worst}");
+}
+
+/// A frame for RX: header (flags 0) and `len` bytes of `fill`.
+fn rx_frame(len: usize, fill: u8) -> Vec<u8> {
+    let mut f = vec![0u8; 12];
+    f.extend(std::iter::repeat_n(fill, len));
+    f
+}
+
+/// The RX used entries so far, with the first payload byte of each
+/// chain's buffer (slot `i` of 2048 bytes holds chain `i`).
+fn rx_used(w: &mut World) -> Vec<(u16, u32, u8, u16)> {
+    use vm_memory::Bytes;
+    std::iter::from_fn(|| w.rings[0].pop_used(&w.mem))
+        .map(|u| {
+            let at = crate::testing::unit::buf_addr(usize::from(u.head), 2048);
+            let first: u8 = w.mem.read_obj(vm_memory::GuestAddress(at.0 + 12)).unwrap();
+            let num_buffers: u16 = w.mem.read_obj(vm_memory::GuestAddress(at.0 + 10)).unwrap();
+            (u.head, u.len, first, num_buffers)
+        })
+        .collect()
+}
+
+#[test]
+fn uring_rx_reads_a_round_of_frames_in_one_enter_in_the_order_of_the_chains() {
+    let mut w = World::new(256, [Policy::Immediate; 2]);
+    assert_eq!(w.pair.set_tap_io(crate::host::tap::TapIo::Uring), "uring");
+    w.post_rx(32);
+    for i in 0..20u8 {
+        w.inject(&rx_frame(60 + usize::from(i), i + 1));
+    }
+    w.kick(0);
+    while w.frames(0) < 20 {
+        assert!(w.step(1000), "the worker stalled");
+    }
+    let used = rx_used(&mut w);
+    assert_eq!(used.len(), 20);
+    for (i, &(head, len, first, num_buffers)) in used.iter().enumerate() {
+        let i = u16::try_from(i).unwrap();
+        assert_eq!(head, i, "chains used in the order they were made available");
+        assert_eq!(len, 12 + 60 + u32::from(i));
+        assert_eq!(first, u8::try_from(i).unwrap() + 1);
+        assert_eq!(num_buffers, 1);
+    }
+    let s = &w.stats.queues[0];
+    assert_eq!(s.frames.get(), 20);
+    assert_eq!(s.tap_eagain.get(), 1, "the round that found the tap empty");
+    let rounds = w.pair.rx_uring.as_ref().unwrap().rounds;
+    assert_eq!(rounds, 3, "8 + 8 + 4 frames (and the empty tap)");
+    // The chains not used went back to the ring for the next frames.
+    w.inject(&rx_frame(60, 0x77));
+    while w.frames(0) < 21 {
+        assert!(w.step(1000), "the worker stalled");
+    }
+    assert_eq!(rx_used(&mut w)[..], [(20, 72, 0x77, 1)]);
+}
+
+#[test]
+fn uring_rx_a_dropped_frame_leaves_its_chain_to_the_next_frame() {
+    let mut w = World::new(256, [Policy::Immediate; 2]);
+    assert_eq!(w.pair.set_tap_io(crate::host::tap::TapIo::Uring), "uring");
+    w.post_rx(8);
+    // Longer than the guest may receive (1518 + header): read into the
+    // second chain and dropped; the third frame goes into that chain.
+    w.inject(&rx_frame(60, 1));
+    w.inject(&rx_frame(2000, 2));
+    w.inject(&rx_frame(70, 3));
+    w.kick(0);
+    while w.frames(0) < 2 {
+        assert!(w.step(1000), "the worker stalled");
+    }
+    assert_eq!(rx_used(&mut w), [(0, 72, 1, 1), (1, 82, 3, 1)]);
+    assert_eq!(w.stats.queues[0].rx_dropped_oversize_frames.get(), 1);
+    assert_eq!(w.stats.queues[0].frames.get(), 2);
+    assert_eq!(w.pair.rx_uring.as_ref().unwrap().rounds, 1);
+}
+
+#[test]
+fn uring_rx_with_chains_shorter_than_a_frame_reads_frame_by_frame() {
+    let mut w = World::new(256, [Policy::Immediate; 2]);
+    assert_eq!(w.pair.set_tap_io(crate::host::tap::TapIo::Uring), "uring");
+    w.pair.set_rx_params(RxParams {
+        hdr_len: 12,
+        mergeable: true,
+        max_frame: 12 + 1518,
+        max_plain_frame: 12 + 1518,
+    });
+    crate::testing::unit::add_rx_buffers(&w.mem, &mut w.rings[0], 8, 1024);
+    w.inject(&rx_frame(1500, 9));
+    w.inject(&rx_frame(60, 8));
+    w.kick(0);
+    while w.frames(0) < 2 {
+        assert!(w.step(1000), "the worker stalled");
+    }
+    let used: Vec<(u16, u32)> = std::iter::from_fn(|| w.rings[0].pop_used(&w.mem))
+        .map(|u| (u.head, u.len))
+        .collect();
+    assert_eq!(used, [(0, 1024), (1, 488), (2, 72)]);
+    assert_eq!(w.pair.rx_uring.as_ref().unwrap().rounds, 0);
+}

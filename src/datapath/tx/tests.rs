@@ -3,7 +3,9 @@ use std::io::{Read, Write};
 use super::*;
 use crate::datapath::batch::{Batch, End};
 use crate::datapath::guest::IoVecBuf;
+use crate::datapath::guest::TapWriter;
 use crate::datapath::notify::{Coalescer, Policy, Verdict};
+use crate::host::sys::Uring;
 use crate::stats::QueueStats;
 use crate::testing::driver::{Buf, AVAIL_F_NO_INTERRUPT, USED_F_NO_NOTIFY};
 use crate::testing::unit::{add_tx_frame, buf_addr, memory, ring, tap_pair};
@@ -517,4 +519,313 @@ fn in_order_a_batch_including_a_bad_chain_is_one_used_entry_naming_its_last_chai
     assert_eq!(stats.bad_chains.get(), 1);
     assert_eq!(stats.completions.get(), 7);
     assert_eq!(stats.frames.get(), 6);
+}
+
+/// Runs one TX batch through an io_uring with `budget`, `in_order` or not.
+fn run_uring_batch(
+    mem: &crate::datapath::guest::GuestMem,
+    queue: &mut virtio_queue::Queue,
+    stats: &QueueStats,
+    tap: &File,
+    budget: u64,
+    in_order: bool,
+) -> (End, Verdict) {
+    let mut uring = TxUring::new(Uring::new().expect("io_uring on the test machine"));
+    let mut iov = IoVecBuf::with_capacity(crate::datapath::guest::IOV_MAX);
+    let mut batch = Batch::begin(queue, mem, stats, 1).unwrap();
+    batch.in_order(in_order);
+    let end = drain(
+        &mut batch,
+        budget,
+        &mut iov,
+        Some(&mut uring),
+        Some(tap),
+        12,
+    )
+    .unwrap();
+    assert!(!uring.failed());
+    (
+        end,
+        batch
+            .finish(&mut Coalescer::new(Policy::Immediate))
+            .unwrap(),
+    )
+}
+
+/// Reads every frame the pair wrote to `peer`: their first payload bytes.
+fn frames_at(peer: &mut File) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut frame = [0u8; 4096];
+    while let Ok(n) = peer.read(&mut frame) {
+        assert!(n > 12);
+        out.push(frame[12]);
+    }
+    out
+}
+
+#[test]
+fn uring_frames_reach_the_tap_in_order_with_one_publish_after_the_data() {
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 256, true);
+    let (tap, mut peer) = tap_pair();
+    // More frames than the ring's submission queue holds: the batch
+    // flushes in the middle and still publishes once.
+    let count = 200;
+    for i in 0..count {
+        add_tx_frame(&mem, &mut r, i, &[u8::try_from(i).unwrap(); 60]);
+    }
+    r.publish(&mem);
+    let stats = QueueStats::default();
+
+    let (end, verdict) = run_uring_batch(&mem, &mut q, &stats, &tap, u64::MAX, false);
+
+    assert_eq!(end, End::RingEmpty);
+    assert_eq!(verdict, Verdict::Signal);
+    let sent = frames_at(&mut peer);
+    assert_eq!(
+        sent,
+        (0..count)
+            .map(|i| u8::try_from(i).unwrap())
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(r.used_idx(&mem), 200);
+    assert_eq!(stats.frames.get(), 200);
+    assert_eq!(stats.bytes.get(), 200 * 60);
+    assert_eq!(stats.batches.get(), 1);
+    assert_eq!(stats.interrupts_sent.get(), 1);
+}
+
+#[test]
+fn uring_full_tap_ends_the_batch_blocked_and_gives_back_the_unsent_chains_in_order() {
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 16, true);
+    let (tap, mut peer) = tap_pair();
+    while (&tap).write(&[0u8; 100]).is_ok() {}
+    // Room for a few small frames again, not for all of them.
+    let mut buf = [0u8; 128];
+    for _ in 0..3 {
+        assert!(peer.read(&mut buf).unwrap() > 0);
+    }
+    for i in 0..12 {
+        add_tx_frame(&mem, &mut r, i, &[u8::try_from(i).unwrap() + 1; 60]);
+    }
+    r.publish(&mem);
+    let stats = QueueStats::default();
+
+    let (end, _) = run_uring_batch(&mem, &mut q, &stats, &tap, u64::MAX, false);
+
+    assert_eq!(end, End::TapBlocked);
+    assert_eq!(stats.tap_eagain.get(), 1);
+    let sent = u8::try_from(stats.frames.get()).unwrap();
+    assert!(sent < 12, "the tap took them all");
+    assert_eq!(q.next_avail(), u16::from(sent), "the rest were given back");
+    assert_eq!(r.used_idx(&mem), u16::from(sent));
+    let written: Vec<u8> = frames_at(&mut peer)
+        .into_iter()
+        .filter(|&b| b != 0)
+        .collect();
+    assert_eq!(written, (1..=sent).collect::<Vec<_>>());
+
+    // The next batch sends the rest, in order.
+    let (end, _) = run_uring_batch(&mem, &mut q, &stats, &tap, u64::MAX, false);
+    assert_eq!(end, End::RingEmpty);
+    assert_eq!(stats.frames.get(), 12);
+    assert_eq!(frames_at(&mut peer), (sent + 1..=12).collect::<Vec<_>>());
+}
+
+#[test]
+fn uring_bad_and_short_chains_are_completed_with_length_0_and_counted_in_their_place() {
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 16, true);
+    r.set_in_order(true);
+    let (tap, mut peer) = tap_pair();
+    let mut heads = vec![add_tx_frame(&mem, &mut r, 0, &[1; 60])];
+    let bad = push_writable_chain(&mem, &mut r);
+    heads.push(add_tx_frame(&mem, &mut r, 1, &[2; 60]));
+    let short = r
+        .add_chain(
+            &mem,
+            &[Buf {
+                addr: buf_addr(2, 2048),
+                len: 11,
+                device_writes: false,
+            }],
+        )
+        .unwrap();
+    r.push_avail(&mem, short);
+    heads.push(add_tx_frame(&mem, &mut r, 3, &[3; 60]));
+    r.publish(&mem);
+    let stats = QueueStats::default();
+
+    let (end, _) = run_uring_batch(&mem, &mut q, &stats, &tap, u64::MAX, true);
+
+    assert_eq!(end, End::RingEmpty);
+    assert_eq!(frames_at(&mut peer), [1, 2, 3]);
+    let used: Vec<u16> = std::iter::from_fn(|| r.pop_used(&mem))
+        .map(|u| u.head)
+        .collect();
+    assert_eq!(used, [heads[0], bad, heads[1], short, heads[2]]);
+    assert_eq!(r.entries_read(), 1, "in order: one used entry");
+    assert_eq!(stats.bad_chains.get(), 2);
+    assert_eq!(stats.frames.get(), 3);
+    assert_eq!(stats.completions.get(), 5);
+}
+
+#[test]
+fn uring_write_errors_are_counted_per_frame_and_the_batch_goes_on() {
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 16, true);
+    for i in 0..4 {
+        add_tx_frame(&mem, &mut r, i, &[1; 60]);
+    }
+    r.publish(&mem);
+    let stats = QueueStats::default();
+    // A closed peer: every write fails with EPIPE, as a downed tap's with
+    // EIO: each is counted, every chain completed.
+    let (tap, peer) = tap_pair();
+    drop(peer);
+
+    let (end, _) = run_uring_batch(&mem, &mut q, &stats, &tap, u64::MAX, false);
+
+    assert_eq!(end, End::RingEmpty);
+    assert_eq!(stats.tap_errors.get(), 4);
+    assert_eq!(stats.frames.get(), 0);
+    assert_eq!(r.used_idx(&mem), 4, "every chain goes back to the guest");
+}
+
+#[test]
+fn uring_budget_ends_the_batch_with_work_left() {
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 16, true);
+    let (tap, mut peer) = tap_pair();
+    for i in 0..5 {
+        add_tx_frame(&mem, &mut r, i, &[u8::try_from(i).unwrap(); 60]);
+    }
+    r.publish(&mem);
+    let stats = QueueStats::default();
+
+    let (end, _) = run_uring_batch(&mem, &mut q, &stats, &tap, 3, false);
+
+    assert_eq!(end, End::BudgetSpent);
+    assert_eq!(stats.frames.get(), 3);
+    assert_eq!(frames_at(&mut peer), [0, 1, 2]);
+    assert_eq!(q.next_avail(), 3);
+}
+
+#[test]
+fn uring_chains_that_fill_the_iovecs_flush_what_is_queued_first() {
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 2048, true);
+    let (tap, mut peer) = tap_pair();
+    // Three chains of 400 descriptors each: two fill 800 of the 1024
+    // iovecs, the third is written after them.
+    for c in 0..3u8 {
+        let bufs: Vec<Buf> = (0..400)
+            .map(|i| Buf {
+                addr: GuestAddress(buf_addr(usize::from(c), 2048).0 + 4 * i),
+                len: 4,
+                device_writes: false,
+            })
+            .collect();
+        let mut bytes = vec![0u8; 1600];
+        bytes[12] = c + 1;
+        mem.write_slice(&bytes, buf_addr(usize::from(c), 2048))
+            .unwrap();
+        let head = r.add_chain(&mem, &bufs).unwrap();
+        r.push_avail(&mem, head);
+    }
+    r.publish(&mem);
+    let stats = QueueStats::default();
+
+    let (end, _) = run_uring_batch(&mem, &mut q, &stats, &tap, u64::MAX, false);
+
+    assert_eq!(end, End::RingEmpty);
+    assert_eq!(frames_at(&mut peer), [1, 2, 3]);
+    assert_eq!(stats.frames.get(), 3);
+    assert_eq!(stats.bad_chains.get(), 0);
+    assert_eq!(stats.batches.get(), 1);
+}
+
+#[test]
+fn uring_a_refused_frame_the_tap_overtook_is_written_again_at_once() {
+    // The race of an unlinked submission: the tap refused write 1 but took
+    // write 2 (it freed room in between). Write 1 is made again with
+    // writev (here it goes through), so no chain is lost or given back out
+    // of order; the refusal is counted.
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 16, true);
+    let (tap, mut peer) = tap_pair();
+    for i in 0..3u8 {
+        add_tx_frame(&mem, &mut r, usize::from(i), &[i + 1; 60]);
+    }
+    r.publish(&mem);
+    let stats = QueueStats::default();
+    let mut uring = TxUring::new(Uring::new().expect("io_uring on the test machine"));
+    let mut iov = IoVecBuf::with_capacity(crate::datapath::guest::IOV_MAX);
+    let mut batch = Batch::begin(&mut q, &mem, &stats, 1).unwrap();
+    let TxUring {
+        ring: u_ring,
+        bufs,
+        queued,
+    } = &mut uring;
+    let mut w = TapWriter::new(&mut iov, bufs, &mem, u_ring, &tap);
+    let end = batch
+        .drain(u64::MAX, |b| step_queued(b, &mut w, queued, 12))
+        .unwrap();
+    assert_eq!(end, End::RingEmpty);
+    w.fake_result = Some((1, -libc::EAGAIN));
+
+    assert_eq!(settle(&mut batch, &mut w, queued).unwrap(), None);
+    drop(w);
+    batch
+        .finish(&mut Coalescer::new(Policy::Immediate))
+        .unwrap();
+
+    // The kernel wrote all three; the retry wrote the second again.
+    assert_eq!(frames_at(&mut peer), [1, 2, 3, 2]);
+    assert_eq!(r.used_idx(&mem), 3);
+    assert_eq!(stats.frames.get(), 3);
+    assert_eq!(stats.tap_eagain.get(), 1);
+    assert_eq!(stats.tap_errors.get(), 0);
+}
+
+#[test]
+fn uring_an_overtaken_frame_refused_again_is_dropped_and_counted() {
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 16, true);
+    let (tap, _peer) = tap_pair();
+    for i in 0..3u8 {
+        add_tx_frame(&mem, &mut r, usize::from(i), &[i + 1; 60]);
+    }
+    r.publish(&mem);
+    let stats = QueueStats::default();
+    let mut uring = TxUring::new(Uring::new().expect("io_uring on the test machine"));
+    let mut iov = IoVecBuf::with_capacity(crate::datapath::guest::IOV_MAX);
+    let mut batch = Batch::begin(&mut q, &mem, &stats, 1).unwrap();
+    let TxUring {
+        ring: u_ring,
+        bufs,
+        queued,
+    } = &mut uring;
+    let mut w = TapWriter::new(&mut iov, bufs, &mem, u_ring, &tap);
+    batch
+        .drain(u64::MAX, |b| step_queued(b, &mut w, queued, 12))
+        .unwrap();
+    // The tap is full for all three writes and for the retry, but claims
+    // to have taken the second.
+    while (&tap).write(&[0u8; 100]).is_ok() {}
+    w.fake_result = Some((1, 72));
+
+    let end = settle(&mut batch, &mut w, queued).unwrap();
+    drop(w);
+    batch
+        .finish(&mut Coalescer::new(Policy::Immediate))
+        .unwrap();
+
+    assert_eq!(end, Some(Step::TapBlocked), "the third waits for room");
+    assert_eq!(q.next_avail(), 2, "the third was given back");
+    assert_eq!(r.used_idx(&mem), 2);
+    assert_eq!(stats.frames.get(), 1);
+    assert_eq!(stats.tap_errors.get(), 1, "the first, dropped");
+    assert_eq!(stats.tap_eagain.get(), 3, "first, its retry, third");
 }

@@ -169,7 +169,18 @@ fn sandboxing() -> Vec<Allow> {
 
 /// `vring_worker` (one per queue pair, vhost-user-backend's): the data
 /// path. Epoll, eventfd/timerfd reads and writes, `readv`/`writev` on the
-/// tap. No ioctl, no socket, no open.
+/// tap, and `io_uring_enter` on the pair's ring (`--tap-io uring|auto`).
+/// No ioctl, no socket, no open, and no `io_uring_setup` or
+/// `io_uring_register`: the main thread makes each pair's ring, restricted
+/// to `IORING_OP_WRITEV` and `IORING_OP_READV` (see `Uring::new` in
+/// `host/sys.rs`), before any
+/// filter is installed. What a ring does for the worker are not syscalls
+/// and never pass a seccomp filter: the ring's restriction, not this list,
+/// is what limits them. io_uring's own worker threads (`iou-wrk-*`, made
+/// by the kernel for a request that must block) inherit nothing to check
+/// either; our reads and writes carry `RWF_NOWAIT` and a tap (Linux >=
+/// 6.4) or a socket completes them inline in `io_uring_enter`, so none is
+/// made.
 pub(super) fn worker() -> Vec<Allow> {
     let mut v = base();
     v.extend(always(&[
@@ -181,6 +192,7 @@ pub(super) fn worker() -> Vec<Allow> {
         libc::SYS_readv,
         libc::SYS_writev,
         libc::SYS_timerfd_settime,
+        libc::SYS_io_uring_enter,
     ]));
     v
 }

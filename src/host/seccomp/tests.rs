@@ -104,6 +104,22 @@ fn a_worker_cannot_open_files_sockets_or_ioctl_but_still_moves_data() {
 }
 
 #[test]
+fn a_worker_writes_through_a_ring_made_before_its_filter_but_cannot_make_one() {
+    let ring = sys::Uring::new().expect("io_uring on the test machine");
+    let (a, mut b) = UnixStream::pair().unwrap();
+    let got = under(Class::Worker, move || {
+        let mut ring = ring;
+        let written = ring.write_and_wait(a.as_raw_fd(), &[7u8; 5]).unwrap();
+        // A new ring is refused, as in a container that forbids io_uring:
+        // the daemon would fall back to writev.
+        (written, errno(sys::Uring::new()))
+    });
+    assert_eq!(got, (5, EPERM));
+    let mut buf = [0u8; 8];
+    assert_eq!(b.read(&mut buf).unwrap(), 5);
+}
+
+#[test]
 fn the_relay_threads_move_messages_with_fds_and_nothing_else() {
     for class in [Class::RelayRequests, Class::RelayReplies] {
         let (a, b) = UnixStream::pair().unwrap();
@@ -400,6 +416,7 @@ fn the_data_paths_syscalls_never_run_the_filter() {
         libc::SYS_read,
         libc::SYS_write,
         libc::SYS_epoll_wait,
+        libc::SYS_io_uring_enter,
     ];
     for class in [Class::Frontends, Class::Worker] {
         let program = filter(class, Mode::On).unwrap().unwrap();
