@@ -86,6 +86,22 @@ struct Opts {
     tap_io: Vec<String>,
 }
 
+/// What `--help` prints (see docs/performance.md for what each mode measures).
+const USAGE: &str = "usage: cargo bench --bench netbench -- [options]
+  --secs S            seconds per measurement (default 1.5)
+  --runs N            alternating runs of each combination (medians, ranges, run-by-run verdicts)
+  --irq-cost NS       guest CPU per interrupt (default 2000; 0: free)
+  --kick-cost NS      guest CPU per kick (default 1000; 0: free)
+  --quick             fewer loads and sizes
+  --svg PATH          write the packets-per-interrupt plot
+  --dir tx|rx|loop    one direction only
+  --policy P          a coalescing policy to compare (repeatable; default: all)
+  --size N            one frame size only
+  --max-only          saturation only (no fixed loads)
+  --dirty-log         the guest shares a dirty log (live migration's cost)
+  --peer dpdk|dpdk-signal  side by side with DPDK's vhost backend
+  --tap-io LIST       tap I/O modes to alternate (uring,syscall,auto)";
+
 fn opts() -> Opts {
     let mut o = Opts {
         secs: 1.5,
@@ -129,12 +145,14 @@ fn opts() -> Opts {
                     .flat_map(|v| v.split(',').map(str::to_owned)),
             ),
             "--bench" => {}
-            other => panic!(
-                "unknown option {other}: use --secs S, --runs N, --irq-cost NS, \
-                 --kick-cost NS, --quick, --svg PATH, --dir tx|rx|loop, --policy P, \
-                 --size N, --max-only, --dirty-log, --peer dpdk|dpdk-signal, \
-                 --tap-io uring,syscall,auto"
-            ),
+            "--help" | "-h" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => {
+                eprintln!("netbench: unknown option {other}\n{USAGE}");
+                std::process::exit(2);
+            }
         }
     }
     o
