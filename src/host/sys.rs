@@ -432,11 +432,22 @@ impl Uring {
             // -1: the file's position, as writev(2) (a tap or socket has none).
             .offset(u64::MAX)
             .rw_flags(libc::RWF_NOWAIT)
-            .build()
-            .user_data(user_data);
-        // SAFETY: the entry points at `count` iovecs the caller keeps valid
-        // (with the memory they describe) until the request is reaped.
-        let pushed = unsafe { self.ring.submission().push(&entry) }.is_ok();
+            .build();
+        // SAFETY: the caller keeps the `count` iovecs and the memory they
+        // describe valid until the request is reaped (this fn's contract).
+        unsafe { self.push(entry, user_data) }
+    }
+
+    /// Queues `entry` as request `user_data`; `false`: the submission
+    /// queue is full.
+    ///
+    /// # Safety
+    ///
+    /// Whatever `entry` points at stays valid until the request is reaped.
+    unsafe fn push(&mut self, entry: io_uring::squeue::Entry, user_data: u64) -> bool {
+        // SAFETY: the caller's contract: the buffers the entry points at
+        // outlive the request.
+        let pushed = unsafe { self.ring.submission().push(&entry.user_data(user_data)) }.is_ok();
         if pushed {
             self.in_flight += 1;
         }
@@ -460,16 +471,11 @@ impl Uring {
         let entry = io_uring::opcode::Readv::new(io_uring::types::Fd(fd), iov, count)
             .offset(u64::MAX)
             .rw_flags(libc::RWF_NOWAIT)
-            .build()
-            .user_data(user_data);
-        // SAFETY: the entry points at `count` iovecs the caller keeps valid
-        // (with the memory they describe, which nothing else uses) until
-        // the request is reaped.
-        let pushed = unsafe { self.ring.submission().push(&entry) }.is_ok();
-        if pushed {
-            self.in_flight += 1;
-        }
-        pushed
+            .build();
+        // SAFETY: the caller keeps the `count` iovecs and the memory they
+        // describe (which nothing else uses meanwhile) valid until the
+        // request is reaped (this fn's contract).
+        unsafe { self.push(entry, user_data) }
     }
 
     /// Submits what was pushed with one `io_uring_enter` and waits until
