@@ -1,6 +1,7 @@
 //! Fuzzes the guest-controlled inputs of the data path: the descriptor
 //! table, the avail ring and the bytes of the buffers (virtio-net header +
-//! frame), through the real TX and RX steps over guest memory with two
+//! frame), through the real TX and RX steps (with plain syscalls and
+//! through an io_uring) over guest memory with two
 //! regions and a gap. Checks: no panic; without a bogus avail index, every
 //! TX avail entry is completed exactly once, in order (a prefix of them when
 //! the tap stand-in fills up); RX fails only by reporting a bogus avail
@@ -136,27 +137,36 @@ fuzz_target!(|input: &[u8]| {
         }
     }
 
-    // RX, on a fresh ring from the same bytes.
-    let mut data = input;
-    let _ = take(&mut data, 1);
-    let (_r, mut q, _heads, _bogus) = build(&mem, &mut data);
-    let (tap, mut peer) = tap_pair();
-    for len in input.iter().take(3).map(|b| 12 + usize::from(*b) * 7) {
-        let _ = peer.write_all(&vec![0x5a; len]);
+    // RX, frame by frame and then in io_uring rounds, each on a fresh ring
+    // from the same bytes.
+    for uring in [false, true] {
+        let mut data = input;
+        let _ = take(&mut data, 1);
+        let (_r, mut q, _heads, _bogus) = build(&mem, &mut data);
+        let (tap, mut peer) = tap_pair();
+        for len in input.iter().take(3).map(|b| 12 + usize::from(*b) * 7) {
+            let _ = peer.write_all(&vec![0x5a; len]);
+        }
+        let stats = QueueStats::default();
+        let mut buf = IoVecBuf::default();
+        let mut iovecs = buf.bind(&mem);
+        let mut chains: Vec<RxChain> = Vec::new();
+        let mut bounce = Bounce::default();
+        let mut buffers =
+            RxBuffers { chains: &mut chains, iovecs: &mut iovecs, bounce: &mut bounce };
+        let params = RxParams { hdr_len: 12, mergeable, max_frame: 1800, max_plain_frame: 1800 };
+        let mut ring = uring.then(|| (rx::RxUring::default(), Uring::new().expect("io_uring")));
+        let Ok(mut batch) = Batch::begin(&mut q, &mem, &stats, 0) else {
+            return;
+        };
+        let result = batch.drain(u64::MAX, |b| match ring.as_mut() {
+            Some((st, ring)) => rx::step_batched(b, st, ring, &mut buffers, &tap, params),
+            None => rx::step(b, &mut buffers, &tap, params),
+        });
+        if let Err(e) = result {
+            assert!(matches!(e, RingError::BadAvailIndex(_)), "unexpected RX error {e}");
+        }
+        buffers.give_back(&mut batch);
+        let _ = batch.finish(&mut Coalescer::new(Policy::Immediate));
     }
-    let stats = QueueStats::default();
-    let mut buf = IoVecBuf::default();
-    let mut iovecs = buf.bind(&mem);
-    let mut chains: Vec<RxChain> = Vec::new();
-    let mut bounce = Bounce::default();
-    let mut buffers = RxBuffers { chains: &mut chains, iovecs: &mut iovecs, bounce: &mut bounce };
-    let params = RxParams { hdr_len: 12, mergeable, max_frame: 1800, max_plain_frame: 1800 };
-    let Ok(mut batch) = Batch::begin(&mut q, &mem, &stats, 0) else {
-        return;
-    };
-    if let Err(e) = batch.drain(u64::MAX, |b| rx::step(b, &mut buffers, &tap, params)) {
-        assert!(matches!(e, RingError::BadAvailIndex(_)), "unexpected RX error {e}");
-    }
-    buffers.give_back(&mut batch);
-    let _ = batch.finish(&mut Coalescer::new(Policy::Immediate));
 });

@@ -576,10 +576,11 @@ impl Drop for TapWriter<'_, '_> {
 /// Soundness: `submit` pushes the requests, and reaps every one of them
 /// before it returns: no request outlives the call, so none outlives the
 /// iovecs (not touched during the call), the guest memory `'m` they
-/// point into, the overflow bytes (borrowed mutably for `'a`), or the tap.
+/// point into, the overflow bytes (borrowed mutably for `'a`; leaked if
+/// the ring fails with reads in flight), or the tap.
 pub struct TapReads<'a, 'm> {
     reads: Vec<GuestIoVecs<'a, 'm>>,
-    overflow: &'a mut [u8],
+    overflow: &'a mut Box<[u8]>,
     ring: &'a mut Uring,
     tap: &'a File,
     results: &'a mut Vec<i32>,
@@ -588,10 +589,10 @@ pub struct TapReads<'a, 'm> {
 /// What [`TapReads`] keeps between rounds (no allocation per frame).
 pub struct ReaderBufs {
     iov: Vec<IoVecBuf>,
-    /// One byte per read, allocated once and never freed (a few bytes per
-    /// queue pair): a read the kernel might still make after a ring
-    /// failure can never write freed memory.
-    overflow: &'static mut [u8],
+    /// One byte per read behind each read's guest buffers (a frame longer
+    /// than the chain reaches it). Leaked, and replaced, if the ring fails
+    /// with reads in flight: the kernel might still write it.
+    overflow: Box<[u8]>,
     results: Vec<i32>,
 }
 
@@ -600,7 +601,7 @@ impl ReaderBufs {
     pub fn new(reads: usize) -> Self {
         ReaderBufs {
             iov: (0..reads).map(|_| IoVecBuf::default()).collect(),
-            overflow: Box::leak(vec![0u8; reads].into_boxed_slice()),
+            overflow: vec![0u8; reads].into_boxed_slice(),
             results: Vec::with_capacity(reads),
         }
     }
@@ -621,7 +622,7 @@ impl<'a, 'm> TapReads<'a, 'm> {
         bufs.results.clear();
         TapReads {
             reads: bufs.iov.iter_mut().map(|b| b.bind(mem)).collect(),
-            overflow: &mut *bufs.overflow,
+            overflow: &mut bufs.overflow,
             ring,
             tap,
             results: &mut bufs.results,
@@ -694,9 +695,11 @@ impl<'a, 'm> TapReads<'a, 'm> {
             }
         });
         if outcome.is_err() && self.ring.in_flight() > 0 {
-            // Requests the kernel took may still write guest memory: keep
-            // it mapped for good (the overflow bytes are never freed).
+            // Requests the kernel took may still write guest memory and
+            // the overflow bytes: keep both for good.
             std::mem::forget(self.reads[0].mem.clone());
+            let fresh = vec![0u8; self.overflow.len()].into_boxed_slice();
+            Box::leak(std::mem::replace(self.overflow, fresh));
         }
         for read in self.reads.iter_mut().take(count) {
             read.buf.iovecs.pop();
