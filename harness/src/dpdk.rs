@@ -476,7 +476,7 @@ fn selected(flow: Flow, len: usize) -> bool {
     };
     only.split(',').any(|m| {
         let mut p = m.trim().split(':');
-        p.next() == Some(flow.name()) && p.next().map_or(true, |l| l == len.to_string())
+        p.next() == Some(flow.name()) && p.next().is_none_or(|l| l == len.to_string())
     })
 }
 
