@@ -25,7 +25,11 @@
 //! `--peer dpdk` (or `dpdk-signal`: DPDK's `net_tap` left on its RT-signal
 //! RX trigger) runs only the side-by-side comparison with DPDK's vhost
 //! backend, `--runs N` (at least 3) alternating runs each of `--secs S`:
-//! see `harness/src/dpdk.rs`.
+//! see `harness/src/dpdk.rs`. There `VUN_PEER_ONLY=loop:64,tx` narrows the
+//! modes, `VUN_PEER_BASELINE=PATH` alternates a second build of the daemon
+//! with ours and DPDK (before/after in one invocation), and
+//! `VUN_PEER_PERF=DIR` (with `VUN_PEER_PERF_FLOW=loop` for the loop)
+//! records each backend's 64 B runs with `perf record`.
 
 use vhost_user_net_harness as common;
 

@@ -35,6 +35,9 @@ pub struct Daemon {
     pub mode: Mode,
     /// The daemon's `RUST_LOG` (debug unless a test counts log lines).
     pub log_filter: &'static str,
+    /// The binary to run instead of [`crate::daemon_binary`] (a benchmark
+    /// comparing two builds).
+    pub binary: Option<PathBuf>,
 }
 
 impl Daemon {
@@ -42,6 +45,14 @@ impl Daemon {
     /// waits for its socket.
     pub fn start(ns: &Netns, extra: &[&str]) -> Daemon {
         Self::start_in_mode(ns, Mode::Listen, extra)
+    }
+
+    /// Starts `binary` (another build of the daemon) like [`Daemon::start`].
+    pub fn start_binary(ns: &Netns, binary: &Path, extra: &[&str]) -> Daemon {
+        let mut d = Self::paths();
+        d.binary = Some(binary.to_owned());
+        d.spawn(ns, extra);
+        d
     }
 
     /// Starts the daemon with `mode`; `socket` is where the test listens
@@ -61,6 +72,7 @@ impl Daemon {
             stderr_path,
             mode: Mode::Listen,
             log_filter: "debug",
+            binary: None,
         };
         d.mode = mode;
         d.spawn(ns, extra);
@@ -79,6 +91,7 @@ impl Daemon {
             stderr_path: dir.path().join("daemon.log"),
             mode: Mode::Listen,
             log_filter: "debug",
+            binary: None,
             dir,
         }
     }
@@ -93,7 +106,7 @@ impl Daemon {
         let socket = self.socket.to_str().expect("utf-8 path").to_owned();
         let stats = self.stats_socket.to_str().expect("utf-8 path").to_owned();
         let fd_text;
-        let binary = crate::daemon_binary();
+        let binary = self.binary.clone().unwrap_or_else(crate::daemon_binary);
         let binary = binary.to_str().expect("utf-8 path");
         // VUN_DAEMON_WRAP (e.g. "strace -ff -o /tmp/t") runs the daemon
         // under a tool; a debugging aid, unset in CI.

@@ -66,6 +66,9 @@ pub enum Backend {
     Dpdk,
     /// Our daemon (the release build cargo made for the benchmark).
     Ours,
+    /// Another build of our daemon, `VUN_PEER_BASELINE=PATH`: alternated
+    /// with the others run by run, to compare two builds in one invocation.
+    Baseline,
 }
 
 impl Backend {
@@ -73,6 +76,7 @@ impl Backend {
         match self {
             Backend::Dpdk => "DPDK vhost+net_tap",
             Backend::Ours => "vhost-user-net",
+            Backend::Baseline => "baseline build",
         }
     }
 }
@@ -255,14 +259,20 @@ enum Running {
 /// --sort symbol` shows where the backend's CPU went.
 fn profile(dpdk: &Dpdk, backend: Backend, flow: Flow, len: usize, pid: u32) -> Option<Proc> {
     let dir = PathBuf::from(std::env::var_os("VUN_PEER_PERF")?);
-    if flow != Flow::Tx || len != 64 {
+    // VUN_PEER_PERF_FLOW=loop profiles the loop's 64 B runs instead.
+    let wanted = match std::env::var("VUN_PEER_PERF_FLOW").as_deref() {
+        Ok("loop") => Flow::Loop,
+        _ => Flow::Tx,
+    };
+    if flow != wanted || len != 64 {
         return None;
     }
     let tag = match backend {
         Backend::Dpdk => "dpdk",
         Backend::Ours => "ours",
+        Backend::Baseline => "baseline",
     };
-    let data = dir.join(format!("{tag}-tx64-{}.data", unique("")));
+    let data = dir.join(format!("{tag}-{}64-{}.data", flow.name(), unique("")));
     let out = dpdk.dir.path().join(format!("{}.perf.out", unique("p")));
     let log = File::create(&out).expect("perf output file");
     let child = Command::new("perf")
@@ -440,8 +450,11 @@ fn start_backend(dpdk: &Dpdk, ns: &Netns, backend: Backend) -> (Running, PathBuf
             );
             (Running::Dpdk(p), sock, tap)
         }
-        Backend::Ours => {
-            let d = Daemon::start(ns, &[]);
+        Backend::Ours | Backend::Baseline => {
+            let d = match baseline().filter(|_| backend == Backend::Baseline) {
+                Some(bin) => Daemon::start_binary(ns, &bin, &[]),
+                None => Daemon::start(ns, &[]),
+            };
             // Every thread on CPU 1; the workers, started when the
             // frontend sets up its rings, inherit it.
             crate::run("taskset", &["-a", "-c", "-p", "1", &d.pid().to_string()]);
@@ -449,6 +462,22 @@ fn start_backend(dpdk: &Dpdk, ns: &Netns, backend: Backend) -> (Running, PathBuf
             (Running::Ours(d), sock, tap)
         }
     }
+}
+
+/// `VUN_PEER_BASELINE`: a second build of the daemon to alternate with.
+fn baseline() -> Option<PathBuf> {
+    std::env::var_os("VUN_PEER_BASELINE").map(PathBuf::from)
+}
+
+/// `VUN_PEER_ONLY=FLOW[:LEN],...` (e.g. `loop:64`): run only those modes.
+fn selected(flow: Flow, len: usize) -> bool {
+    let Ok(only) = std::env::var("VUN_PEER_ONLY") else {
+        return true;
+    };
+    only.split(',').any(|m| {
+        let mut p = m.trim().split(':');
+        p.next() == Some(flow.name()) && p.next().is_none_or(|l| l == len.to_string())
+    })
 }
 
 /// One run: `backend` serves the frontend's `flow` of `len`-byte frames;
@@ -612,12 +641,17 @@ pub fn bench(dpdk: &Dpdk, runs: usize, secs: f64) -> String {
     let mut all = Vec::new();
     for flow in [Flow::Tx, Flow::Loop] {
         for len in [64, 1500] {
+            if !selected(flow, len) {
+                continue;
+            }
             for i in 0..runs {
-                let order = if i % 2 == 0 {
-                    [Backend::Dpdk, Backend::Ours]
-                } else {
-                    [Backend::Ours, Backend::Dpdk]
-                };
+                let mut order = vec![Backend::Dpdk, Backend::Ours];
+                if baseline().is_some() {
+                    order.push(Backend::Baseline);
+                }
+                if i % 2 == 1 {
+                    order.reverse();
+                }
                 for backend in order {
                     let r = run(dpdk, &ns, backend, flow, len, secs);
                     let extra = r.delivered.map_or(String::new(), |(read, got)| {
@@ -662,7 +696,7 @@ fn summary(dpdk: &Dpdk, all: &[Run], runs: usize, secs: f64) -> String {
         logged.iter().filter(|p| **p).count(),
         logged.len()
     );
-    for b in [Backend::Dpdk, Backend::Ours] {
+    for b in [Backend::Dpdk, Backend::Ours, Backend::Baseline] {
         if let Some(r) = all.iter().find(|r| r.backend == b) {
             let _ = writeln!(
                 out,
@@ -725,6 +759,21 @@ fn summary(dpdk: &Dpdk, all: &[Run], runs: usize, secs: f64) -> String {
                 range(&o),
                 mo / md
             );
+            let mut b = pick(Backend::Baseline);
+            if !b.is_empty() {
+                let bl = list(&b);
+                let mb = median(&mut b);
+                let _ = writeln!(
+                    out,
+                    "| {} | {len} B | baseline build | {bl} | {mb:.3} {} | baseline / DPDK {:.2}, ours / baseline {:.2} | CPU ns/frame {:.0} | waited {:.0}% |",
+                    flow.name(),
+                    range(&b),
+                    mb / md,
+                    mo / mb,
+                    cost(Backend::Baseline),
+                    wait(Backend::Baseline)
+                );
+            }
         }
     }
     out

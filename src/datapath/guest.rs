@@ -580,6 +580,9 @@ impl Drop for TapWriter<'_, '_> {
 /// the ring fails with reads in flight), or the tap.
 pub struct TapReads<'a, 'm> {
     reads: Vec<GuestIoVecs<'a, 'm>>,
+    /// A read into one guest buffer longer than this needs no overflow
+    /// byte (see [`TapReads::new`]).
+    exact_above: usize,
     overflow: &'a mut Box<[u8]>,
     ring: &'a mut Uring,
     tap: &'a File,
@@ -613,15 +616,29 @@ impl ReaderBufs {
 }
 
 impl<'a, 'm> TapReads<'a, 'm> {
+    /// Room for `reads` reads (at most [`ReaderBufs::reads`]) into `mem`.
+    /// A read whose buffers are one guest buffer longer than `exact_above`
+    /// bytes goes without the overflow byte (a plain `read`, no iovec
+    /// array for the kernel to copy in): a frame that fills the buffer is
+    /// longer than `exact_above` whether or not the tap cut it, and the
+    /// caller drops every frame that long.
     pub fn new(
         bufs: &'a mut ReaderBufs,
+        reads: usize,
+        exact_above: usize,
         mem: &'m GuestMem,
         ring: &'a mut Uring,
         tap: &'a File,
     ) -> Self {
         bufs.results.clear();
         TapReads {
-            reads: bufs.iov.iter_mut().map(|b| b.bind(mem)).collect(),
+            exact_above,
+            reads: bufs
+                .iov
+                .iter_mut()
+                .take(reads)
+                .map(|b| b.bind(mem))
+                .collect(),
             overflow: &mut bufs.overflow,
             ring,
             tap,
@@ -668,10 +685,13 @@ impl<'a, 'm> TapReads<'a, 'm> {
             .take(count)
             .enumerate()
         {
-            read.buf.iovecs.push(libc::iovec {
-                iov_base: std::ptr::from_mut(byte).cast(),
-                iov_len: 1,
-            });
+            let exact = matches!(read.buf.iovecs[..], [one] if one.iov_len > self.exact_above);
+            if !exact {
+                read.buf.iovecs.push(libc::iovec {
+                    iov_base: std::ptr::from_mut(byte).cast(),
+                    iov_len: 1,
+                });
+            }
             let iovecs = &read.buf.iovecs;
             // SAFETY: the iovecs of read `i` describe its guest buffers,
             // bounds-checked slices of `'m`, and one overflow byte borrowed
@@ -702,7 +722,10 @@ impl<'a, 'm> TapReads<'a, 'm> {
             Box::leak(std::mem::replace(self.overflow, fresh));
         }
         for read in self.reads.iter_mut().take(count) {
-            read.buf.iovecs.pop();
+            // The guest buffers' iovecs (each has its span): without the
+            // overflow byte's.
+            let guest = read.buf.spans.len();
+            read.buf.iovecs.truncate(guest);
         }
         outcome
     }

@@ -597,7 +597,7 @@ impl QueuePair {
                         };
                         let end = match (self.tx_uring.as_mut(), self.rx_uring.as_mut()) {
                             (Some(u), Some(st)) => {
-                                st.start_batch();
+                                st.start_batch(BUDGET_FRAMES);
                                 let ring = u.ring_mut();
                                 batch.drain(BUDGET_FRAMES, |b| {
                                     rx::step_batched(b, st, ring, &mut buffers, tap, params)
@@ -758,7 +758,14 @@ impl QueuePair {
 
     fn resume_later(&mut self, ring: usize) {
         if let Some(conn) = self.conn.as_mut() {
+            // The other direction's pending turn wrote the eventfd already
+            // (the resume event takes both flags at once): one write per
+            // turn, not one per direction.
+            let written = conn.rings.iter().any(|r| r.pending);
             conn.rings[ring].pending = true;
+            if written {
+                return;
+            }
         }
         if let Err(e) = self.resume.write(1) {
             log::error!("pair {}: cannot schedule more work: {e}", self.index);

@@ -459,8 +459,14 @@ pub fn step(
     }
 }
 
-/// Reads one io_uring round makes at most.
-pub const URING_READS: usize = 8;
+/// Reads one io_uring round makes at most: a batch's budget
+/// ([`crate::datapath::queue_pair::BUDGET_FRAMES`]), so a batch that finds
+/// a burst in the tap can read it with one `io_uring_enter`.
+pub const URING_READS: usize = 64;
+
+/// Reads of a round at least (unless the budget left is smaller): what a
+/// round read before its size followed the tap.
+pub const URING_MIN_READS: usize = 8;
 
 /// RX through the pair's io_uring (`--tap-io uring|auto`): what a batch
 /// keeps between steps ([`step_batched`]).
@@ -471,6 +477,14 @@ pub struct RxUring {
     credits: usize,
     /// How the last round ended (tap empty, ...), reported after them.
     pending: Option<Step>,
+    /// Reads the next round posts, learnt from the tap: a round that
+    /// found the tap empty sizes the next one to the frames it got (plus
+    /// a little), one that did not doubles it. Every read posted beyond
+    /// the frames in the tap costs an EAGAIN; every round short of them
+    /// another `io_uring_enter`.
+    round: usize,
+    /// Frames the batch's budget has left (a round never reads more).
+    left: usize,
     /// The guest's chains are shorter than the largest frame it may
     /// receive: RX reads frame by frame ([`step`]) until the features
     /// change ([`RxUring::features_changed`]); a guest's buffers keep
@@ -490,6 +504,8 @@ impl Default for RxUring {
             bufs: ReaderBufs::new(URING_READS),
             credits: 0,
             pending: None,
+            round: URING_MIN_READS,
+            left: URING_READS,
             small: false,
             failed: false,
             #[cfg(test)]
@@ -499,10 +515,32 @@ impl Default for RxUring {
 }
 
 impl RxUring {
-    /// Forgets what the last batch left (call before each batch).
-    pub fn start_batch(&mut self) {
+    /// Forgets what the last batch left (call before each batch, with
+    /// the batch's `budget` in frames).
+    pub fn start_batch(&mut self, budget: u64) {
         self.credits = 0;
         self.pending = None;
+        self.left = usize::try_from(budget).unwrap_or(usize::MAX);
+    }
+
+    /// Sizes the next round after one of `posted` reads that got `frames`
+    /// frames and found the tap empty (`eagain`) or not.
+    fn learn(&mut self, posted: usize, frames: usize, eagain: bool) {
+        self.round = if eagain {
+            // The tap held `frames`: expect as many next time, a few more
+            // if it keeps growing, and forget a burst only slowly.
+            (frames + frames / 4 + 2)
+                .max(self.round / 2)
+                .max(URING_MIN_READS)
+        } else {
+            (posted * 2).max(self.round)
+        }
+        .min(URING_READS);
+    }
+
+    /// Reads the next round posts (before [`RxUring::learn`] of it).
+    pub fn round(&self) -> usize {
+        self.round
     }
 
     /// The guest acked features (its largest frame may have changed):
@@ -518,7 +556,8 @@ impl RxUring {
 }
 
 /// Moves up to [`URING_READS`] frames from `tap` into the guest's RX
-/// chains with one `io_uring_enter`: one read per chain, each chain able
+/// chains with one `io_uring_enter` (a round sized to what the tap held
+/// last time, within the batch's budget): one read per chain, each chain able
 /// to hold the largest frame the guest may receive. The frames are
 /// delivered in the order the chains were popped: if a read found the tap
 /// empty (or its frame was dropped) and a later one got a frame, that
@@ -545,10 +584,13 @@ pub fn step_batched(
     if st.small || st.failed || buffers.bounce.holds_frame() || !buffers.chains.is_empty() {
         return step(batch, buffers, tap, params);
     }
-    let mut reads = TapReads::new(&mut st.bufs, batch.mem(), ring, tap);
+    let want = st.round.min(st.left).clamp(1, URING_READS);
+    // A frame longer than the guest may receive is dropped (`judge`):
+    // one that fills a buffer longer than that needs no overflow byte.
+    let mut reads = TapReads::new(&mut st.bufs, want, params.max_frame, batch.mem(), ring, tap);
     let mut heads = [(0u16, 0usize); URING_READS];
     let mut count = 0;
-    while count < URING_READS {
+    while count < want {
         let Some(chain) = batch.pop() else {
             break;
         };
@@ -642,6 +684,8 @@ pub fn step_batched(
     }
     drop(reads);
     batch.give_back(count - filled);
+    st.learn(count, frames, eagain);
+    st.left = st.left.saturating_sub(frames);
     if eagain {
         stats.tap_eagain.inc();
         end = end.or(Some(Step::TapBlocked));

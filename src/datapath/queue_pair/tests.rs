@@ -371,7 +371,15 @@ fn uring_rx_reads_a_round_of_frames_in_one_enter_in_the_order_of_the_chains() {
     assert_eq!(s.frames.get(), 20);
     assert_eq!(s.tap_eagain.get(), 1, "the round that found the tap empty");
     let rounds = w.pair.rx_uring.as_ref().unwrap().rounds;
-    assert_eq!(rounds, 3, "8 + 8 + 4 frames (and the empty tap)");
+    assert_eq!(
+        rounds, 2,
+        "8 frames, then 16 reads: 12 frames (and the empty tap)"
+    );
+    assert_eq!(
+        w.pair.rx_uring.as_ref().unwrap().round(),
+        crate::datapath::rx::URING_MIN_READS.max(12 + 12 / 4 + 2),
+        "the next round expects what the tap held"
+    );
     // The chains not used went back to the ring for the next frames.
     w.inject(&rx_frame(60, 0x77));
     while w.frames(0) < 21 {
@@ -422,4 +430,62 @@ fn uring_rx_with_chains_shorter_than_a_frame_reads_frame_by_frame() {
         .collect();
     assert_eq!(used, [(0, 1024), (1, 488), (2, 72)]);
     assert_eq!(w.pair.rx_uring.as_ref().unwrap().rounds, 0);
+}
+
+#[test]
+fn uring_rx_rounds_follow_the_frames_in_the_tap_within_the_budget() {
+    let mut w = World::new(1024, [Policy::Immediate; 2]);
+    assert_eq!(w.pair.set_tap_io(crate::host::tap::TapIo::Uring), "uring");
+    w.post_rx(512);
+    // 100 frames: rounds of 8, 16, 32 reads fill up, then the budget
+    // (64 frames per batch) leaves 8; the next batch reads the other 36.
+    for i in 0..100u8 {
+        w.inject(&rx_frame(60, i));
+    }
+    w.kick(0);
+    while w.frames(0) < 100 {
+        assert!(w.step(1000), "the worker stalled");
+    }
+    let used = rx_used(&mut w);
+    assert_eq!(used.len(), 100);
+    for (i, &(head, _, first, _)) in used.iter().enumerate() {
+        assert_eq!(usize::from(head), i);
+        assert_eq!(usize::from(first), i);
+    }
+    let st = w.pair.rx_uring.as_ref().unwrap();
+    assert_eq!(st.rounds, 5, "8 + 16 + 32 + 8, then 36 of 64 reads");
+    assert_eq!(w.stats.queues[0].batches.get(), 2, "the budget split them");
+    assert_eq!(st.round(), 36 + 36 / 4 + 2);
+    // A tap that stays empty shrinks the rounds back, slowly.
+    for _ in 0..8 {
+        w.inject(&rx_frame(60, 0));
+        let target = w.frames(0) + 1;
+        while w.frames(0) < target {
+            assert!(w.step(1000), "the worker stalled");
+        }
+    }
+    assert_eq!(
+        w.pair.rx_uring.as_ref().unwrap().round(),
+        crate::datapath::rx::URING_MIN_READS
+    );
+}
+
+#[test]
+fn uring_rx_a_frame_longer_than_a_whole_buffer_is_dropped_not_delivered_cut() {
+    // One 2048-byte buffer per chain, above the 1530 bytes the guest may
+    // receive: reads go without the overflow byte, and a frame the tap
+    // cuts to the buffer is still longer than the guest may receive.
+    let mut w = World::new(256, [Policy::Immediate; 2]);
+    assert_eq!(w.pair.set_tap_io(crate::host::tap::TapIo::Uring), "uring");
+    w.post_rx(4);
+    w.inject(&rx_frame(3000, 1));
+    w.inject(&rx_frame(2048 - 12, 2));
+    w.inject(&rx_frame(1518, 3));
+    w.kick(0);
+    while w.frames(0) < 1 {
+        assert!(w.step(1000), "the worker stalled");
+    }
+    assert_eq!(rx_used(&mut w), [(0, 12 + 1518, 3, 1)]);
+    assert_eq!(w.stats.queues[0].rx_dropped_oversize_frames.get(), 2);
+    assert_eq!(w.pair.rx_uring.as_ref().unwrap().rounds, 1);
 }

@@ -172,7 +172,8 @@ fn sandboxing() -> Vec<Allow> {
 /// tap, and `io_uring_enter` on the pair's ring (`--tap-io uring|auto`).
 /// No ioctl, no socket, no open, and no `io_uring_setup` or
 /// `io_uring_register`: the main thread makes each pair's ring, restricted
-/// to `IORING_OP_WRITEV` and `IORING_OP_READV` (see `Uring::new` in
+/// to `IORING_OP_WRITEV`, `IORING_OP_READV` and their one-buffer forms
+/// `IORING_OP_WRITE`, `IORING_OP_READ` (see `Uring::new` in
 /// `host/sys.rs`), before any
 /// filter is installed. What a ring does for the worker are not syscalls
 /// and never pass a seccomp filter: the ring's restriction, not this list,
