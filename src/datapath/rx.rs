@@ -538,7 +538,7 @@ impl RxUring {
         .min(URING_READS);
     }
 
-    /// Reads the next round posts (before [`RxUring::learn`] of it).
+    /// Reads the next round posts (before `RxUring::learn` of it).
     pub fn round(&self) -> usize {
         self.round
     }
