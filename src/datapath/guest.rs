@@ -778,11 +778,16 @@ pub fn prefetch(mem: &GuestMem, addr: GuestAddress, len: u32) {
     let Ok(slice) = mem.get_slice(addr, len) else {
         return;
     };
-    let start = slice.ptr_guard().as_ptr();
-    let end = start.addr() + slice.len();
-    let mut line = start.wrapping_sub(start.addr() % CACHE_LINE);
+    each_line(slice.ptr_guard().as_ptr(), slice.len(), prefetch_line);
+}
+
+/// Calls `hint` with the start of every cache line of the `len` bytes at
+/// `p` (only the addresses: nothing is dereferenced).
+fn each_line(p: *const u8, len: usize, hint: fn(*const u8)) {
+    let end = p.addr() + len;
+    let mut line = p.wrapping_sub(p.addr() % CACHE_LINE);
     while line.addr() < end {
-        prefetch_line(line);
+        hint(line);
         line = line.wrapping_add(CACHE_LINE);
     }
 }
@@ -802,12 +807,7 @@ fn prefetch_line(_: *const u8) {}
 /// Asks the CPU for the first [`PREFETCH_BYTES`] of the `len` bytes at
 /// `p` (a translated guest buffer) with intent to write. A hint.
 fn prefetch_for_write(p: *const u8, len: usize) {
-    let end = p.addr() + len.min(PREFETCH_BYTES);
-    let mut line = p.wrapping_sub(p.addr() % CACHE_LINE);
-    while line.addr() < end {
-        prefetch_line_for_write(line);
-        line = line.wrapping_add(CACHE_LINE);
-    }
+    each_line(p, len.min(PREFETCH_BYTES), prefetch_line_for_write);
 }
 
 #[cfg(target_arch = "x86_64")]
