@@ -746,86 +746,88 @@ fn uring_chains_that_fill_the_iovecs_flush_what_is_queued_first() {
     assert_eq!(stats.batches.get(), 1);
 }
 
+/// What [`settle_overtaken`] leaves for the test to check.
+struct Settled {
+    mem: crate::datapath::guest::GuestMem,
+    ring: crate::testing::driver::SplitRing,
+    queue: virtio_queue::Queue,
+    stats: QueueStats,
+    end: Option<Step>,
+}
+
+/// Queues three 60-byte frames (payloads 1, 2, 3) on `tap` through an
+/// io_uring writer, runs `before_flush` on the tap, then flushes and
+/// settles with write 1's result replaced by `write_1` (the unlinked
+/// race: the tap refused one frame and took a later one).
+fn settle_overtaken(tap: &File, before_flush: impl FnOnce(&File), write_1: i32) -> Settled {
+    let mem = memory();
+    let (mut ring, mut queue) = crate::testing::unit::ring(&mem, 16, true);
+    for i in 0..3u8 {
+        add_tx_frame(&mem, &mut ring, usize::from(i), &[i + 1; 60]);
+    }
+    ring.publish(&mem);
+    let stats = QueueStats::default();
+    let mut uring = TxUring::new(Uring::new().expect("io_uring on the test machine"));
+    let mut iov = IoVecBuf::with_capacity(crate::datapath::guest::IOV_MAX);
+    let mut batch = Batch::begin(&mut queue, &mem, &stats, 1).unwrap();
+    let TxUring {
+        ring: u_ring,
+        bufs,
+        queued,
+    } = &mut uring;
+    let mut w = TapWriter::new(&mut iov, bufs, &mem, u_ring, tap);
+    let drained = batch
+        .drain(u64::MAX, |b| step_queued(b, &mut w, queued, 12))
+        .unwrap();
+    assert_eq!(drained, End::RingEmpty);
+    before_flush(tap);
+    w.fake_result = Some((1, write_1));
+    let end = settle(&mut batch, &mut w, queued).unwrap();
+    drop(w);
+    batch
+        .finish(&mut Coalescer::new(Policy::Immediate))
+        .unwrap();
+    Settled {
+        mem,
+        ring,
+        queue,
+        stats,
+        end,
+    }
+}
+
 #[test]
 fn uring_a_refused_frame_the_tap_overtook_is_written_again_at_once() {
     // The race of an unlinked submission: the tap refused write 1 but took
     // write 2 (it freed room in between). Write 1 is made again with
     // writev (here it goes through), so no chain is lost or given back out
     // of order; the refusal is counted.
-    let mem = memory();
-    let (mut r, mut q) = ring(&mem, 16, true);
     let (tap, mut peer) = tap_pair();
-    for i in 0..3u8 {
-        add_tx_frame(&mem, &mut r, usize::from(i), &[i + 1; 60]);
-    }
-    r.publish(&mem);
-    let stats = QueueStats::default();
-    let mut uring = TxUring::new(Uring::new().expect("io_uring on the test machine"));
-    let mut iov = IoVecBuf::with_capacity(crate::datapath::guest::IOV_MAX);
-    let mut batch = Batch::begin(&mut q, &mem, &stats, 1).unwrap();
-    let TxUring {
-        ring: u_ring,
-        bufs,
-        queued,
-    } = &mut uring;
-    let mut w = TapWriter::new(&mut iov, bufs, &mem, u_ring, &tap);
-    let end = batch
-        .drain(u64::MAX, |b| step_queued(b, &mut w, queued, 12))
-        .unwrap();
-    assert_eq!(end, End::RingEmpty);
-    w.fake_result = Some((1, -libc::EAGAIN));
 
-    assert_eq!(settle(&mut batch, &mut w, queued).unwrap(), None);
-    drop(w);
-    batch
-        .finish(&mut Coalescer::new(Policy::Immediate))
-        .unwrap();
+    let s = settle_overtaken(&tap, |_| {}, -libc::EAGAIN);
 
+    assert_eq!(s.end, None);
     // The kernel wrote all three; the retry wrote the second again.
     assert_eq!(frames_at(&mut peer), [1, 2, 3, 2]);
-    assert_eq!(r.used_idx(&mem), 3);
-    assert_eq!(stats.frames.get(), 3);
-    assert_eq!(stats.tap_eagain.get(), 1);
-    assert_eq!(stats.tap_errors.get(), 0);
+    assert_eq!(s.ring.used_idx(&s.mem), 3);
+    assert_eq!(s.stats.frames.get(), 3);
+    assert_eq!(s.stats.tap_eagain.get(), 1);
+    assert_eq!(s.stats.tap_errors.get(), 0);
 }
 
 #[test]
 fn uring_an_overtaken_frame_refused_again_is_dropped_and_counted() {
-    let mem = memory();
-    let (mut r, mut q) = ring(&mem, 16, true);
     let (tap, _peer) = tap_pair();
-    for i in 0..3u8 {
-        add_tx_frame(&mem, &mut r, usize::from(i), &[i + 1; 60]);
-    }
-    r.publish(&mem);
-    let stats = QueueStats::default();
-    let mut uring = TxUring::new(Uring::new().expect("io_uring on the test machine"));
-    let mut iov = IoVecBuf::with_capacity(crate::datapath::guest::IOV_MAX);
-    let mut batch = Batch::begin(&mut q, &mem, &stats, 1).unwrap();
-    let TxUring {
-        ring: u_ring,
-        bufs,
-        queued,
-    } = &mut uring;
-    let mut w = TapWriter::new(&mut iov, bufs, &mem, u_ring, &tap);
-    batch
-        .drain(u64::MAX, |b| step_queued(b, &mut w, queued, 12))
-        .unwrap();
+
     // The tap is full for all three writes and for the retry, but claims
     // to have taken the second.
-    while (&tap).write(&[0u8; 100]).is_ok() {}
-    w.fake_result = Some((1, 72));
+    let fill = |mut tap: &File| while tap.write(&[0u8; 100]).is_ok() {};
+    let s = settle_overtaken(&tap, fill, 72);
 
-    let end = settle(&mut batch, &mut w, queued).unwrap();
-    drop(w);
-    batch
-        .finish(&mut Coalescer::new(Policy::Immediate))
-        .unwrap();
-
-    assert_eq!(end, Some(Step::TapBlocked), "the third waits for room");
-    assert_eq!(q.next_avail(), 2, "the third was given back");
-    assert_eq!(r.used_idx(&mem), 2);
-    assert_eq!(stats.frames.get(), 1);
-    assert_eq!(stats.tap_errors.get(), 1, "the first, dropped");
-    assert_eq!(stats.tap_eagain.get(), 3, "first, its retry, third");
+    assert_eq!(s.end, Some(Step::TapBlocked), "the third waits for room");
+    assert_eq!(s.queue.next_avail(), 2, "the third was given back");
+    assert_eq!(s.ring.used_idx(&s.mem), 2);
+    assert_eq!(s.stats.frames.get(), 1);
+    assert_eq!(s.stats.tap_errors.get(), 1, "the first, dropped");
+    assert_eq!(s.stats.tap_eagain.get(), 3, "first, its retry, third");
 }
