@@ -622,12 +622,17 @@ impl QueuePair {
             });
         let end = self.settle_batch(result, vring, &state, ring);
         drop(state);
-        if self.tx_uring.as_ref().is_some_and(tx::TxUring::failed) {
+        let failed = self.tx_uring.as_ref().is_some_and(tx::TxUring::failed)
+            || self.rx_uring.as_ref().is_some_and(rx::RxUring::failed);
+        if failed {
+            // One ring serves both directions: what a failed enter left in
+            // its submission queue must never go out with the other's
+            // requests.
             self.tx_uring = None;
-            self.stats.uring[2 * self.index + TX]
-                .store(false, std::sync::atomic::Ordering::Relaxed);
+            self.rx_uring = None;
+            self.show_tap_io();
             log::error!(
-                "pair {}: io_uring failed: tap writes use writev from now on",
+                "pair {}: io_uring failed: the tap is read and written with plain syscalls from now on",
                 self.index
             );
         }

@@ -224,7 +224,8 @@ fn step_queued(
 /// Writes the queued frames (one `io_uring_enter`, waiting for all) and
 /// completes their chains in order. `Some(TapBlocked)`: the tap was full,
 /// the unsent chains were given back; `Some(TapGone)`: the tap's
-/// interface is gone, the chains after that frame were given back.
+/// interface is gone; the chains after that frame are completed too and
+/// counted in `tap_errors_total` (their writes were made and failed).
 fn settle<'q>(
     c: &mut impl Completer<'q>,
     w: &mut TapWriter<'_, '_>,

@@ -521,7 +521,14 @@ impl Uring {
     /// ([`Uring::in_flight`] says whether any is left).
     pub fn reap(&mut self, mut each: impl FnMut(u64, i32)) -> io::Result<()> {
         while self.in_flight > 0 {
-            match self.ring.submit_and_wait(self.in_flight) {
+            #[cfg(any(test, feature = "test-utils"))]
+            let entered = match refuse::take_enter() {
+                Some(errno) => Err(io::Error::from_raw_os_error(errno)),
+                None => self.ring.submit_and_wait(self.in_flight),
+            };
+            #[cfg(not(any(test, feature = "test-utils")))]
+            let entered = self.ring.submit_and_wait(self.in_flight);
+            match entered {
                 Ok(_) => {}
                 Err(e)
                     if matches!(
@@ -578,6 +585,18 @@ pub mod refuse {
 
     pub(super) fn get() -> Option<i32> {
         ERRNO.with(Cell::get)
+    }
+
+    thread_local!(static ENTER_ERRNO: Cell<Option<i32>> = const { Cell::new(None) });
+
+    /// This thread's next `Uring::reap` fails with `errno` before the
+    /// kernel takes anything, as a broken `io_uring_enter` would.
+    pub fn fail_next_enter(errno: i32) {
+        ENTER_ERRNO.with(|e| e.set(Some(errno)));
+    }
+
+    pub(super) fn take_enter() -> Option<i32> {
+        ENTER_ERRNO.with(Cell::take)
     }
 }
 

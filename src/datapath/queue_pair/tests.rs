@@ -482,3 +482,35 @@ fn uring_rx_a_frame_longer_than_a_whole_buffer_is_dropped_not_delivered_cut() {
     assert_eq!(w.stats.queues[0].rx_dropped_oversize_frames.get(), 2);
     assert_eq!(w.pair.rx_uring.as_ref().unwrap().rounds, 1);
 }
+
+#[test]
+fn a_ring_that_fails_in_an_rx_round_is_dropped_for_both_directions() {
+    // The failed round's reads stay in the submission queue: TX must not
+    // submit them with its next writes (they point into buffers the guest
+    // may have remapped by then, and their completions would pass for
+    // TX's).
+    let mut w = World::new(256, [Policy::Immediate; 2]);
+    assert_eq!(w.pair.set_tap_io(crate::host::tap::TapIo::Uring), "uring");
+    w.post_rx(32);
+    w.inject(&rx_frame(60, 1));
+    crate::host::sys::refuse::fail_next_enter(libc::EINVAL);
+    w.kick(0);
+    while w.frames(0) < 1 {
+        assert!(w.step(1000), "the worker stalled");
+    }
+
+    assert!(w.pair.tx_uring.is_none(), "TX kept the failed ring");
+    assert!(w.pair.rx_uring.is_none());
+    let metrics = w.stats.prometheus();
+    assert!(
+        metrics.contains("vhost_user_net_tap_io_info{queue=\"0\",dir=\"rx\",mode=\"syscall\"} 1"),
+        "{metrics}"
+    );
+    // Both directions go on with plain syscalls.
+    w.transmit(5);
+    w.inject(&rx_frame(60, 2));
+    while w.frames(0) < 2 {
+        assert!(w.step(1000), "the worker stalled");
+    }
+    assert_eq!(w.stats.queues[1].frames.get(), 5);
+}
