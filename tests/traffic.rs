@@ -403,6 +403,8 @@ fn legacy_feature_set_moves_frames_with_the_10_byte_header_both_ways() {
     assert_eq!(&buf[10..16], &default_mac(&d.tap), "frame right after it");
     assert_eq!(&buf[22..24], &[0x08, 0x00], "IPv4");
     assert_eq!(&buf[udp_payload_at(10)..], marker(7).as_slice());
+    // TX counts before it publishes its used entry (not before the write).
+    assert_eq!(fe.wait_used(1, 1).len(), 1);
     let s = d.stats();
     assert_eq!(s.get("bytes_total", 1), sent.len() as u64);
     assert_eq!(s.get("bytes_total", 0), 14 + 20 + 8 + 64);
@@ -437,6 +439,9 @@ fn uso_frame_from_the_guest_arrives_in_the_namespace_as_segmented_datagrams() {
     }
     let want: Vec<Vec<u8>> = payload.chunks(1000).map(<[u8]>::to_vec).collect();
     assert_eq!(got, want, "segments in order, byte-exact");
+    // The batch counts before it publishes its used entries, not before
+    // the write: the segments can arrive first.
+    assert_eq!(fe.wait_used(1, 1).len(), 1);
     let s = d.stats();
     assert_eq!(s.get("frames_total", 1), 1, "one GSO frame from the guest");
     assert_eq!(s.get("bytes_total", 1), frame.len() as u64);
