@@ -111,6 +111,8 @@ pub struct Ring<'a, 'q> {
     /// Whether a chain was popped since the avail index was read: more may
     /// have come since.
     popped: bool,
+    /// Steps the batch's budget has left, this one included.
+    budget_left: u64,
 }
 
 impl<'q> Batch<'q> {
@@ -202,11 +204,13 @@ impl<'q> Batch<'q> {
                 avail,
                 core: &mut self.core,
                 popped: false,
+                budget_left: 0,
             };
             loop {
                 if handled >= budget {
                     return Ok(End::BudgetSpent);
                 }
+                ring.budget_left = budget - handled;
                 match step(&mut ring)? {
                     Step::Progress => handled += 1,
                     Step::TapBlocked => return Ok(End::TapBlocked),
@@ -310,6 +314,13 @@ impl<'q> Ring<'_, 'q> {
         let chain = self.avail.next();
         self.popped |= chain.is_some();
         chain
+    }
+
+    /// Steps (frames, or chains the guest got wrong) the batch's budget
+    /// has left, this one included: a step that moves several frames at
+    /// once moves no more.
+    pub fn budget_left(&self) -> u64 {
+        self.budget_left
     }
 
     /// Whether the guest may have added chains since this pass read the

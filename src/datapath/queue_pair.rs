@@ -597,7 +597,7 @@ impl QueuePair {
                         };
                         let end = match (self.tx_uring.as_mut(), self.rx_uring.as_mut()) {
                             (Some(u), Some(st)) => {
-                                st.start_batch(BUDGET_FRAMES);
+                                st.start_batch();
                                 let ring = u.ring_mut();
                                 batch.drain(BUDGET_FRAMES, |b| {
                                     rx::step_batched(b, st, ring, &mut buffers, tap, params)

@@ -483,8 +483,6 @@ pub struct RxUring {
     /// the frames in the tap costs an EAGAIN; every round short of them
     /// another `io_uring_enter`.
     round: usize,
-    /// Frames the batch's budget has left (a round never reads more).
-    left: usize,
     /// The guest's chains are shorter than the largest frame it may
     /// receive: RX reads frame by frame ([`step`]) until the features
     /// change ([`RxUring::features_changed`]); a guest's buffers keep
@@ -505,7 +503,6 @@ impl Default for RxUring {
             credits: 0,
             pending: None,
             round: URING_MIN_READS,
-            left: URING_READS,
             small: false,
             failed: false,
             #[cfg(test)]
@@ -515,12 +512,10 @@ impl Default for RxUring {
 }
 
 impl RxUring {
-    /// Forgets what the last batch left (call before each batch, with
-    /// the batch's `budget` in frames).
-    pub fn start_batch(&mut self, budget: u64) {
+    /// Forgets what the last batch left (call before each batch).
+    pub fn start_batch(&mut self) {
         self.credits = 0;
         self.pending = None;
-        self.left = usize::try_from(budget).unwrap_or(usize::MAX);
     }
 
     /// Sizes the next round after one of `posted` reads that got `frames`
@@ -584,7 +579,10 @@ pub fn step_batched(
     if st.small || st.failed || buffers.bounce.holds_frame() || !buffers.chains.is_empty() {
         return step(batch, buffers, tap, params);
     }
-    let want = st.round.min(st.left).clamp(1, URING_READS);
+    // Never more than the batch's budget: the frames a round reads beyond
+    // the one this step reports are reported by the next steps (credits).
+    let left = usize::try_from(batch.budget_left()).unwrap_or(usize::MAX);
+    let want = st.round.min(left).clamp(1, URING_READS);
     // A frame longer than the guest may receive is dropped (`judge`):
     // one that fills a buffer longer than that needs no overflow byte.
     let mut reads = TapReads::new(&mut st.bufs, want, params.max_frame, batch.mem(), ring, tap);
@@ -685,7 +683,6 @@ pub fn step_batched(
     drop(reads);
     batch.give_back(count - filled);
     st.learn(count, frames, eagain);
-    st.left = st.left.saturating_sub(frames);
     if eagain {
         stats.tap_eagain.inc();
         end = end.or(Some(Step::TapBlocked));
