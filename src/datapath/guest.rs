@@ -511,14 +511,7 @@ impl<'a, 'm> TapWriter<'a, 'm> {
     /// then [`TapWriter::results`] has one result per write, in order.
     /// An error means the ring failed: see [`Uring::reap`].
     pub fn flush(&mut self) -> io::Result<()> {
-        let results = &mut *self.results;
-        results.clear();
-        results.resize(self.writes.len(), -libc::ECANCELED);
-        let outcome = self.ring.reap(|n, res| {
-            if let Some(r) = usize::try_from(n).ok().and_then(|n| results.get_mut(n)) {
-                *r = res;
-            }
-        });
+        let outcome = self.ring.reap_into(self.results, self.writes.len());
         if outcome.is_err() && self.ring.in_flight() > 0 {
             // Requests the kernel took may still read guest memory: keep
             // the mapping forever rather than let one read freed memory.
@@ -680,9 +673,6 @@ impl<'a, 'm> TapReads<'a, 'm> {
     /// and waits for all; then [`TapReads::result`] has each one's result.
     /// An error means the ring failed: see [`Uring::reap`].
     pub fn submit(&mut self, count: usize) -> io::Result<()> {
-        let results = &mut *self.results;
-        results.clear();
-        results.resize(count, -libc::ECANCELED);
         let fd = self.tap.as_raw_fd();
         let mut pushed = 0;
         for (i, (read, byte)) in self
@@ -716,11 +706,7 @@ impl<'a, 'm> TapReads<'a, 'm> {
             });
         }
         debug_assert_eq!(pushed, count, "more reads than the ring holds");
-        let outcome = self.ring.reap(|n, res| {
-            if let Some(r) = usize::try_from(n).ok().and_then(|n| results.get_mut(n)) {
-                *r = res;
-            }
-        });
+        let outcome = self.ring.reap_into(self.results, count);
         if outcome.is_err() && self.ring.in_flight() > 0 {
             // Requests the kernel took may still write guest memory and
             // the overflow bytes: keep both for good.

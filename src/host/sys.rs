@@ -549,6 +549,19 @@ impl Uring {
         }
         Ok(())
     }
+
+    /// [`Uring::reap`] for `count` requests whose `user_data` is their
+    /// index: `results[i]` is request `i`'s result, `-ECANCELED` for one
+    /// the ring did not report (it failed first).
+    pub fn reap_into(&mut self, results: &mut Vec<i32>, count: usize) -> io::Result<()> {
+        results.clear();
+        results.resize(count, -libc::ECANCELED);
+        self.reap(|n, res| {
+            if let Some(r) = usize::try_from(n).ok().and_then(|n| results.get_mut(n)) {
+                *r = res;
+            }
+        })
+    }
 }
 
 #[cfg(test)]
