@@ -521,26 +521,11 @@ impl Uring {
     /// ([`Uring::in_flight`] says whether any is left).
     pub fn reap(&mut self, mut each: impl FnMut(u64, i32)) -> io::Result<()> {
         while self.in_flight > 0 {
-            #[cfg(any(test, feature = "test-utils"))]
-            let entered = match refuse::take_enter() {
-                Some(errno) => Err(io::Error::from_raw_os_error(errno)),
-                None => self.ring.submit_and_wait(self.in_flight),
-            };
-            #[cfg(not(any(test, feature = "test-utils")))]
-            let entered = self.ring.submit_and_wait(self.in_flight);
-            match entered {
-                Ok(_) => {}
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
-                    ) => {}
-                Err(e) => {
-                    // What the kernel never took is gone with the ring.
-                    let unsubmitted = self.ring.submission().len();
-                    self.in_flight -= unsubmitted.min(self.in_flight);
-                    return Err(e);
-                }
+            if let Err(e) = enter(&mut self.ring, self.in_flight) {
+                // What the kernel never took is gone with the ring.
+                let unsubmitted = self.ring.submission().len();
+                self.in_flight -= unsubmitted.min(self.in_flight);
+                return Err(e);
             }
             for cqe in self.ring.completion() {
                 self.in_flight = self.in_flight.saturating_sub(1);
@@ -561,6 +546,283 @@ impl Uring {
                 *r = res;
             }
         })
+    }
+}
+
+/// Buffers a [`ReadRing`] can have posted at once (its provided-buffer
+/// ring's size: a power of two, as the kernel requires).
+pub const POSTED_READS: u16 = 64;
+
+/// The provided-buffer group of a [`ReadRing`]'s one buffer ring.
+const READ_GROUP: u16 = 0;
+
+/// `user_data` of the posted read, and of the request that cancels it.
+const POSTED_READ: u64 = 1;
+const CANCEL_READ: u64 = 2;
+
+/// An io_uring that keeps one read of a tap posted across events: a
+/// multishot read (`IORING_OP_READ_MULTISHOT`, Linux >= 6.7) that takes
+/// its buffers, in order, from a ring of provided buffers
+/// (`IORING_REGISTER_PBUF_RING`), one frame per buffer. The kernel reads a
+/// frame into the next buffer as soon as the tap has one, without a
+/// syscall of ours; each frame is a completion, and the ring's fd is
+/// readable while completions wait ([`ReadRing::fd`], for epoll).
+///
+/// Restricted as [`Uring`] is (`IORING_REGISTER_RESTRICTIONS`): the
+/// multishot read and its cancellation (`IORING_OP_ASYNC_CANCEL`) only,
+/// the buffer-select flag only, no register operation once enabled. Made
+/// before the seccomp filters. Without `IORING_SETUP_COOP_TASKRUN`: a
+/// frame arriving while the worker sleeps in `epoll_wait` must wake it to
+/// run the read (task work), which then posts the completion.
+pub struct ReadRing {
+    ring: io_uring::IoUring,
+    /// The provided-buffer ring the kernel takes buffers from (mmap'd,
+    /// page-aligned, [`POSTED_READS`] entries of `struct io_uring_buf`).
+    bufs: *mut io_uring::types::BufRingEntry,
+    bufs_len: usize,
+    /// Entries added so far and entries the kernel has used (both
+    /// wrapping): `tail - head` buffers are posted.
+    tail: u16,
+    head: u16,
+    /// The multishot read is live in the kernel (its last completion said
+    /// more will come).
+    armed: bool,
+}
+
+// SAFETY: `bufs` points at memory this ring owns (mapped in `new`,
+// unmapped in `drop`), used only through `&mut self`; nothing else holds it.
+unsafe impl Send for ReadRing {}
+
+impl std::fmt::Debug for ReadRing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadRing")
+            .field("posted", &self.posted())
+            .field("armed", &self.armed)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One completion of a [`ReadRing`]: a frame of `result` bytes in buffer
+/// `id`, or (`id` None) the read's end with `-errno`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadDone {
+    pub id: Option<u16>,
+    pub result: i32,
+}
+
+impl ReadRing {
+    /// Sets a ring up: created disabled, its buffer ring registered,
+    /// restricted, then enabled. Fails as the kernel refuses: no io_uring
+    /// (ENOSYS, EPERM) or no multishot read (EINVAL: Linux < 6.7 knows no
+    /// such opcode to allow).
+    pub fn new() -> io::Result<ReadRing> {
+        #[cfg(any(test, feature = "test-utils"))]
+        if let Some(errno) = refuse::get().or_else(refuse::get_posted) {
+            return Err(io::Error::from_raw_os_error(errno));
+        }
+        let ring = io_uring::IoUring::builder()
+            .setup_r_disabled()
+            // Each buffer is one completion; a cancellation two more.
+            .setup_cqsize(4 * u32::from(POSTED_READS))
+            .build(4)?;
+        let bufs_len = (usize::from(POSTED_READS)
+            * std::mem::size_of::<io_uring::types::BufRingEntry>())
+        .next_multiple_of(4096);
+        // SAFETY: a fresh private anonymous mapping: no existing memory is
+        // affected; the result is checked below.
+        let at = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bufs_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if at == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let this = ReadRing {
+            ring,
+            bufs: at.cast(),
+            bufs_len,
+            tail: 0,
+            head: 0,
+            armed: false,
+        };
+        let submitter = this.ring.submitter();
+        // SAFETY: `bufs` is page-aligned, zeroed (tail 0: no buffers) and
+        // `bufs_len` bytes long, room for POSTED_READS entries; it stays
+        // mapped as long as the ring exists (`Drop` unmaps it after the
+        // ring is gone, or leaks it while a read may still use it).
+        unsafe { submitter.register_buf_ring_with_flags(at as u64, POSTED_READS, READ_GROUP, 0)? };
+        submitter.register_restrictions(&mut [
+            io_uring::register::Restriction::sqe_op(io_uring::opcode::ReadMulti::CODE),
+            io_uring::register::Restriction::sqe_op(io_uring::opcode::AsyncCancel::CODE),
+            io_uring::register::Restriction::sqe_flags_allowed(
+                io_uring::squeue::Flags::BUFFER_SELECT.bits(),
+            ),
+        ])?;
+        submitter.register_enable_rings()?;
+        Ok(this)
+    }
+
+    /// The ring's fd: readable while completions wait.
+    pub fn fd(&self) -> RawFd {
+        self.ring.as_raw_fd()
+    }
+
+    /// Buffers posted and not used yet.
+    pub fn posted(&self) -> usize {
+        usize::from(self.tail.wrapping_sub(self.head))
+    }
+
+    /// Whether the read is live in the kernel.
+    pub fn armed(&self) -> bool {
+        self.armed
+    }
+
+    /// Posts `len` bytes at `addr` as buffer `id`, after those posted
+    /// already; `false` (nothing posted) if [`POSTED_READS`] are.
+    ///
+    /// # Safety
+    ///
+    /// The memory must stay mapped and writable, and hold nothing that
+    /// Rust code reads as a typed value, until a completion reports this
+    /// buffer used or [`ReadRing::cancel`] has returned `Ok` (or for good,
+    /// if the ring fails: see [`ReadRing::leak`]).
+    pub unsafe fn post(&mut self, addr: *mut u8, len: u32, id: u16) -> bool {
+        if self.posted() >= usize::from(POSTED_READS) {
+            return false;
+        }
+        let slot = usize::from(self.tail & (POSTED_READS - 1));
+        // SAFETY: `slot` < POSTED_READS entries of the mapping `bufs`
+        // points at; the kernel reads entries only below the tail, which
+        // is published after this write.
+        let entry = unsafe { &mut *self.bufs.add(slot) };
+        entry.set_addr(addr as u64);
+        entry.set_len(len);
+        entry.set_bid(id);
+        self.tail = self.tail.wrapping_add(1);
+        // SAFETY: the tail field of the first entry of the mapping (its
+        // `resv`), written only by us; the release orders the entry before it.
+        unsafe {
+            let tail = io_uring::types::BufRingEntry::tail(self.bufs.cast_const());
+            std::sync::atomic::AtomicU16::from_ptr(tail.cast_mut())
+                .store(self.tail, std::sync::atomic::Ordering::Release);
+        }
+        true
+    }
+
+    /// Starts the multishot read of `fd` if it is not live: one
+    /// `io_uring_enter`, which does not wait.
+    pub fn arm(&mut self, fd: RawFd) -> io::Result<()> {
+        if self.armed {
+            return Ok(());
+        }
+        let entry = io_uring::opcode::ReadMulti::new(io_uring::types::Fd(fd), 0, READ_GROUP)
+            .build()
+            .user_data(POSTED_READ);
+        // SAFETY: the read writes only into posted buffers (the caller's
+        // contract on `post`); the submission itself points at nothing.
+        unsafe { self.ring.submission().push(&entry) }
+            .map_err(|_| io::Error::from_raw_os_error(libc::EBUSY))?;
+        enter(&mut self.ring, 0)?;
+        self.armed = true;
+        Ok(())
+    }
+
+    /// Takes the completions waiting (no syscall), in order, into `out`.
+    pub fn take(&mut self, out: &mut std::collections::VecDeque<ReadDone>) {
+        for cqe in self.ring.completion() {
+            let flags = cqe.flags();
+            if cqe.user_data() != POSTED_READ {
+                continue;
+            }
+            let id = io_uring::cqueue::buffer_select(flags);
+            if id.is_some() {
+                self.head = self.head.wrapping_add(1);
+            }
+            if !io_uring::cqueue::more(flags) {
+                self.armed = false;
+            }
+            out.push_back(ReadDone {
+                id,
+                result: cqe.result(),
+            });
+        }
+    }
+
+    /// Ends the read (if live) and waits until the kernel says it has
+    /// ended; its last completions go to `out`. Then no buffer is posted
+    /// any more: the caller owns them all again. An error means the ring
+    /// failed with the read perhaps still live: [`ReadRing::leak`] it.
+    pub fn cancel(&mut self, out: &mut std::collections::VecDeque<ReadDone>) -> io::Result<()> {
+        if self.armed {
+            let entry = io_uring::opcode::AsyncCancel::new(POSTED_READ)
+                .build()
+                .user_data(CANCEL_READ);
+            // SAFETY: a cancellation points at no memory.
+            unsafe { self.ring.submission().push(&entry) }
+                .map_err(|_| io::Error::from_raw_os_error(libc::EBUSY))?;
+            while self.armed {
+                enter(&mut self.ring, 1)?;
+                self.take(out);
+            }
+        }
+        // No read is live: what the kernel did not use is ours, and the
+        // ring starts empty again (the kernel reads the tail afresh).
+        self.tail = self.head;
+        // SAFETY: as in `post`; no read is live to race with.
+        unsafe {
+            let tail = io_uring::types::BufRingEntry::tail(self.bufs.cast_const());
+            std::sync::atomic::AtomicU16::from_ptr(tail.cast_mut())
+                .store(self.tail, std::sync::atomic::Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Forgets the ring without closing it: a read that may still be live
+    /// keeps its buffer ring and the memory it writes (the caller leaks
+    /// that) for the life of the process.
+    pub fn leak(self) {
+        std::mem::forget(self);
+    }
+}
+
+/// One `io_uring_enter` submitting what was pushed and waiting for
+/// `want` completions, retried on EINTR, EAGAIN and EBUSY.
+fn enter(ring: &mut io_uring::IoUring, want: usize) -> io::Result<()> {
+    loop {
+        #[cfg(any(test, feature = "test-utils"))]
+        if let Some(errno) = refuse::take_enter() {
+            return Err(io::Error::from_raw_os_error(errno));
+        }
+        match ring.submit_and_wait(want) {
+            Ok(_) => return Ok(()),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+impl Drop for ReadRing {
+    fn drop(&mut self) {
+        if self.armed {
+            // The kernel may still write the buffers and read the buffer
+            // ring: keep the mapping (the caller keeps the buffers).
+            return;
+        }
+        // SAFETY: no read is live, so the kernel holds no pointer into the
+        // mapping once the ring (dropped with `self`, after this) goes; it
+        // was mapped in `new` with this length and is unmapped only here.
+        // Unmapping first is fine: nothing uses it in between.
+        unsafe { libc::munmap(self.bufs.cast(), self.bufs_len) };
     }
 }
 
@@ -600,6 +862,18 @@ pub mod refuse {
         ERRNO.with(Cell::get)
     }
 
+    thread_local!(static POSTED_ERRNO: Cell<Option<i32>> = const { Cell::new(None) });
+
+    /// From now on this thread's `ReadRing::new` fails with `errno`, as a
+    /// kernel without multishot reads would (`None`: works again).
+    pub fn set_posted(errno: Option<i32>) {
+        POSTED_ERRNO.with(|e| e.set(errno));
+    }
+
+    pub(super) fn get_posted() -> Option<i32> {
+        POSTED_ERRNO.with(Cell::get)
+    }
+
     thread_local!(static ENTER_ERRNO: Cell<Option<i32>> = const { Cell::new(None) });
 
     /// This thread's next `Uring::reap` fails with `errno` before the
@@ -635,6 +909,102 @@ mod tests {
         t.set(None).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(5));
         assert_eq!(t.take().unwrap(), 0);
+    }
+
+    /// A SOCK_SEQPACKET pair: datagrams, as a tap's frames.
+    fn datagram_pair() -> (UnixStream, File) {
+        let (a, b) = nix::sys::socket::socketpair(
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::SeqPacket,
+            None,
+            nix::sys::socket::SockFlag::SOCK_NONBLOCK,
+        )
+        .unwrap();
+        (UnixStream::from(a), File::from(b))
+    }
+
+    #[test]
+    fn posted_reads_fill_buffers_in_order_until_cancelled() {
+        use std::io::Write;
+        let mut ring = ReadRing::new().unwrap();
+        let (mut peer, tap) = datagram_pair();
+        let mut bufs = vec![[0u8; 64]; 4];
+        for (id, b) in bufs.iter_mut().enumerate() {
+            // SAFETY: `bufs` outlives the ring's use of it: cancelled below.
+            assert!(unsafe { ring.post(b.as_mut_ptr(), 64, u16::try_from(id).unwrap()) });
+        }
+        ring.arm(tap.as_raw_fd()).unwrap();
+        // Frames arriving after the read was posted land without a call.
+        for n in 1..=3u8 {
+            peer.write_all(&[n; 10]).unwrap();
+        }
+        let mut done = std::collections::VecDeque::new();
+        while done.len() < 3 {
+            assert_eq!(
+                wait_readable(&[ring.fd()], 2000).unwrap(),
+                1,
+                "no completion"
+            );
+            ring.take(&mut done);
+        }
+        let got: Vec<_> = done.iter().map(|d| (d.id, d.result)).collect();
+        assert_eq!(got, [(Some(0), 10), (Some(1), 10), (Some(2), 10)]);
+        assert_eq!(bufs[2][..10], [3; 10]);
+        assert!(ring.armed() && ring.posted() == 1);
+
+        done.clear();
+        ring.cancel(&mut done).unwrap();
+        assert!(!ring.armed());
+        assert_eq!(ring.posted(), 0, "the unused buffer is the caller's again");
+        assert_eq!(done.back().map(|d| d.id), Some(None), "the read's end");
+        // A frame after the cancel stays in the socket.
+        peer.write_all(&[9; 10]).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        ring.take(&mut done);
+        assert_eq!(bufs[3][..10], [0; 10]);
+    }
+
+    #[test]
+    fn a_posted_read_without_buffers_ends_and_can_be_armed_again() {
+        use std::io::Write;
+        let mut ring = ReadRing::new().unwrap();
+        let (mut peer, tap) = datagram_pair();
+        let mut buf = [0u8; 64];
+        // SAFETY: `buf` outlives the ring's use of it: cancelled below.
+        assert!(unsafe { ring.post(buf.as_mut_ptr(), 64, 7) });
+        ring.arm(tap.as_raw_fd()).unwrap();
+        peer.write_all(&[1; 5]).unwrap();
+        peer.write_all(&[2; 5]).unwrap();
+        let mut done = std::collections::VecDeque::new();
+        while ring.armed() {
+            assert_eq!(wait_readable(&[ring.fd()], 2000).unwrap(), 1);
+            ring.take(&mut done);
+        }
+        assert_eq!(
+            done[0],
+            ReadDone {
+                id: Some(7),
+                result: 5
+            }
+        );
+        assert_eq!(done.back().unwrap().result, -libc::ENOBUFS);
+        // SAFETY: as above.
+        assert!(unsafe { ring.post(buf.as_mut_ptr(), 64, 8) });
+        ring.arm(tap.as_raw_fd()).unwrap();
+        done.clear();
+        while done.is_empty() {
+            assert_eq!(wait_readable(&[ring.fd()], 2000).unwrap(), 1);
+            ring.take(&mut done);
+        }
+        assert_eq!(
+            done[0],
+            ReadDone {
+                id: Some(8),
+                result: 5
+            }
+        );
+        assert_eq!(buf[..5], [2; 5]);
+        ring.cancel(&mut done).unwrap();
     }
 
     #[test]
