@@ -555,6 +555,45 @@ fn qemu10_guest_without_receive_offloads_pings_and_transfers_both_ways() {
 
 #[test]
 #[ignore = "needs root, QEMU and the guest image (.ci/install-deps.sh)"]
+fn qemu10_guest_with_mergeable_buffers_and_no_receive_offloads_gets_frames_through_posted_reads() {
+    // Without receive segmentation a Linux guest's mergeable buffers (1536
+    // bytes and up, one descriptor each) each hold a whole frame: with
+    // --tap-io uring|auto on Linux >= 6.7 RX keeps reads posted into them.
+    let _one = serial();
+    let ns = Netns::new();
+    let d = Daemon::start(&ns, &[]);
+    address_tap(&ns, &d.tap);
+    let opts = Options {
+        device_props: ",guest_tso4=off,guest_tso6=off,guest_ecn=off,guest_ufo=off,guest_uso4=off,guest_uso6=off",
+        ..Options::default()
+    };
+    let (_qemu, mut g) = Qemu::boot("qemu10-mrg-nogso", &d.socket, GUEST_CIDR, &opts);
+
+    let features = g.ok("vun-features eth0", SHORT);
+    assert!(
+        !features.contains("GUEST_TSO4") && features.contains("MRG_RXBUF"),
+        "{features}"
+    );
+    ping_from_namespace(&ns, 100);
+    transfer_host_to_guest(&ns, &mut g, TRANSFER_MIB, 5002);
+    transfer_guest_to_host(&ns, &mut g, TRANSFER_MIB, 1, 5001);
+
+    let s = check_counters_match(&d, &mut g, 1);
+    report(&s, 1);
+    let posted = s.get("rx_posted_frames_total", 0);
+    if vhost_user_net_harness::posted_reads_expected() {
+        assert!(
+            posted * 10 >= s.get("frames_total", 0) * 9,
+            "RX through posted reads: {posted} of {} frames",
+            s.get("frames_total", 0)
+        );
+    } else {
+        assert_eq!(posted, 0);
+    }
+}
+
+#[test]
+#[ignore = "needs root, QEMU and the guest image (.ci/install-deps.sh)"]
 fn qemu72_with_vectors0_guest_pings_and_transfers_both_ways() {
     let _one = serial();
     let ns = Netns::new();

@@ -76,6 +76,11 @@ fn frames_sent_in_the_namespace_arrive_in_rx_buffers_with_length_and_header() {
     assert_eq!(&buf[24..26], &[0x08, 0x00], "IPv4");
     let stats = d.stats();
     assert!(stats.get("frames_total", 0) >= 1);
+    // One 4 KiB buffer per chain holds a whole frame: posted reads.
+    assert_eq!(
+        stats.get("rx_posted_frames_total", 0) >= 1,
+        common::posted_reads_expected()
+    );
     assert!(
         fe.vqs[0].take_interrupts() >= 1,
         "the guest was interrupted"

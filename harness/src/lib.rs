@@ -101,3 +101,19 @@ pub fn artifacts_dir() -> std::path::PathBuf {
         .expect("target/<profile>/deps/<test>")
         .join("tmp")
 }
+
+/// Whether the daemon started by [`daemon::Daemon`] keeps RX reads posted
+/// into guest buffers that each hold a whole frame: io_uring tap I/O
+/// (`VUN_TAP_IO` not `syscall`) on a kernel with multishot reads
+/// (Linux >= 6.7).
+pub fn posted_reads_expected() -> bool {
+    if std::env::var("VUN_TAP_IO").is_ok_and(|m| m == "syscall") {
+        return false;
+    }
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (major, minor) >= (6, 7)
+}

@@ -528,6 +528,9 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMem>) -> io::Result<()> {
+        for i in 0..self.pairs.len() {
+            self.pair(i).memory_changed();
+        }
         // The pairs (and `mem_slot`) hold this same GuestMemoryAtomic, which
         // the framework has already updated; each batch takes a fresh
         // snapshot of it. New regions log as the old ones did.

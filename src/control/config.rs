@@ -85,11 +85,11 @@ pub struct Args {
     pub tx_coalesce: Policy,
 
     /// How frames move between the rings and the tap: uring (a TX batch's
-    /// writes, and RX reads into guest buffers that each hold a whole
-    /// frame, submitted with one io_uring_enter per round), syscall (one
-    /// writev or readv per frame), or auto (uring where the kernel allows
-    /// it). uring and auto fall back to syscall where io_uring is missing
-    /// or refused.
+    /// writes submitted with one io_uring_enter; RX reads kept posted into
+    /// guest buffers that each hold a whole frame, on Linux >= 6.7, else
+    /// read a round per io_uring_enter), syscall (one writev or readv per
+    /// frame), or auto (uring where the kernel allows it). uring and auto
+    /// fall back to syscall where io_uring is missing or refused.
     #[arg(long, value_name = "MODE", default_value = "auto")]
     pub tap_io: crate::host::tap::TapIo,
 

@@ -370,6 +370,13 @@ impl<'q> Ring<'_, 'q> {
     pub fn count_frame(&mut self, bytes: usize) {
         self.core.count_frame(bytes);
     }
+
+    /// Counts one frame moved (as [`Ring::count_frame`]) that the kernel
+    /// read into a buffer posted ahead.
+    pub fn count_posted_frame(&mut self, bytes: usize) {
+        self.core.count_frame(bytes);
+        self.core.tally.posted_frames += 1;
+    }
 }
 
 /// What a step that completes chains after the fact needs, from inside
@@ -491,6 +498,7 @@ impl Core<'_> {
             (&stats.bytes, t.bytes),
             (&stats.completions, t.completions),
             (&stats.bad_chains, t.bad_chains),
+            (&stats.rx_posted_frames, t.posted_frames),
         ] {
             if n > 0 {
                 counter.add(n);
@@ -507,6 +515,7 @@ struct Tally {
     bytes: u64,
     completions: u64,
     bad_chains: u64,
+    posted_frames: u64,
 }
 
 impl Drop for Batch<'_> {

@@ -23,7 +23,7 @@ use vm_memory::{
 };
 
 use crate::datapath::dirty::DirtyLog;
-use crate::host::sys::Uring;
+use crate::host::sys::{ReadDone, ReadRing, Uring, POSTED_READS};
 
 /// The guest memory type the daemon maps, with a dirty-page log per region
 /// for live migration ([`crate::datapath::dirty`]).
@@ -324,10 +324,7 @@ impl GuestIoVecs<'_, '_> {
             let n = left.min(span);
             // Each span lies in one region (`push_range` made it from one
             // of vm-memory's per-region slices).
-            if let Some((region, at)) = self.mem.to_region_addr(addr) {
-                let offset = usize::try_from(at.0).expect("a region offset fits usize");
-                vm_memory::GuestMemoryRegion::bitmap(region).mark_dirty(offset, n);
-            }
+            mark_written(self.mem, addr, n);
             left -= n;
         }
     }
@@ -747,6 +744,269 @@ impl<'a, 'm> TapReads<'a, 'm> {
 impl Drop for TapReads<'_, '_> {
     fn drop(&mut self) {
         debug_assert_eq!(self.ring.in_flight(), 0, "submit reaps every read");
+    }
+}
+
+/// An RX chain posted to a [`PostedReads`]: one guest buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PostedChain {
+    pub head: u16,
+    pub addr: GuestAddress,
+    pub len: usize,
+}
+
+/// What a [`PostedReads`] reports, in the order the chains were posted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Posted {
+    /// The kernel read a frame of `n` bytes (as the tap reported it: a
+    /// frame longer than the chain was cut to it) into `chain`.
+    Frame { chain: PostedChain, n: usize },
+    /// The read ended with `-errno` (ENOBUFS: every posted chain is used;
+    /// ECANCELED: cancelled); it is armed again by [`PostedReads::arm`].
+    Ended(i32),
+}
+
+/// RX reads kept posted into guest buffers across events: a [`ReadRing`]
+/// whose kernel-side read fills the chains posted here, in order, as
+/// frames arrive, with no syscall of ours per frame.
+///
+/// Soundness: a posted chain is one validated guest buffer of `mem`, a
+/// snapshot of the guest memory that this value keeps (an `Arc`: the
+/// mapping stays even if the frontend sends a new memory table) until no
+/// read is live and no chain is posted ([`PostedReads::cancel`]). If the
+/// ring fails with the read perhaps live, the snapshot and the ring are
+/// leaked, so the kernel never writes into memory that was unmapped.
+pub struct PostedReads {
+    /// `None` once the ring failed (it is leaked: see [`ReadRing::leak`]).
+    ring: Option<ReadRing>,
+    mem: Option<std::sync::Arc<GuestMem>>,
+    chains: std::collections::VecDeque<PostedChain>,
+    /// Buffer id of the next chain posted (the kernel reports it back).
+    next_id: u16,
+    done: std::collections::VecDeque<ReadDone>,
+    /// Iovec storage for validating chains.
+    scratch: IoVecBuf,
+}
+
+impl std::fmt::Debug for PostedReads {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostedReads")
+            .field("ring", &self.ring)
+            .field("chains", &self.chains.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostedReads {
+    /// Sets the ring up; fails where the kernel has no multishot read or
+    /// refuses io_uring ([`ReadRing::new`]).
+    pub fn new() -> io::Result<Self> {
+        Ok(PostedReads {
+            ring: Some(ReadRing::new()?),
+            mem: None,
+            chains: std::collections::VecDeque::with_capacity(usize::from(POSTED_READS)),
+            next_id: 0,
+            done: std::collections::VecDeque::with_capacity(4 * usize::from(POSTED_READS)),
+            scratch: IoVecBuf::with_capacity(2),
+        })
+    }
+
+    /// The fd to wait on: readable while reads have completed.
+    pub fn fd(&self) -> Option<std::os::fd::RawFd> {
+        self.ring.as_ref().map(ReadRing::fd)
+    }
+
+    /// Whether the ring failed (then chains are no longer posted).
+    pub fn failed(&self) -> bool {
+        self.ring.is_none()
+    }
+
+    /// Chains posted and not reported yet.
+    pub fn posted(&self) -> usize {
+        self.chains.len()
+    }
+
+    /// Whether another chain can be posted.
+    pub fn has_room(&self) -> bool {
+        self.chains.len() < usize::from(POSTED_READS)
+    }
+
+    /// Whether the read is live in the kernel.
+    pub fn armed(&self) -> bool {
+        self.ring.as_ref().is_some_and(ReadRing::armed)
+    }
+
+    /// Posts RX `chain` of `mem` if it is one guest buffer longer than
+    /// `above` bytes (a frame that fills it is then longer than `above`,
+    /// whether or not the tap cut it): `Ok(Some(len))`. `Ok(None)`: it is
+    /// a good chain that cannot be posted (several buffers, too short, or
+    /// from another memory snapshot than the chains posted already): the
+    /// caller gives it back. An error: the guest got the chain wrong.
+    pub fn post<M>(
+        &mut self,
+        chain: DescriptorChain<M>,
+        mem: &std::sync::Arc<GuestMem>,
+        above: usize,
+        max_len: usize,
+    ) -> Result<Option<usize>, ChainError>
+    where
+        M: std::ops::Deref,
+        M::Target: vm_memory::GuestMemory,
+    {
+        if !self.has_room()
+            || self
+                .mem
+                .as_ref()
+                .is_some_and(|m| !std::sync::Arc::ptr_eq(m, mem))
+        {
+            return Ok(None);
+        }
+        let Some(ring) = self.ring.as_mut() else {
+            return Ok(None);
+        };
+        let head = chain.head_index();
+        let mut iov = self.scratch.bind(mem);
+        let len = iov.push_chain(chain, Access::DeviceWrites, max_len)?;
+        let (&[one], &[(addr, _)]) = (&iov.buf.iovecs[..], &iov.buf.spans[..]) else {
+            return Ok(None);
+        };
+        if len <= above {
+            return Ok(None);
+        }
+        let id = self.next_id;
+        // SAFETY: `one` is a bounds-checked slice of `mem`, which this
+        // value keeps mapped (the Arc stored below) until the kernel has
+        // reported the buffer used or the read cancelled, and leaks if the
+        // ring fails first (see the type's soundness note). Guest memory
+        // is shared with the guest by design: no Rust value lives there.
+        let posted = unsafe {
+            ring.post(
+                one.iov_base.cast(),
+                u32::try_from(len).expect("a chain of at most MAX_RX_CHAIN bytes"),
+                id,
+            )
+        };
+        drop(iov);
+        if !posted {
+            return Ok(None);
+        }
+        self.mem.get_or_insert_with(|| mem.clone());
+        self.next_id = id.wrapping_add(1);
+        self.chains.push_back(PostedChain { head, addr, len });
+        Ok(Some(len))
+    }
+
+    /// Makes sure the read of `tap` is live (one non-waiting
+    /// `io_uring_enter` if it is not). An error: the ring failed.
+    pub fn arm(&mut self, tap: &File) -> io::Result<()> {
+        let Some(ring) = self.ring.as_mut() else {
+            return Err(io::Error::other("the posted reads' ring failed"));
+        };
+        if self.chains.is_empty() || ring.armed() {
+            return Ok(());
+        }
+        ring.arm(tap.as_raw_fd()).inspect_err(|_| self.fail())
+    }
+
+    /// The next report, in post order, or `None` if none is waiting. An
+    /// error: the kernel reported a buffer out of order (the ring cannot
+    /// be trusted: it is dropped).
+    pub fn next_report(&mut self) -> io::Result<Option<Posted>> {
+        if let (true, Some(ring)) = (self.done.is_empty(), self.ring.as_mut()) {
+            ring.take(&mut self.done);
+        }
+        let Some(d) = self.done.pop_front() else {
+            return Ok(None);
+        };
+        self.report(d).map(Some)
+    }
+
+    fn report(&mut self, d: ReadDone) -> io::Result<Posted> {
+        let Some(id) = d.id else {
+            return Ok(Posted::Ended(d.result));
+        };
+        let expected = self
+            .next_id
+            .wrapping_sub(u16::try_from(self.chains.len()).expect("at most POSTED_READS"));
+        let (Some(chain), true) = (self.chains.front().copied(), id == expected) else {
+            self.fail();
+            return Err(io::Error::other(format!(
+                "posted read filled buffer {id}, expected {expected}"
+            )));
+        };
+        self.chains.pop_front();
+        if self.chains.is_empty() && !self.armed() {
+            self.mem = None;
+        }
+        Ok(Posted::Frame {
+            chain,
+            n: usize::try_from(d.result).unwrap_or(0),
+        })
+    }
+
+    /// Ends the read and takes every chain back: `each` gets what was
+    /// read before it ended (frames the caller delivers or drops), then
+    /// the chains still posted are returned, in post order (the caller
+    /// gives them back to the ring). If the ring fails meanwhile
+    /// ([`PostedReads::failed`] says so) they are not returned: they stay
+    /// the kernel's, with the snapshot, for good.
+    pub fn cancel(&mut self, mut each: impl FnMut(Posted)) -> Vec<PostedChain> {
+        let outcome = match self.ring.as_mut() {
+            Some(ring) => ring.cancel(&mut self.done),
+            None => Ok(()),
+        };
+        if let Err(e) = outcome {
+            log::error!("cannot cancel the posted RX reads: {e}");
+            self.fail();
+        }
+        while let Some(d) = self.done.pop_front() {
+            match self.report(d) {
+                Ok(p) => each(p),
+                Err(_) => break,
+            }
+        }
+        let left = self.chains.drain(..).collect();
+        if !self.armed() {
+            self.mem = None;
+        }
+        left
+    }
+
+    /// The ring failed: keep the snapshot, the ring and the chains posted
+    /// for good (a live read may still write them); the caller goes back
+    /// to plain reads.
+    fn fail(&mut self) {
+        if let Some(mem) = self.mem.take() {
+            std::mem::forget(mem);
+        }
+        if let Some(ring) = self.ring.take() {
+            ring.leak();
+        }
+        // Nor are the chains posted given back: the guest would post them
+        // again while the kernel may still write them.
+        self.chains.clear();
+    }
+}
+
+impl Drop for PostedReads {
+    fn drop(&mut self) {
+        if self.armed() {
+            // Dropped without a cancel (a bug): keep what a live read writes.
+            log::error!("posted RX reads dropped while live: leaking their memory");
+            if let Some(mem) = self.mem.take() {
+                std::mem::forget(mem);
+            }
+        }
+    }
+}
+
+/// Logs `len` bytes at `addr` (within one region) as written, for writes
+/// that bypass vm-memory (a `readv`, the kernel's posted reads). A no-op
+/// while logging is off.
+pub fn mark_written(mem: &GuestMem, addr: GuestAddress, len: usize) {
+    if let Some((region, at)) = mem.to_region_addr(addr) {
+        let offset = usize::try_from(at.0).expect("a region offset fits usize");
+        vm_memory::GuestMemoryRegion::bitmap(region).mark_dirty(offset, len);
     }
 }
 

@@ -155,8 +155,9 @@ proptest! {
         mergeable in any::<bool>(),
         frames in prop::collection::vec(12usize..3000, 1..4),
         uring in any::<bool>(),
+        posted in any::<bool>(),
     ) {
-        let mem = memory();
+        let mem = std::sync::Arc::new(memory());
         let fill = |base: u64, len: usize| mem.write_slice(&vec![SENTINEL; len], GuestAddress(base)).unwrap();
         fill(R1.0, R1.1);
         fill(R2.0, R2.1);
@@ -176,13 +177,16 @@ proptest! {
         let mut batch = Batch::begin(&mut q, &mem, &stats, 0).unwrap();
         // A guest whose buffers overlap its own ring can corrupt it through
         // our writes; the daemon must then report it, not crash.
-        // Through an io_uring, chains that hold a whole frame are read a
+        // Through an io_uring, chains that are one buffer holding a whole
+        // frame are posted (`posted`), chains that hold one are read a
         // round at a time (rx::step_batched); the others frame by frame.
         let mut ring = uring.then(|| crate::host::sys::Uring::new().expect("io_uring"));
-        let mut st = rx::RxUring::default();
+        let mut st = rx::RxUring::new(
+            posted.then(|| crate::datapath::guest::PostedReads::new().expect("posted reads")),
+        );
         let result = match ring.as_mut() {
             Some(ring) => batch.drain(u64::MAX, |b| {
-                rx::step_batched(b, &mut st, ring, &mut buffers, &tap, params)
+                rx::step_batched(b, &mut st, ring, &mut buffers, &mem, &tap, params)
             }),
             None => batch.drain(u64::MAX, |b| rx::step(b, &mut buffers, &tap, params)),
         };
@@ -190,6 +194,9 @@ proptest! {
             prop_assert!(matches!(e, crate::datapath::batch::RingError::BadAvailIndex(_)), "{e}");
         }
         buffers.give_back(&mut batch);
+        // Reads still posted end; their chains go back (frames dropped).
+        let (posted_chains, _) = st.unpost();
+        batch.give_back(posted_chains);
         batch.finish(&mut Coalescer::new(Policy::Immediate)).unwrap();
         drop(iovecs);
 

@@ -121,8 +121,9 @@ struct RingState {
     broken: bool,
     /// Spent its budget with work left: runs again on [`Event::Resume`].
     pending: bool,
-    /// Whether the tap fd this direction waits on is in the epoll set.
-    watching: bool,
+    /// The fd this direction waits on, if it is in the epoll set: the tap
+    /// (a `dup` of it for TX), or for RX with posted reads their ring.
+    watching: Option<RawFd>,
     /// Interrupt coalescing state.
     coalescer: Coalescer,
     /// The deadline the ring's timer is armed for.
@@ -329,7 +330,18 @@ impl QueuePair {
     /// (`tap_io_info`).
     pub fn set_tap_io(&mut self, mode: crate::host::tap::TapIo) -> &'static str {
         self.tx_uring = crate::host::tap::open_uring(mode, self.index).map(tx::TxUring::new);
-        self.rx_uring = self.tx_uring.as_ref().map(|_| rx::RxUring::default());
+        self.rx_uring = self.tx_uring.as_ref().map(|_| {
+            rx::RxUring::new(
+                crate::datapath::guest::PostedReads::new()
+                    .inspect_err(|e| {
+                        log::info!(
+                            "pair {}: no posted reads ({e}): RX reads by rounds",
+                            self.index
+                        );
+                    })
+                    .ok(),
+            )
+        });
         self.show_tap_io();
         self.stats.tap_io(2 * self.index + TX)
     }
@@ -346,6 +358,10 @@ impl QueuePair {
 
     /// Sets what RX may expect from the tap (at SET_FEATURES).
     pub fn set_rx_params(&mut self, params: RxParams) {
+        if params != self.rx_params {
+            // Chains posted for the old largest frame may be too short.
+            self.unpost_rx();
+        }
         self.rx_params = params;
         if let Some(st) = self.rx_uring.as_mut() {
             st.features_changed();
@@ -372,7 +388,7 @@ impl QueuePair {
         let ring = |coalescer| RingState {
             broken: false,
             pending: false,
-            watching: false,
+            watching: None,
             coalescer,
             timer_deadline: None,
             hold_until: None,
@@ -437,6 +453,9 @@ impl QueuePair {
     /// still there, disarm its timer, and make the next decision a fresh
     /// start's (which signals if the guest may still be waiting).
     pub fn ring_stopped(&mut self, ring: usize) {
+        if ring == RX {
+            self.unpost_rx();
+        }
         let (Some(conn), Some(dir)) = (self.conn.as_mut(), self.dirs.get(ring)) else {
             return;
         };
@@ -552,6 +571,41 @@ impl QueuePair {
         }
     }
 
+    /// The guest's memory table changed: chains posted for RX point into
+    /// the old one (kept mapped while they are posted): take them back.
+    pub fn memory_changed(&mut self) {
+        self.unpost_rx();
+    }
+
+    /// Ends RX's posted reads outside a batch: their chains go back to the
+    /// ring (they are the last the ring popped: a batch gives back the
+    /// chains it did not use before it ends), and frames the kernel read
+    /// into them are dropped and counted.
+    fn unpost_rx(&mut self) {
+        let Some(st) = self.rx_uring.as_mut() else {
+            return;
+        };
+        // The reads' ring stays in the epoll set if it is there: with every
+        // completion taken it is not readable, and RX's next batch watches
+        // what it then needs (epoll_ctl is the worker's to call).
+        let (chains, frames) = st.unpost();
+        if chains == 0 {
+            return;
+        }
+        self.queue_stats(RX).rx_dropped_frames.add(frames);
+        let vring = self
+            .conn
+            .as_ref()
+            .and_then(|c| c.vrings.as_ref())
+            .map(|v| v[RX].clone());
+        if let Some(vring) = vring {
+            let mut state = vring.get_mut();
+            let queue = state.get_queue_mut();
+            let back = u16::try_from(chains).expect("at most POSTED_READS");
+            queue.set_next_avail(queue.next_avail().wrapping_sub(back));
+        }
+    }
+
     fn queue_stats(&self, ring: usize) -> &QueueStats {
         &self.stats.queues[2 * self.index + ring]
     }
@@ -562,7 +616,7 @@ impl QueuePair {
         let Some(conn) = self.conn.as_mut() else {
             return;
         };
-        let mem = conn.mem.memory();
+        let mem = conn.mem.memory().into_inner();
         let mut state = vring.get_mut();
         let idle = conn.rings[ring].broken
             || !state.is_enabled()
@@ -600,7 +654,7 @@ impl QueuePair {
                                 st.start_batch();
                                 let ring = u.ring_mut();
                                 batch.drain(BUDGET_FRAMES, |b| {
-                                    rx::step_batched(b, st, ring, &mut buffers, tap, params)
+                                    rx::step_batched(b, st, ring, &mut buffers, &mem, tap, params)
                                 })
                             }
                             _ => batch
@@ -628,6 +682,7 @@ impl QueuePair {
             // One ring serves both directions: what a failed enter left in
             // its submission queue must never go out with the other's
             // requests.
+            self.unpost_rx();
             self.tx_uring = None;
             self.rx_uring = None;
             self.show_tap_io();
@@ -777,35 +832,47 @@ impl QueuePair {
         }
     }
 
-    /// Registers or unregisters the tap fd direction `ring` waits on (RX:
-    /// readable, TX: writable) in the connection's epoll when its watched
-    /// state changes.
+    /// Registers or unregisters the fd direction `ring` waits on when the
+    /// tap blocks it (RX: the tap readable, or the posted reads' ring
+    /// while reads are posted; TX: the tap writable) in the connection's
+    /// epoll when that changes.
     fn watch_tap(&mut self, ring: usize, armed: bool) {
         let dir = &self.dirs[ring];
+        let posted = (ring == RX)
+            .then(|| self.rx_uring.as_ref().and_then(rx::RxUring::posted_fd))
+            .flatten();
         let (fd, events, id) = (
-            dir.tap_fd.as_raw_fd(),
+            posted.unwrap_or(dir.tap_fd.as_raw_fd()),
             dir.tap_events,
             dir.tap_event.id(self.num_queues),
         );
+        let want = armed.then_some(fd);
         let Some(conn) = self.conn.as_mut() else {
             return;
         };
         let watching = &mut conn.rings[ring].watching;
-        if *watching == armed {
+        if *watching == want {
             return;
         }
-        let result = if armed {
-            conn.listeners.register(fd, events, id)
-        } else {
-            conn.listeners.unregister(fd, events, id)
-        };
-        match result {
-            Ok(()) => *watching = armed,
-            Err(e) => log::error!(
-                "pair {}: cannot change the {:?} watch: {e}",
-                self.index,
-                dir.tap_event
-            ),
+        if let Some(old) = *watching {
+            match conn.listeners.unregister(old, events, id) {
+                Ok(()) => *watching = None,
+                Err(e) => log::error!(
+                    "pair {}: cannot stop the {:?} watch: {e}",
+                    self.index,
+                    dir.tap_event
+                ),
+            }
+        }
+        if let Some(new) = want {
+            match conn.listeners.register(new, events, id) {
+                Ok(()) => *watching = Some(new),
+                Err(e) => log::error!(
+                    "pair {}: cannot start the {:?} watch: {e}",
+                    self.index,
+                    dir.tap_event
+                ),
+            }
         }
     }
 }

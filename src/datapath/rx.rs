@@ -26,10 +26,16 @@
 
 use std::fs::File;
 use std::io;
+use std::sync::Arc;
+
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::datapath::batch::{Batch, Ring, RingError, Step};
-use crate::datapath::guest::{Access, ChainError, GuestIoVecs, ReaderBufs, TapReads};
-use crate::host::sys::Uring;
+use crate::datapath::guest::{
+    Access, ChainError, GuestIoVecs, GuestMem, Posted, PostedChain, PostedReads, ReaderBufs,
+    TapReads,
+};
+use crate::host::sys::{Uring, POSTED_READS};
 use crate::stats::QueueStats;
 use crate::VNET_HDR_LEN;
 
@@ -61,7 +67,7 @@ const GSO_ECN: u8 = 0x80;
 pub const BOUNCE_LEN: usize = VNET_HDR_LEN + 65535 + 18 + 1;
 
 /// What the negotiated features say about RX (and, for `hdr_len`, TX).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RxParams {
     /// Length of the virtio-net header in front of every frame, on the
     /// rings and the tap: 12, or 10 for a legacy feature set
@@ -491,13 +497,22 @@ pub struct RxUring {
     small: bool,
     /// The ring failed: the pair goes back to plain syscalls.
     failed: bool,
+    /// Reads kept posted into the guest's chains across events, where the
+    /// kernel has them (Linux >= 6.7) and the guest's chains are each one
+    /// buffer that holds the largest frame: [`step_posted`].
+    posted: Option<PostedReads>,
+    /// The guest's chains cannot be posted (several buffers each): rounds
+    /// until the features change.
+    unpostable: bool,
     /// Rounds submitted (the tests' proof that a round ran).
     #[cfg(test)]
     pub(crate) rounds: usize,
 }
 
-impl Default for RxUring {
-    fn default() -> Self {
+impl RxUring {
+    /// RX's state for the pair's ring, with `posted` reads if the kernel
+    /// has them.
+    pub fn new(posted: Option<PostedReads>) -> Self {
         RxUring {
             bufs: ReaderBufs::new(URING_READS),
             credits: 0,
@@ -505,13 +520,41 @@ impl Default for RxUring {
             round: URING_MIN_READS,
             small: false,
             failed: false,
+            posted,
+            unpostable: false,
             #[cfg(test)]
             rounds: 0,
         }
     }
-}
 
-impl RxUring {
+    /// The fd RX waits on while reads are posted (readable when some
+    /// completed), instead of the tap's.
+    pub fn posted_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.posted
+            .as_ref()
+            .filter(|p| p.posted() > 0)
+            .and_then(PostedReads::fd)
+    }
+
+    /// Ends the posted reads, if any, outside a batch (the ring stops, the
+    /// guest's memory or features change, the ring failed): returns how
+    /// many chains the caller gives back to the ring (the last popped),
+    /// and how many frames read into them are dropped.
+    pub fn unpost(&mut self) -> (usize, u64) {
+        let Some(p) = self.posted.as_mut() else {
+            return (0, 0);
+        };
+        let mut frames = 0u64;
+        let left = p.cancel(|r| frames += u64::from(matches!(r, Posted::Frame { .. })));
+        if p.failed() {
+            self.posted = None;
+        }
+        (
+            usize::try_from(frames).expect("at most POSTED_READS") + left.len(),
+            frames,
+        )
+    }
+
     /// Forgets what the last batch left (call before each batch).
     pub fn start_batch(&mut self) {
         self.credits = 0;
@@ -542,6 +585,7 @@ impl RxUring {
     /// look at its chains again.
     pub fn features_changed(&mut self) {
         self.small = false;
+        self.unpostable = false;
     }
 
     /// Whether the ring failed (then the pair drops it).
@@ -566,6 +610,7 @@ pub fn step_batched(
     st: &mut RxUring,
     ring: &mut Uring,
     buffers: &mut RxBuffers<'_, '_, '_>,
+    mem: &Arc<GuestMem>,
     tap: &File,
     params: RxParams,
 ) -> Result<Step, RingError> {
@@ -578,6 +623,13 @@ pub fn step_batched(
     }
     if st.small || st.failed || buffers.bounce.holds_frame() || !buffers.chains.is_empty() {
         return step(batch, buffers, tap, params);
+    }
+    if !st.unpostable && st.posted.as_ref().is_some_and(|p| !p.failed()) {
+        match step_posted(batch, st, mem, tap, params)? {
+            Some(end) => return Ok(end),
+            // The guest's chains cannot be posted: rounds from now on.
+            None => st.unpostable = true,
+        }
     }
     // Never more than the batch's budget: the frames a round reads beyond
     // the one this step reports are reported by the next steps (credits).
@@ -693,6 +745,180 @@ pub fn step_batched(
     st.credits = frames - 1;
     st.pending = end;
     Ok(Step::Progress)
+}
+
+/// Moves one frame the posted reads got into the guest (after posting
+/// the guest's new chains, while fewer than half of [`POSTED_READS`] are),
+/// or, if none got one yet, posts what the guest has and waits
+/// ([`Step::TapBlocked`]: the pair then waits on the reads' fd rather
+/// than the tap's). The kernel fills the chains in the order they were
+/// posted, which is the order they were popped: frames are delivered in
+/// ring order (also with `VIRTIO_F_IN_ORDER`). A frame too long for the
+/// guest is dropped and counted, its chain completed with length 0 (the
+/// chains after it are filled already).
+/// `None`: the guest's chains cannot be posted (several buffers each, or
+/// too short for the largest frame): the reads are ended, what they got
+/// is delivered, and the caller reads by rounds.
+fn step_posted(
+    batch: &mut Ring<'_, '_>,
+    st: &mut RxUring,
+    mem: &Arc<GuestMem>,
+    tap: &File,
+    params: RxParams,
+) -> Result<Option<Step>, RingError> {
+    let posted = st.posted.as_mut().expect("checked by the caller");
+    if posted.posted() < usize::from(POSTED_READS) / 2 && !post(batch, posted, mem, params)? {
+        return stop_posting(batch, posted, params);
+    }
+    // Posting and arming once: a read armed while the tap holds frames
+    // reads them at once (inline, in the `io_uring_enter` that arms it).
+    let mut armed_now = false;
+    loop {
+        let report = match posted.next_report() {
+            Ok(r) => r,
+            Err(e) => {
+                log::error!("posted RX reads failed, reading by rounds: {e}");
+                return Ok(Some(Step::Progress));
+            }
+        };
+        match report {
+            Some(Posted::Frame { chain, n }) => {
+                deliver_posted(batch, chain, n, params)?;
+                return Ok(Some(Step::Progress));
+            }
+            Some(Posted::Ended(e)) if e == -libc::ENOBUFS || e == -libc::ECANCELED => {}
+            Some(Posted::Ended(e)) if e == -libc::EINVAL || e == -libc::EOPNOTSUPP => {
+                // This file cannot take a posted read: rounds.
+                log::info!(
+                    "posted RX reads refused ({}): reading by rounds",
+                    io::Error::from_raw_os_error(-e)
+                );
+                return stop_posting(batch, posted, params);
+            }
+            Some(Posted::Ended(e)) => {
+                let e = io::Error::from_raw_os_error(-e);
+                batch.stats().tap_errors.inc();
+                log::debug!("RX tap read failed: {e}");
+                return Ok(Some(if crate::host::tap::is_gone(&e) {
+                    Step::TapGone
+                } else {
+                    Step::TapBlocked
+                }));
+            }
+            None if armed_now => break,
+            None => {
+                if !post(batch, posted, mem, params)? {
+                    return stop_posting(batch, posted, params);
+                }
+                if let Err(e) = posted.arm(tap) {
+                    log::error!("posted RX reads failed, reading by rounds: {e}");
+                    return Ok(Some(Step::Progress));
+                }
+                armed_now = true;
+            }
+        }
+    }
+    Ok(Some(if posted.posted() > 0 {
+        Step::TapBlocked
+    } else {
+        Step::RingEmpty
+    }))
+}
+
+/// Ends the posted reads for good (until the features change): what they
+/// read is delivered, their other chains go back to the ring (the last
+/// popped, after any given back already). Returns what [`step_posted`]
+/// does then: `None`, read by rounds.
+fn stop_posting(
+    batch: &mut Ring<'_, '_>,
+    posted: &mut PostedReads,
+    params: RxParams,
+) -> Result<Option<Step>, RingError> {
+    let mut reads = Vec::new();
+    let left = posted.cancel(|r| reads.push(r));
+    for r in reads {
+        if let Posted::Frame { chain, n } = r {
+            deliver_posted(batch, chain, n, params)?;
+        }
+    }
+    batch.give_back(left.len());
+    Ok(None)
+}
+
+/// Posts the guest's chains until [`POSTED_READS`] are posted or the ring
+/// has no more; `false`: a chain could not be posted (given back).
+/// A chain the guest got wrong is completed with length 0.
+fn post(
+    batch: &mut Ring<'_, '_>,
+    posted: &mut PostedReads,
+    mem: &Arc<GuestMem>,
+    params: RxParams,
+) -> Result<bool, RingError> {
+    // A frame that fills a chain longer than this is dropped (`judge`),
+    // whether or not the tap cut it; and a chain holds a header at least.
+    let above = params.max_frame.max(params.hdr_len - 1);
+    while posted.has_room() {
+        let Some(chain) = batch.pop() else {
+            break;
+        };
+        let head = chain.head_index();
+        match posted.post(chain, mem, above, MAX_RX_CHAIN) {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                batch.give_back(1);
+                return Ok(false);
+            }
+            Err(e) => batch.complete_bad(head, &e)?,
+        }
+    }
+    Ok(true)
+}
+
+/// Completes a posted `chain` into which the kernel read a frame of `n`
+/// bytes (or drops the frame, completing the chain with length 0).
+fn deliver_posted(
+    batch: &mut Ring<'_, '_>,
+    chain: PostedChain,
+    n: usize,
+    params: RxParams,
+) -> Result<(), RingError> {
+    let (mem, stats) = (batch.mem(), batch.stats());
+    if batch.logging() {
+        crate::datapath::guest::mark_written(mem, chain.addr, n.min(chain.len));
+    }
+    let at = |offset: usize| GuestAddress(chain.addr.0 + offset as u64);
+    let gso_type = || mem.read_obj::<u8>(at(GSO_TYPE_OFFSET)).unwrap_or(0);
+    let delivered = match judge(n, chain.len, params, false, gso_type) {
+        Verdict::Deliver => {
+            let has_num_buffers = params.hdr_len >= NUM_BUFFERS_OFFSET + 2;
+            let ok = !has_num_buffers
+                || mem
+                    .write_slice(&1u16.to_le_bytes(), at(NUM_BUFFERS_OFFSET))
+                    .is_ok();
+            if !ok {
+                // Cannot happen for a chain that passed validation.
+                stats.rx_dropped_frames.inc();
+            }
+            ok
+        }
+        Verdict::Oversize => {
+            stats.rx_dropped_oversize_frames.inc();
+            false
+        }
+        Verdict::Hold | Verdict::Unfit => {
+            stats.rx_dropped_frames.inc();
+            false
+        }
+    };
+    if !delivered {
+        return batch.complete(chain.head, 0);
+    }
+    batch.complete(
+        chain.head,
+        u32::try_from(n).expect("a frame within a chain fits u32"),
+    )?;
+    batch.count_posted_frame(n - params.hdr_len);
+    Ok(())
 }
 
 #[cfg(test)]

@@ -318,6 +318,16 @@ fn with_io_uring_rx_and_tx_still_take_turns_when_both_spend_their_budget() {
     assert!(worst <= BUDGET_FRAMES, "worst lead {worst} frames");
 }
 
+/// Sets the pair up with io_uring but without posted reads (as a kernel
+/// before 6.7): RX reads by rounds. Returns the mode.
+fn uring_by_rounds(w: &mut World) -> &'static str {
+    crate::host::sys::refuse::set_posted(Some(libc::EINVAL));
+    let mode = w.pair.set_tap_io(crate::host::tap::TapIo::Uring);
+    crate::host::sys::refuse::set_posted(None);
+    assert!(w.pair.rx_uring.as_ref().unwrap().posted_fd().is_none());
+    mode
+}
+
 /// A frame for RX: header (flags 0) and `len` bytes of `fill`.
 fn rx_frame(len: usize, fill: u8) -> Vec<u8> {
     let mut f = vec![0u8; 12];
@@ -342,7 +352,7 @@ fn rx_used(w: &mut World) -> Vec<(u16, u32, u8, u16)> {
 #[test]
 fn uring_rx_reads_a_round_of_frames_in_one_enter_in_the_order_of_the_chains() {
     let mut w = World::new(256, [Policy::Immediate; 2]);
-    assert_eq!(w.pair.set_tap_io(crate::host::tap::TapIo::Uring), "uring");
+    assert_eq!(uring_by_rounds(&mut w), "uring");
     w.post_rx(32);
     for i in 0..20u8 {
         w.inject(&rx_frame(60 + usize::from(i), i + 1));
@@ -384,7 +394,7 @@ fn uring_rx_reads_a_round_of_frames_in_one_enter_in_the_order_of_the_chains() {
 #[test]
 fn uring_rx_a_dropped_frame_leaves_its_chain_to_the_next_frame() {
     let mut w = World::new(256, [Policy::Immediate; 2]);
-    assert_eq!(w.pair.set_tap_io(crate::host::tap::TapIo::Uring), "uring");
+    assert_eq!(uring_by_rounds(&mut w), "uring");
     w.post_rx(8);
     // Longer than the guest may receive (1518 + header): read into the
     // second chain and dropped; the third frame goes into that chain.
@@ -404,7 +414,7 @@ fn uring_rx_a_dropped_frame_leaves_its_chain_to_the_next_frame() {
 #[test]
 fn uring_rx_with_chains_shorter_than_a_frame_reads_frame_by_frame() {
     let mut w = World::new(256, [Policy::Immediate; 2]);
-    assert_eq!(w.pair.set_tap_io(crate::host::tap::TapIo::Uring), "uring");
+    assert_eq!(uring_by_rounds(&mut w), "uring");
     w.pair.set_rx_params(RxParams {
         hdr_len: 12,
         mergeable: true,
@@ -428,7 +438,7 @@ fn uring_rx_with_chains_shorter_than_a_frame_reads_frame_by_frame() {
 #[test]
 fn uring_rx_rounds_follow_the_frames_in_the_tap_within_the_budget() {
     let mut w = World::new(1024, [Policy::Immediate; 2]);
-    assert_eq!(w.pair.set_tap_io(crate::host::tap::TapIo::Uring), "uring");
+    assert_eq!(uring_by_rounds(&mut w), "uring");
     w.post_rx(512);
     // 100 frames: rounds of 8, 16, 32 reads fill up, then the budget
     // (64 frames per batch) leaves 8; the next batch reads the other 36.
@@ -469,7 +479,7 @@ fn uring_rx_a_frame_longer_than_a_whole_buffer_is_dropped_not_delivered_cut() {
     // receive: reads go without the overflow byte, and a frame the tap
     // cuts to the buffer is still longer than the guest may receive.
     let mut w = World::new(256, [Policy::Immediate; 2]);
-    assert_eq!(w.pair.set_tap_io(crate::host::tap::TapIo::Uring), "uring");
+    assert_eq!(uring_by_rounds(&mut w), "uring");
     w.post_rx(4);
     w.inject(&rx_frame(3000, 1));
     w.inject(&rx_frame(2048 - 12, 2));
@@ -490,7 +500,7 @@ fn a_ring_that_fails_in_an_rx_round_is_dropped_for_both_directions() {
     // may have remapped by then, and their completions would pass for
     // TX's).
     let mut w = World::new(256, [Policy::Immediate; 2]);
-    assert_eq!(w.pair.set_tap_io(crate::host::tap::TapIo::Uring), "uring");
+    assert_eq!(uring_by_rounds(&mut w), "uring");
     w.post_rx(32);
     w.inject(&rx_frame(60, 1));
     crate::host::sys::refuse::fail_next_enter(libc::EINVAL);
@@ -513,4 +523,119 @@ fn a_ring_that_fails_in_an_rx_round_is_dropped_for_both_directions() {
         assert!(w.step(1000), "the worker stalled");
     }
     assert_eq!(w.stats.queues[1].frames.get(), 5);
+}
+
+fn next_avail(w: &World, ring: usize) -> u16 {
+    w.vrings[ring].get_ref().get_queue().next_avail()
+}
+
+/// A pair with posted RX reads and `n` 2 KiB RX buffers posted to the
+/// kernel (the tap still empty): RX waits on the reads' ring.
+fn posted_world(n: usize) -> World {
+    let mut w = World::new(256, [Policy::Immediate; 2]);
+    assert_eq!(w.pair.set_tap_io(crate::host::tap::TapIo::Uring), "uring");
+    w.post_rx(n);
+    w.kick(0);
+    assert!(w.step(1000));
+    assert!(
+        w.pair.rx_uring.as_ref().unwrap().posted_fd().is_some(),
+        "RX waits on its posted reads"
+    );
+    assert_eq!(usize::from(next_avail(&w, 0)), n, "every chain posted");
+    w
+}
+
+#[test]
+fn posted_reads_deliver_frames_that_arrive_while_the_worker_waits_in_ring_order() {
+    let mut w = posted_world(8);
+    for fill in 1..=3 {
+        w.inject(&rx_frame(60, fill));
+    }
+    while w.frames(0) < 3 {
+        assert!(w.step(1000), "the worker stalled");
+    }
+
+    assert_eq!(
+        rx_used(&mut w),
+        [(0, 72, 1, 1), (1, 72, 2, 1), (2, 72, 3, 1)]
+    );
+    assert_eq!(w.stats.queues[0].rx_posted_frames.get(), 3);
+    assert_eq!(
+        w.stats.queues[0].tap_eagain.get(),
+        0,
+        "no read found it empty"
+    );
+}
+
+#[test]
+fn posted_reads_drop_an_oversize_frame_and_complete_its_chain_empty() {
+    let mut w = posted_world(4);
+    w.inject(&rx_frame(2000, 1)); // above the 1518-byte frames the guest takes
+    w.inject(&rx_frame(60, 2));
+    while w.frames(0) < 1 {
+        assert!(w.step(1000), "the worker stalled");
+    }
+
+    assert_eq!(rx_used(&mut w), [(0, 0, 1, 0), (1, 72, 2, 1)]);
+    assert_eq!(w.stats.queues[0].rx_dropped_oversize_frames.get(), 1);
+}
+
+#[test]
+fn a_ring_stop_takes_posted_chains_back_and_drops_what_they_read() {
+    let mut w = posted_world(8);
+    w.inject(&rx_frame(60, 1));
+    w.inject(&rx_frame(60, 2));
+    // The kernel read them into the posted chains already (the read runs
+    // as the injecting thread returns from its write); nothing delivered.
+    assert_eq!(w.frames(0), 0);
+
+    w.pair.ring_stopped(0);
+
+    assert_eq!(
+        next_avail(&w, 0),
+        0,
+        "every posted chain is the guest's again"
+    );
+    assert_eq!(w.stats.queues[0].rx_dropped_frames.get(), 2);
+    assert!(w.pair.rx_uring.as_ref().unwrap().posted_fd().is_none());
+    // The ring restarts from there: the chains are posted afresh.
+    w.kick(0);
+    assert!(w.step(1000));
+    w.inject(&rx_frame(60, 3));
+    while w.frames(0) < 1 {
+        assert!(w.step(1000), "the worker stalled");
+    }
+    assert_eq!(rx_used(&mut w), [(0, 72, 3, 1)]);
+}
+
+#[test]
+fn a_new_memory_table_takes_posted_chains_back() {
+    let mut w = posted_world(8);
+
+    w.pair.memory_changed();
+
+    assert_eq!(next_avail(&w, 0), 0);
+    w.kick(0);
+    assert!(w.step(1000));
+    w.inject(&rx_frame(60, 4));
+    while w.frames(0) < 1 {
+        assert!(w.step(1000), "the worker stalled");
+    }
+    assert_eq!(rx_used(&mut w), [(0, 72, 4, 1)]);
+}
+
+#[test]
+fn chains_too_short_to_post_are_read_by_rounds_instead() {
+    let mut w = World::new(256, [Policy::Immediate; 2]);
+    assert_eq!(w.pair.set_tap_io(crate::host::tap::TapIo::Uring), "uring");
+    crate::testing::unit::add_rx_buffers(&w.mem, &mut w.rings[0], 8, 1024);
+    w.inject(&rx_frame(60, 1));
+    w.kick(0);
+    while w.frames(0) < 1 {
+        assert!(w.step(1000), "the worker stalled");
+    }
+
+    assert_eq!(w.stats.queues[0].rx_posted_frames.get(), 0);
+    assert!(w.pair.rx_uring.as_ref().unwrap().posted_fd().is_none());
+    assert_eq!(next_avail(&w, 0), 1, "the other chains wait in the ring");
 }

@@ -213,6 +213,9 @@ pub(super) fn relay_requests() -> Vec<Allow> {
         libc::SYS_shutdown,
         // (code) the ring-reset hook disarms a held interrupt's timer.
         libc::SYS_timerfd_settime,
+        // (code) and ends RX's posted reads (cancels them on the pair's
+        // read ring and waits for the kernel to confirm).
+        libc::SYS_io_uring_enter,
     ]));
     v.push(ioctl(&[libc::TUNSETQUEUE]));
     v
@@ -251,6 +254,9 @@ pub(super) fn requests() -> Vec<Allow> {
         libc::SYS_timerfd_settime,
         // The crate asks whether an fd it was sent is a socket (SO_DOMAIN).
         libc::SYS_getsockopt,
+        // (code) GET_VRING_BASE, SET_FEATURES and a new memory table end
+        // RX's posted reads (cancel, and wait for the kernel to confirm).
+        libc::SYS_io_uring_enter,
     ]));
     v.push(fcntl(&[libc::F_GETFD, libc::F_DUPFD_CLOEXEC]));
     v.push(ioctl(&[
