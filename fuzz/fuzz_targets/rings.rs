@@ -1,7 +1,8 @@
 //! Fuzzes the guest-controlled inputs of the data path: the descriptor
 //! table, the avail ring and the bytes of the buffers (virtio-net header +
 //! frame), through the real TX and RX steps (with plain syscalls and
-//! through an io_uring) over guest memory with two
+//! through an io_uring: TX batches, RX rounds and RX reads posted ahead)
+//! over guest memory with two
 //! regions and a gap. Checks: no panic; without a bogus avail index, every
 //! TX avail entry is completed exactly once, in order (a prefix of them when
 //! the tap stand-in fills up); RX fails only by reporting a bogus avail
@@ -18,7 +19,7 @@ use std::os::unix::net::UnixDatagram;
 
 use libfuzzer_sys::fuzz_target;
 use vhost_user_net::testing::driver::{Desc, SplitRing};
-use vhost_user_net::datapath::guest::{GuestMem, IoVecBuf};
+use vhost_user_net::datapath::guest::{GuestMem, IoVecBuf, PostedReads};
 use vhost_user_net::datapath::notify::{Coalescer, Policy};
 use vhost_user_net::datapath::batch::{Batch, End, RingError};
 use vhost_user_net::datapath::rx::{self, Bounce, RxChain, RxParams, RxBuffers};
@@ -137,9 +138,10 @@ fuzz_target!(|input: &[u8]| {
         }
     }
 
-    // RX, frame by frame and then in io_uring rounds, each on a fresh ring
-    // from the same bytes.
-    for uring in [false, true] {
+    // RX, frame by frame, then in io_uring rounds, then through reads
+    // posted ahead, each on a fresh ring from the same bytes.
+    let mem = std::sync::Arc::new(mem);
+    for mode in 0..3 {
         let mut data = input;
         let _ = take(&mut data, 1);
         let (_r, mut q, _heads, _bogus) = build(&mem, &mut data);
@@ -155,18 +157,24 @@ fuzz_target!(|input: &[u8]| {
         let mut buffers =
             RxBuffers { chains: &mut chains, iovecs: &mut iovecs, bounce: &mut bounce };
         let params = RxParams { hdr_len: 12, mergeable, max_frame: 1800, max_plain_frame: 1800 };
-        let mut ring = uring.then(|| (rx::RxUring::default(), Uring::new().expect("io_uring")));
+        let posted = (mode == 2).then(|| PostedReads::new().expect("posted reads"));
+        let mut ring =
+            (mode > 0).then(|| (rx::RxUring::new(posted), Uring::new().expect("io_uring")));
         let Ok(mut batch) = Batch::begin(&mut q, &mem, &stats, 0) else {
             return;
         };
         let result = batch.drain(u64::MAX, |b| match ring.as_mut() {
-            Some((st, ring)) => rx::step_batched(b, st, ring, &mut buffers, &tap, params),
+            Some((st, ring)) => rx::step_batched(b, st, ring, &mut buffers, &mem, &tap, params),
             None => rx::step(b, &mut buffers, &tap, params),
         });
         if let Err(e) = result {
             assert!(matches!(e, RingError::BadAvailIndex(_)), "unexpected RX error {e}");
         }
         buffers.give_back(&mut batch);
+        if let Some((st, _)) = ring.as_mut() {
+            // Reads still posted end; their chains go back.
+            batch.give_back(st.unpost().0);
+        }
         let _ = batch.finish(&mut Coalescer::new(Policy::Immediate));
     }
 });

@@ -325,6 +325,9 @@ pub struct Run {
     pub waited: (f64, f64),
     /// CPU time the backend's threads used over the counted time.
     pub backend_cpu_ns: u64,
+    /// Our daemon in the loop: share of its RX frames read through reads
+    /// posted ahead (`rx_posted_frames_total` / `frames_total`).
+    pub rx_posted: Option<f64>,
 }
 
 impl Run {
@@ -537,6 +540,7 @@ pub fn run(dpdk: &Dpdk, ns: &Netns, backend: Backend, flow: Flow, len: usize, se
         let got = last_counter(&fe_out, "RX-packets:").unwrap_or(0);
         (end_count - start_count, got)
     });
+    let mut rx_posted = None;
     let (features, polling) = match &mut running {
         Running::Dpdk(p) => {
             let out = p.stop();
@@ -556,6 +560,13 @@ pub fn run(dpdk: &Dpdk, ns: &Netns, backend: Backend, flow: Flow, len: usize, se
                 .and_then(|l| l.split_whitespace().next())
                 .unwrap_or("")
                 .to_owned();
+            if flow == Flow::Loop {
+                let s = d.stats();
+                #[allow(clippy::cast_precision_loss)]
+                let share = s.get("rx_posted_frames_total", 0) as f64
+                    / s.get("frames_total", 0).max(1) as f64;
+                rx_posted = Some(share);
+            }
             (f, None)
         }
     };
@@ -571,6 +582,7 @@ pub fn run(dpdk: &Dpdk, ns: &Netns, backend: Backend, flow: Flow, len: usize, se
         polling,
         waited,
         backend_cpu_ns,
+        rx_posted,
     }
 }
 
@@ -658,6 +670,8 @@ pub fn bench(dpdk: &Dpdk, runs: usize, secs: f64) -> String {
                         #[allow(clippy::cast_precision_loss)]
                         let share = got as f64 / read.max(1) as f64;
                         format!(", delivered/read {share:.3}")
+                    }) + &r.rx_posted.map_or(String::new(), |p| {
+                        format!(", RX posted {:.0}%", p * 100.0)
                     });
                     eprintln!(
                         "peer {:<4} {len:>4} B run {} {:<18}: {:.3} Mpps ({} frames in {:.2} s{extra}; \
