@@ -87,9 +87,10 @@ pub struct Args {
     /// How frames move between the rings and the tap: uring (a TX batch's
     /// writes submitted with one io_uring_enter; RX reads kept posted into
     /// guest buffers that each hold a whole frame, on Linux >= 6.7, else
-    /// read a round per io_uring_enter), syscall (one writev or readv per
-    /// frame), or auto (uring where the kernel allows it). uring and auto
-    /// fall back to syscall where io_uring is missing or refused.
+    /// read a round per io_uring_enter), rounds (uring, but RX always reads
+    /// by rounds: to compare), syscall (one writev or readv per frame), or
+    /// auto (uring where the kernel allows it). uring, rounds and auto fall
+    /// back to syscall where io_uring is missing or refused.
     #[arg(long, value_name = "MODE", default_value = "auto")]
     pub tap_io: crate::host::tap::TapIo,
 

@@ -330,16 +330,20 @@ impl QueuePair {
     /// (`tap_io_info`).
     pub fn set_tap_io(&mut self, mode: crate::host::tap::TapIo) -> &'static str {
         self.tx_uring = crate::host::tap::open_uring(mode, self.index).map(tx::TxUring::new);
+        let posting = mode != crate::host::tap::TapIo::Rounds;
         self.rx_uring = self.tx_uring.as_ref().map(|_| {
             rx::RxUring::new(
-                crate::datapath::guest::PostedReads::new()
+                posting
+                    .then(crate::datapath::guest::PostedReads::new)
+                    .transpose()
                     .inspect_err(|e| {
                         log::info!(
                             "pair {}: no posted reads ({e}): RX reads by rounds",
                             self.index
                         );
                     })
-                    .ok(),
+                    .ok()
+                    .flatten(),
             )
         });
         self.show_tap_io();

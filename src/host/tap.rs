@@ -33,6 +33,9 @@ pub enum TapIo {
     Auto,
     /// io_uring; plain syscalls (with a warning) where it is refused.
     Uring,
+    /// As `uring`, but RX never keeps reads posted into the guest's
+    /// buffers: it reads a round per `io_uring_enter` (to compare).
+    Rounds,
     /// One `writev` per frame.
     Syscall,
 }
@@ -47,7 +50,7 @@ pub fn open_uring(mode: TapIo, pair: usize) -> Option<sys::Uring> {
     match sys::Uring::new() {
         Ok(ring) => Some(ring),
         Err(e) => {
-            let level = if mode == TapIo::Uring {
+            let level = if mode != TapIo::Auto {
                 log::Level::Warn
             } else {
                 log::Level::Info

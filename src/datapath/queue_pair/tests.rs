@@ -598,14 +598,20 @@ fn a_ring_stop_takes_posted_chains_back_and_drops_what_they_read() {
     );
     assert_eq!(w.stats.queues[0].rx_dropped_frames.get(), 2);
     assert!(w.pair.rx_uring.as_ref().unwrap().posted_fd().is_none());
-    // The ring restarts from there: the chains are posted afresh.
+    restarts_from_the_first_chain(&mut w, 3);
+}
+
+/// The RX ring, its posted chains taken back, goes on from its first
+/// chain: the chains are posted afresh and a frame (filled with `fill`)
+/// lands in the first.
+fn restarts_from_the_first_chain(w: &mut World, fill: u8) {
     w.kick(0);
     assert!(w.step(1000));
-    w.inject(&rx_frame(60, 3));
+    w.inject(&rx_frame(60, fill));
     while w.frames(0) < 1 {
         assert!(w.step(1000), "the worker stalled");
     }
-    assert_eq!(rx_used(&mut w), [(0, 72, 3, 1)]);
+    assert_eq!(rx_used(w), [(0, 72, fill, 1)]);
 }
 
 #[test]
@@ -615,13 +621,7 @@ fn a_new_memory_table_takes_posted_chains_back() {
     w.pair.memory_changed();
 
     assert_eq!(next_avail(&w, 0), 0);
-    w.kick(0);
-    assert!(w.step(1000));
-    w.inject(&rx_frame(60, 4));
-    while w.frames(0) < 1 {
-        assert!(w.step(1000), "the worker stalled");
-    }
-    assert_eq!(rx_used(&mut w), [(0, 72, 4, 1)]);
+    restarts_from_the_first_chain(&mut w, 4);
 }
 
 #[test]
@@ -638,4 +638,19 @@ fn chains_too_short_to_post_are_read_by_rounds_instead() {
     assert_eq!(w.stats.queues[0].rx_posted_frames.get(), 0);
     assert!(w.pair.rx_uring.as_ref().unwrap().posted_fd().is_none());
     assert_eq!(next_avail(&w, 0), 1, "the other chains wait in the ring");
+}
+
+#[test]
+fn tap_io_rounds_reads_by_rounds_where_posted_reads_would_do() {
+    let mut w = World::new(256, [Policy::Immediate; 2]);
+    assert_eq!(w.pair.set_tap_io(crate::host::tap::TapIo::Rounds), "uring");
+    w.post_rx(8);
+    w.inject(&rx_frame(60, 1));
+    w.kick(0);
+    while w.frames(0) < 1 {
+        assert!(w.step(1000), "the worker stalled");
+    }
+
+    assert_eq!(w.stats.queues[0].rx_posted_frames.get(), 0);
+    assert_eq!(w.pair.rx_uring.as_ref().unwrap().rounds, 1);
 }
