@@ -93,3 +93,31 @@ fn a_daemon_without_a_frontend_takes_no_flows_from_one_sharing_its_tap() {
     let used = fe_b.wait_used(0, 64);
     assert_eq!(used.len(), 64, "every flow reached the daemon now in use");
 }
+
+#[test]
+#[ignore = "needs root and /dev/net/tun (CI runs it)"]
+fn with_posted_reads_a_stopped_ring_reports_the_base_of_the_buffers_it_used() {
+    // QEMU's `stop`: GET_VRING_BASE must not count the chains the daemon
+    // had posted to the kernel and not filled; they are given back, and
+    // the restarted ring fills them.
+    let ns = Netns::new();
+    let d = Daemon::start(&ns, &["--tap-io", "posted"]);
+    ns.route_to_guest(&d.tap, default_mac(&d.tap));
+    // Without receive offloads each 2 KiB buffer holds a whole frame.
+    let gso = (1 << 7) | (1 << 8) | (1 << 9) | (1 << 10) | (1 << 54) | (1 << 55);
+    let mut fe = TestFrontend::connect(&d.socket, 1, 256, gso);
+    fe.post_rx(0, 64, 2048);
+    send_flows(&ns, 9000..9003, 64);
+    fe.wait_used(0, 3);
+
+    let base = fe.stop_vring(0);
+
+    assert_eq!(base, 3, "the next chain to fill is the 4th");
+    fe.setup_vring_at(0, 3);
+    send_flows(&ns, 9003..9005, 64);
+    let used = fe.wait_used(0, 2);
+    assert!(used.iter().all(|u| u.len > 0));
+    if common::posted_reads_supported() {
+        assert_eq!(d.stats().get("rx_posted_frames_total", 0), 5);
+    }
+}

@@ -671,9 +671,9 @@ pub fn bench(dpdk: &Dpdk, runs: usize, secs: f64) -> String {
                         #[allow(clippy::cast_precision_loss)]
                         let share = got as f64 / read.max(1) as f64;
                         format!(", delivered/read {share:.3}")
-                    }) + &r.rx_posted.map_or(String::new(), |p| {
-                        format!(", RX posted {:.0}%", p * 100.0)
-                    });
+                    }) + &r
+                        .rx_posted
+                        .map_or(String::new(), |p| format!(", RX posted {:.0}%", p * 100.0));
                     eprintln!(
                         "peer {:<4} {len:>4} B run {} {:<18}: {:.3} Mpps ({} frames in {:.2} s{extra}; \
                          waited to run: backend {:.0}%, frontend {:.0}%; backend CPU {:.0} ns/frame)",

@@ -221,8 +221,15 @@ impl TestFrontend {
     /// Stops ring `q` (GET_VRING_BASE) and sets it up again from where the
     /// device stopped, as QEMU does when it restarts a device.
     pub fn restart_vring(&mut self, q: usize) {
+        let base = self.stop_vring(q);
+        self.setup_vring_at(q, base);
+    }
+
+    /// Stops ring `q` (GET_VRING_BASE): the index of the next chain the
+    /// device would have used.
+    pub fn stop_vring(&mut self, q: usize) -> u16 {
         let base = self.fe.get_vring_base(q).expect("GET_VRING_BASE");
-        self.setup_vring_at(q, u16::try_from(base).expect("a ring index"));
+        u16::try_from(base).expect("a ring index")
     }
 
     /// Per-queue NUM, BASE (`base`), ADDR, KICK, CALL.

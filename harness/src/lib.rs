@@ -102,18 +102,20 @@ pub fn artifacts_dir() -> std::path::PathBuf {
         .join("tmp")
 }
 
-/// Whether the daemon started by [`daemon::Daemon`] keeps RX reads posted
-/// into guest buffers that each hold a whole frame: io_uring tap I/O
-/// (`VUN_TAP_IO` not `syscall`) on a kernel with multishot reads
-/// (Linux >= 6.7).
-pub fn posted_reads_expected() -> bool {
-    if std::env::var("VUN_TAP_IO").is_ok_and(|m| m == "syscall") {
-        return false;
-    }
+/// Whether the kernel has what `--tap-io posted` needs to keep RX reads
+/// posted into guest buffers: multishot reads (Linux >= 6.7).
+pub fn posted_reads_supported() -> bool {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let mut parts = release
         .split(|c: char| !c.is_ascii_digit())
         .map(|p| p.parse::<u32>().unwrap_or(0));
     let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
     (major, minor) >= (6, 7)
+}
+
+/// Whether a daemon started by [`daemon::Daemon`] without its own
+/// `--tap-io` keeps RX reads posted: `VUN_TAP_IO=posted` on a kernel that
+/// has them.
+pub fn posted_reads_expected() -> bool {
+    std::env::var("VUN_TAP_IO").is_ok_and(|m| m == "posted") && posted_reads_supported()
 }

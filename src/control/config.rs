@@ -85,12 +85,12 @@ pub struct Args {
     pub tx_coalesce: Policy,
 
     /// How frames move between the rings and the tap: uring (a TX batch's
-    /// writes submitted with one io_uring_enter; RX reads kept posted into
-    /// guest buffers that each hold a whole frame, on Linux >= 6.7, else
-    /// read a round per io_uring_enter), rounds (uring, but RX always reads
-    /// by rounds: to compare), syscall (one writev or readv per frame), or
-    /// auto (uring where the kernel allows it). uring, rounds and auto fall
-    /// back to syscall where io_uring is missing or refused.
+    /// writes submitted with one io_uring_enter; RX reads into guest
+    /// buffers that each hold a whole frame a round per io_uring_enter),
+    /// posted (uring, and RX keeps reads posted into such buffers across
+    /// events, on Linux >= 6.7), syscall (one writev or readv per frame),
+    /// or auto (uring where the kernel allows it). uring, posted and auto
+    /// fall back to syscall where io_uring is missing or refused.
     #[arg(long, value_name = "MODE", default_value = "auto")]
     pub tap_io: crate::host::tap::TapIo,
 

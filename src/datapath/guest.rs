@@ -826,6 +826,13 @@ impl PostedReads {
         self.chains.len()
     }
 
+    /// Whether the chains posted (if any) point into `mem`.
+    pub fn maps(&self, mem: &std::sync::Arc<GuestMem>) -> bool {
+        self.mem
+            .as_ref()
+            .is_none_or(|m| std::sync::Arc::ptr_eq(m, mem))
+    }
+
     /// Whether another chain can be posted.
     pub fn has_room(&self) -> bool {
         self.chains.len() < usize::from(POSTED_READS)

@@ -294,6 +294,9 @@ impl QueuePair {
     }
 
     fn mark_tap_gone(&mut self) {
+        // A posted read may hold the old tap's last word (EBADFD) still
+        // unread: after a re-attach it would mark the tap gone again.
+        self.unpost_rx();
         if !self.tap_gone {
             log::warn!(
                 "pair {}: the tap interface is gone; dropping frames until it is back",
@@ -330,7 +333,7 @@ impl QueuePair {
     /// (`tap_io_info`).
     pub fn set_tap_io(&mut self, mode: crate::host::tap::TapIo) -> &'static str {
         self.tx_uring = crate::host::tap::open_uring(mode, self.index).map(tx::TxUring::new);
-        let posting = mode != crate::host::tap::TapIo::Rounds;
+        let posting = mode == crate::host::tap::TapIo::Posted;
         self.rx_uring = self.tx_uring.as_ref().map(|_| {
             rx::RxUring::new(
                 posting
@@ -597,6 +600,10 @@ impl QueuePair {
             return;
         }
         self.queue_stats(RX).rx_dropped_frames.add(frames);
+        // RX waits on what it then needs (the tap, the guest's kick) only
+        // once it has run again: the guest will not kick for the chains
+        // it gave before, and nothing else would wake it.
+        self.resume_later(RX);
         let vring = self
             .conn
             .as_ref()
@@ -687,6 +694,8 @@ impl QueuePair {
             // its submission queue must never go out with the other's
             // requests.
             self.unpost_rx();
+            // RX may be watching the posted reads' ring, which goes now.
+            self.watch_tap(RX, false);
             self.tx_uring = None;
             self.rx_uring = None;
             self.show_tap_io();

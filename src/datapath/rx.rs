@@ -767,6 +767,15 @@ fn step_posted(
     params: RxParams,
 ) -> Result<Option<Step>, RingError> {
     let posted = st.posted.as_mut().expect("checked by the caller");
+    if !posted.maps(mem) {
+        // A new memory table, and this batch came before `update_memory`
+        // (which takes them back too): the posted chains point into the
+        // old one. Frames read there are dropped, the chains given back.
+        let mut frames = 0;
+        let left = posted.cancel(|r| frames += u64::from(matches!(r, Posted::Frame { .. })));
+        batch.stats().rx_dropped_frames.add(frames);
+        batch.give_back(usize::try_from(frames).expect("at most POSTED_READS") + left.len());
+    }
     if posted.posted() < usize::from(POSTED_READS) / 2 && !post(batch, posted, mem, params)? {
         return stop_posting(batch, posted, params);
     }
@@ -799,11 +808,11 @@ fn step_posted(
                 let e = io::Error::from_raw_os_error(-e);
                 batch.stats().tap_errors.inc();
                 log::debug!("RX tap read failed: {e}");
-                return Ok(Some(if crate::host::tap::is_gone(&e) {
-                    Step::TapGone
-                } else {
-                    Step::TapBlocked
-                }));
+                if crate::host::tap::is_gone(&e) {
+                    return Ok(Some(Step::TapGone));
+                }
+                // Armed again below (once per step: an error that stays
+                // waits for the next event, as a blocked tap does).
             }
             None if armed_now => break,
             None => {
@@ -818,6 +827,10 @@ fn step_posted(
             }
         }
     }
+    // With chains posted RX waits for frames, not for the guest: its kicks
+    // stay off, and the chains it adds meanwhile are posted when a frame
+    // comes (fewer than half posted) or when the posted ones are used up
+    // (no chain posted: the ring counts as empty and kicks come back on).
     Ok(Some(if posted.posted() > 0 {
         Step::TapBlocked
     } else {
@@ -867,6 +880,14 @@ fn post(
             Ok(None) => {
                 batch.give_back(1);
                 return Ok(false);
+            }
+            Err(_) if posted.posted() > 0 => {
+                // Completed in its turn, after the chains posted before it
+                // (used entries in ring order, and no chain completed
+                // before one popped earlier): it waits in the ring until
+                // they are used.
+                batch.give_back(1);
+                break;
             }
             Err(e) => batch.complete_bad(head, &e)?,
         }

@@ -571,9 +571,13 @@ const CANCEL_READ: u64 = 2;
 /// Restricted as [`Uring`] is (`IORING_REGISTER_RESTRICTIONS`): the
 /// multishot read and its cancellation (`IORING_OP_ASYNC_CANCEL`) only,
 /// the buffer-select flag only, no register operation once enabled. Made
-/// before the seccomp filters. Without `IORING_SETUP_COOP_TASKRUN`: a
-/// frame arriving while the worker sleeps in `epoll_wait` must wake it to
-/// run the read (task work), which then posts the completion.
+/// before the seccomp filters. The kernel runs the read as task work of
+/// the thread that armed it (the worker): with `IORING_SETUP_COOP_TASKRUN`
+/// at that thread's next syscall, or, if it sleeps interruptibly (in
+/// `epoll_wait`, or on a futex: the pair's lock, held by a thread that
+/// cancels the read), by waking it. `IORING_SETUP_DEFER_TASKRUN` would
+/// leave a cancel from another thread waiting for the worker's next
+/// `io_uring_enter`: never set it.
 pub struct ReadRing {
     ring: io_uring::IoUring,
     /// The provided-buffer ring the kernel takes buffers from (mmap'd,
@@ -622,6 +626,11 @@ impl ReadRing {
         }
         let ring = io_uring::IoUring::builder()
             .setup_r_disabled()
+            // A frame arriving while the worker runs is read at its next
+            // syscall, without an interrupt (an IPI: a hypervisor exit on
+            // a VM's host); one arriving while it sleeps (in `epoll_wait`,
+            // interruptibly) still wakes it.
+            .setup_coop_taskrun()
             // Each buffer is one completion; a cancellation two more.
             .setup_cqsize(4 * u32::from(POSTED_READS))
             .build(4)?;
@@ -653,9 +662,10 @@ impl ReadRing {
         };
         let submitter = this.ring.submitter();
         // SAFETY: `bufs` is page-aligned, zeroed (tail 0: no buffers) and
-        // `bufs_len` bytes long, room for POSTED_READS entries; it stays
-        // mapped as long as the ring exists (`Drop` unmaps it after the
-        // ring is gone, or leaks it while a read may still use it).
+        // `bufs_len` bytes long, room for POSTED_READS entries. The kernel
+        // pins its pages at registration; `Drop` unmaps our view only when
+        // no read is live (none then selects a buffer from it), and keeps
+        // it while one may be.
         unsafe { submitter.register_buf_ring_with_flags(at as u64, POSTED_READS, READ_GROUP, 0)? };
         submitter.register_restrictions(&mut [
             io_uring::register::Restriction::sqe_op(io_uring::opcode::ReadMulti::CODE),
@@ -818,10 +828,10 @@ impl Drop for ReadRing {
             // ring: keep the mapping (the caller keeps the buffers).
             return;
         }
-        // SAFETY: no read is live, so the kernel holds no pointer into the
-        // mapping once the ring (dropped with `self`, after this) goes; it
-        // was mapped in `new` with this length and is unmapped only here.
-        // Unmapping first is fine: nothing uses it in between.
+        // SAFETY: no read is live, so the kernel selects no buffer from the
+        // mapping any more (it pinned the pages at registration and drops
+        // them with the ring, closed right after this); it was mapped in
+        // `new` with this length and is unmapped only here.
         unsafe { libc::munmap(self.bufs.cast(), self.bufs_len) };
     }
 }
@@ -962,6 +972,84 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(20));
         ring.take(&mut done);
         assert_eq!(bufs[3][..10], [0; 10]);
+    }
+
+    #[test]
+    fn a_frame_arriving_while_the_arming_thread_sleeps_wakes_it() {
+        use std::io::Write;
+        let mut ring = ReadRing::new().unwrap();
+        let (mut peer, tap) = datagram_pair();
+        let mut buf = [0u8; 64];
+        // SAFETY: `buf` outlives the ring's use of it: cancelled below.
+        assert!(unsafe { ring.post(buf.as_mut_ptr(), 64, 0) });
+        ring.arm(tap.as_raw_fd()).unwrap();
+        let sender = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            peer.write_all(&[4; 6]).unwrap();
+            peer
+        });
+        // Asleep in poll when the frame comes: the read (task work of
+        // this thread) must still run and post its completion.
+        assert_eq!(wait_readable(&[ring.fd()], 2000).unwrap(), 1, "not woken");
+        let _peer = sender.join().unwrap();
+        let mut done = std::collections::VecDeque::new();
+        ring.take(&mut done);
+        assert_eq!(
+            done[0],
+            ReadDone {
+                id: Some(0),
+                result: 6
+            }
+        );
+        ring.cancel(&mut done).unwrap();
+    }
+
+    #[test]
+    fn another_thread_cancels_the_read_while_the_arming_thread_waits_for_its_lock() {
+        // The daemon's request threads end the worker's posted reads while
+        // the worker sleeps on the pair's lock: the cancellation runs as
+        // the worker's task work, so the kernel must wake it for that.
+        use std::sync::{mpsc, Arc, Mutex};
+        let (_peer, tap) = datagram_pair();
+        let buf = Box::leak(Box::new([0u8; 64])).as_mut_ptr() as usize;
+        let ring = Arc::new(Mutex::new(None::<ReadRing>));
+        let (armed_tx, armed_rx) = mpsc::channel();
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let fd = tap.as_raw_fd();
+        let worker = {
+            let ring = ring.clone();
+            std::thread::spawn(move || {
+                let mut r = ReadRing::new().unwrap();
+                // SAFETY: the buffer is leaked: it outlives any read.
+                assert!(unsafe { r.post(buf as *mut u8, 64, 0) });
+                r.arm(fd).unwrap();
+                *ring.lock().unwrap() = Some(r);
+                armed_tx.send(()).unwrap();
+                go_rx.recv().unwrap();
+                drop(ring.lock().unwrap());
+            })
+        };
+        armed_rx.recv().unwrap();
+        let (done_tx, done_rx) = mpsc::channel();
+        let canceller = {
+            let ring = ring.clone();
+            std::thread::spawn(move || {
+                let mut held = ring.lock().unwrap();
+                go_tx.send(()).unwrap();
+                // The worker is asleep on the lock by now.
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                let mut done = std::collections::VecDeque::new();
+                let r = held.as_mut().unwrap();
+                r.cancel(&mut done).unwrap();
+                done_tx.send(r.armed()).unwrap();
+            })
+        };
+        let armed = done_rx
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("the cancel never returned");
+        assert!(!armed);
+        canceller.join().unwrap();
+        worker.join().unwrap();
     }
 
     #[test]

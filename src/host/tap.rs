@@ -33,9 +33,11 @@ pub enum TapIo {
     Auto,
     /// io_uring; plain syscalls (with a warning) where it is refused.
     Uring,
-    /// As `uring`, but RX never keeps reads posted into the guest's
-    /// buffers: it reads a round per `io_uring_enter` (to compare).
-    Rounds,
+    /// As `uring`, and RX keeps reads posted into the guest's buffers
+    /// across events where it can (Linux >= 6.7; see
+    /// `docs/performance.md`, "Posted RX reads": slower than rounds at
+    /// saturation on our test machine).
+    Posted,
     /// One `writev` per frame.
     Syscall,
 }

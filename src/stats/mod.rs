@@ -423,7 +423,7 @@ mod tests {
             }
             "rx_posted_frames_total" => {
                 let mut w = World::new(256, [Policy::Immediate; 2]);
-                w.pair.set_tap_io(crate::host::tap::TapIo::Uring);
+                w.pair.set_tap_io(crate::host::tap::TapIo::Posted);
                 w.post_rx(4);
                 w.inject(&[0u8; 12 + 60]);
                 w.kick(0);
