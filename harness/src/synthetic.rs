@@ -1,7 +1,34 @@
 //! The benchmark's synthetic guest, shared with the tests: drives a
 //! [`TestFrontend`]'s rings as Linux `virtio_net` does (TX bursts with kick
-//! suppression and lazy reclaim, RX NAPI with a budget of 64), with
-//! timestamps in the payload for latency.
+//! suppression and TX NAPI, RX NAPI with a budget of 64), with timestamps in
+//! the payload for latency.
+//!
+//! TX follows Linux with TX NAPI (`napi_tx`, on by default) as the driver
+//! has it since commit e13b6da7045f ("virtio-net: tweak for better TX
+//! performance in NAPI mode", 2025; read in drivers/net/virtio_net.c and
+//! drivers/virtio/virtio_ring.c of a 2025 linux-next tree), split ring with
+//! `VIRTIO_RING_F_EVENT_IDX`. What it writes to `used_event`:
+//! - `start_xmit` reclaims nothing. Per frame it calls
+//!   `virtqueue_disable_cb`: the first call after callbacks were enabled
+//!   writes 0 (`virtqueue_disable_cb_split`), unless an interrupt came since
+//!   (`event_triggered`). The queue stops at fewer than 2 + `MAX_SKB_FRAGS`
+//!   free descriptors (`tx_may_stop`). The burst's last frame (or the
+//!   stopping one) kicks, then `virtqueue_enable_cb_delayed` asks for an
+//!   interrupt after 3/4 of what is outstanding (since the last reclaim)
+//!   and schedules the TX poll if that many are used already.
+//! - A TX interrupt (`vring_interrupt`, `IRQ_NONE` without used entries;
+//!   `skb_xmit_done`) schedules `virtnet_poll_tx`: reclaim everything used,
+//!   wake the queue, then `virtqueue_enable_cb_prepare` writes `used_event`
+//!   = the last used index, an interrupt at the very next completion, and
+//!   `virtqueue_poll` re-checks (more used: poll again).
+//! - RX NAPI (`virtnet_poll`) first runs `virtnet_poll_cleantx`: reclaim
+//!   TX until `virtqueue_enable_cb_delayed` holds.
+//!
+//! So between a TX poll and the next `start_xmit` the guest asks at the next
+//! completion. Here the guest takes interrupts, runs its polls and sends
+//! from one thread: an interrupt is taken where the loop looks (between
+//! bursts), and the sender is ready right after the poll, as a saturating
+//! sender is. Notification costs are paid as busy time ([`ExitCosts`]).
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
