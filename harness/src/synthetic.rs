@@ -5,7 +5,7 @@
 //!
 //! TX follows Linux with TX NAPI (`napi_tx`, on by default) as the driver
 //! has it since commit e13b6da7045f ("virtio-net: tweak for better TX
-//! performance in NAPI mode", 2025; read in drivers/net/virtio_net.c and
+//! performance in NAPI mode", Linux 6.15; read in drivers/net/virtio_net.c and
 //! drivers/virtio/virtio_ring.c of a 2025 linux-next tree), split ring with
 //! `VIRTIO_RING_F_EVENT_IDX`. What it writes to `used_event`:
 //! - `start_xmit` reclaims nothing. Per frame it calls
