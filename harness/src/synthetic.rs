@@ -1,7 +1,34 @@
 //! The benchmark's synthetic guest, shared with the tests: drives a
 //! [`TestFrontend`]'s rings as Linux `virtio_net` does (TX bursts with kick
-//! suppression and lazy reclaim, RX NAPI with a budget of 64), with
-//! timestamps in the payload for latency.
+//! suppression and TX NAPI, RX NAPI with a budget of 64), with timestamps in
+//! the payload for latency.
+//!
+//! TX follows Linux with TX NAPI (`napi_tx`, on by default) as the driver
+//! has it since commit e13b6da7045f ("virtio-net: tweak for better TX
+//! performance in NAPI mode", Linux 6.15; read in drivers/net/virtio_net.c and
+//! drivers/virtio/virtio_ring.c of a 2025 linux-next tree), split ring with
+//! `VIRTIO_RING_F_EVENT_IDX`. What it writes to `used_event`:
+//! - `start_xmit` reclaims nothing. Per frame it calls
+//!   `virtqueue_disable_cb`: the first call after callbacks were enabled
+//!   writes 0 (`virtqueue_disable_cb_split`), unless an interrupt came since
+//!   (`event_triggered`). The queue stops at fewer than 2 + `MAX_SKB_FRAGS`
+//!   free descriptors (`tx_may_stop`). The burst's last frame (or the
+//!   stopping one) kicks, then `virtqueue_enable_cb_delayed` asks for an
+//!   interrupt after 3/4 of what is outstanding (since the last reclaim)
+//!   and schedules the TX poll if that many are used already.
+//! - A TX interrupt (`vring_interrupt`, `IRQ_NONE` without used entries;
+//!   `skb_xmit_done`) schedules `virtnet_poll_tx`: reclaim everything used,
+//!   wake the queue, then `virtqueue_enable_cb_prepare` writes `used_event`
+//!   = the last used index, an interrupt at the very next completion, and
+//!   `virtqueue_poll` re-checks (more used: poll again).
+//! - RX NAPI (`virtnet_poll`) first runs `virtnet_poll_cleantx`: reclaim
+//!   TX until `virtqueue_enable_cb_delayed` holds.
+//!
+//! So between a TX poll and the next `start_xmit` the guest asks at the next
+//! completion. Here the guest takes interrupts, runs its polls and sends
+//! from one thread: an interrupt is taken where the loop looks (between
+//! bursts), and the sender is ready right after the poll, as a saturating
+//! sender is. Notification costs are paid as busy time ([`ExitCosts`]).
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
@@ -15,6 +42,9 @@ use super::TestFrontend;
 pub const RING: u16 = 256;
 pub const NAPI_BUDGET: usize = 64;
 pub const TX_BURST: usize = 32;
+/// Linux's `MAX_SKB_FRAGS` (its default, 17): `tx_may_stop` stops the TX
+/// queue when fewer than 2 + this many descriptors are free.
+pub const MAX_SKB_FRAGS: usize = 17;
 pub const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 /// Frames sent to this MAC are dropped by the kernel right after the tap.
 pub const SINK_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x01];
@@ -172,6 +202,27 @@ pub struct Guest {
     pub costs: ExitCosts,
     /// Time spent paying [`ExitCosts`] so far, in ns.
     pub notify_ns: u64,
+    /// The driver's state of its TX queue.
+    tx: TxQueue,
+}
+
+/// What Linux's driver keeps about its TX queue that decides what it
+/// writes to `used_event`: the virtqueue's (drivers/virtio/virtio_ring.c,
+/// `struct vring_virtqueue`) and the send queue's (drivers/net/virtio_net.c).
+#[derive(Debug)]
+struct TxQueue {
+    /// `VRING_AVAIL_F_NO_INTERRUPT` in `avail_flags_shadow`: callbacks
+    /// disabled (`virtqueue_disable_cb`) since they were last enabled.
+    cb_disabled: bool,
+    /// `event_triggered`: `vring_interrupt` ran since callbacks were last
+    /// enabled (the device will not interrupt again until they are).
+    event_triggered: bool,
+    /// The TX poll is scheduled and has not run yet.
+    napi_scheduled: bool,
+    /// The queue is stopped (`tx_may_stop`) until the TX poll wakes it.
+    stopped: bool,
+    /// The benchmark's bound on chains in flight (the last `transmit`'s).
+    cap: usize,
 }
 
 impl Guest {
@@ -182,6 +233,15 @@ impl Guest {
             kicks: [0; 2],
             costs: ExitCosts::default(),
             notify_ns: 0,
+            // Callbacks enabled (`used_event` 0 in the zeroed ring), and
+            // `virtnet_napi_tx_enable` schedules the TX poll once.
+            tx: TxQueue {
+                cb_disabled: false,
+                event_triggered: false,
+                napi_scheduled: true,
+                stopped: false,
+                cap: usize::from(RING),
+            },
         }
     }
 }
@@ -276,6 +336,14 @@ impl Guest {
     /// Queues up to `n` TX frames (template `f`, timestamped); publishes and
     /// kicks as Linux does at the end of a burst. Returns frames queued.
     pub fn send(&mut self, n: usize, f: &[u8], cap: usize) -> (usize, bool) {
+        let sent = self.queue_frames(n, f, cap);
+        let kicked = sent > 0 && self.publish(1);
+        (sent, kicked)
+    }
+
+    /// Adds up to `n` TX frames (template `f`, timestamped) while fewer
+    /// than `cap` are in flight, without publishing them; returns how many.
+    fn queue_frames(&mut self, n: usize, f: &[u8], cap: usize) -> usize {
         let epoch = self.epoch;
         let vq = &mut self.fe.vqs[1];
         let mut sent = 0;
@@ -299,8 +367,7 @@ impl Guest {
             vq.ring.push_avail(&self.fe.mem, head);
             sent += 1;
         }
-        let kicked = sent > 0 && self.publish(1);
-        (sent, kicked)
+        sent
     }
 
     /// Reclaims TX completions; returns how many, and records completion
@@ -333,29 +400,63 @@ impl Guest {
         n
     }
 
-    /// One transmit opportunity: sends what `pacer` allows (up to a burst),
-    /// or, with `cap` chains in flight, asks for an interrupt after 3/4 of
-    /// them and says the queue is stopped (the caller waits for it).
+    /// One transmit opportunity: Linux's `start_xmit` (drivers/net/virtio_net.c,
+    /// TX NAPI on) for each frame of a burst of what `pacer` allows (up to
+    /// [`TX_BURST`]; `xmit_more` on all but the last). Nothing is reclaimed
+    /// here: with TX NAPI only the TX poll ([`Guest::tx_napi`]) and RX
+    /// NAPI's `virtnet_poll_cleantx` ([`Guest::poll_cleantx`]) reclaim.
     ///
-    /// As Linux with TX NAPI (`napi_tx`, on by default) does in
-    /// `start_xmit` at the end of every burst: it asks for a TX interrupt
-    /// after 3/4 of what is outstanding (`virtqueue_enable_cb_delayed`), so
-    /// completions are reclaimed even if nothing more is sent.
+    /// - Each frame starts with `virtqueue_disable_cb` ([`Guest::tx_disable_cb`]:
+    ///   `used_event` = 0 unless an interrupt came since callbacks were
+    ///   last enabled).
+    /// - `tx_may_stop`: the queue stops when fewer than 2 + `MAX_SKB_FRAGS`
+    ///   descriptors are free (or `cap` chains are in flight, the
+    ///   benchmark's own bound); a stopped queue gets no `start_xmit` until
+    ///   the TX poll wakes it: [`TxState::Stopped`].
+    /// - The burst's last frame, or the one that stopped the queue, kicks
+    ///   (`kick` from `__netdev_tx_sent_queue`), then
+    ///   `virtqueue_enable_cb_delayed` asks for an interrupt after 3/4 of
+    ///   what is outstanding; if more than that is used already, it
+    ///   schedules the TX poll (`virtqueue_napi_schedule`).
     pub fn transmit(&mut self, pacer: &mut Pacer, f: &[u8], cap: usize) -> TxState {
-        if self.inflight() >= cap {
-            self.tx_enable_cb_delayed();
+        self.tx.cap = cap;
+        if self.tx.stopped {
             return TxState::Stopped;
         }
         let n = pacer.allowed(TX_BURST);
         if n == 0 {
             return TxState::NotDue(pacer.next_due());
         }
-        let (sent, _) = self.send(n, f, cap);
+        let mut sent = 0;
+        while sent < n {
+            self.tx_disable_cb();
+            if self.queue_frames(1, f, usize::from(RING)) == 0 {
+                // No descriptor left: tx_may_stop keeps this from happening.
+                self.tx.stopped = true;
+                break;
+            }
+            sent += 1;
+            if !self.tx_room() {
+                self.tx.stopped = true;
+                break;
+            }
+        }
         pacer.sent += sent as u64;
-        if sent > 0 {
-            self.tx_enable_cb_delayed();
+        self.publish(1);
+        if !self.tx_enable_cb_delayed() {
+            self.tx_napi_schedule();
+        }
+        if sent == 0 {
+            return TxState::Stopped;
         }
         TxState::Sent
+    }
+
+    /// `tx_may_stop`'s condition, negated (also `virtnet_poll_tx`'s for
+    /// waking the queue): at least 2 + `MAX_SKB_FRAGS` descriptors free,
+    /// and fewer than the benchmark's `cap` chains in flight.
+    fn tx_room(&self) -> bool {
+        self.fe.vqs[1].ring.free_descriptors() >= 2 + MAX_SKB_FRAGS && self.inflight() < self.tx.cap
     }
 
     /// TX chains the device has not completed.
@@ -363,16 +464,143 @@ impl Guest {
         usize::from(RING) - self.fe.vqs[1].ring.free_descriptors()
     }
 
-    /// Linux's `virtqueue_enable_cb_delayed`: interrupt after 3/4 of the
-    /// outstanding TX buffers are used.
-    pub fn tx_enable_cb_delayed(&self) {
+    /// Takes the TX interrupts delivered since the last call, pays for each
+    /// and, as Linux's `vring_interrupt` does for one with work
+    /// (drivers/virtio/virtio_ring.c; without used entries it is
+    /// `IRQ_NONE`), notes `event_triggered` and calls the driver's
+    /// `skb_xmit_done`: `virtqueue_disable_cb`, then the TX poll is
+    /// scheduled (`virtqueue_napi_schedule`). Returns the interrupts taken.
+    pub fn take_tx_interrupts(&mut self) -> u64 {
+        let n = self.take_interrupts(&[1]);
+        if n > 0 && self.tx_more_used() {
+            self.tx.event_triggered = true;
+            self.tx_disable_cb();
+            self.tx_napi_schedule();
+        }
+        n
+    }
+
+    /// Runs the TX poll if it is scheduled (NAPI runs it in the softirq
+    /// after the interrupt, before the sender's next `start_xmit`); returns
+    /// the chains reclaimed.
+    pub fn tx_napi(&mut self, res: Option<&mut Result_>, frame_len: usize) -> usize {
+        if !self.tx.napi_scheduled {
+            return 0;
+        }
+        self.tx_poll(res, frame_len)
+    }
+
+    /// Linux's `virtnet_poll_tx`: `virtqueue_disable_cb`, reclaim
+    /// everything used (`free_old_xmit`), wake the queue if it has room,
+    /// then `virtqueue_enable_cb_prepare` (`used_event` = the next used
+    /// entry: an interrupt at the very next completion) and
+    /// `napi_complete_done`; if `virtqueue_poll` then finds more used, the
+    /// poll is scheduled again (`napi_schedule_prep`, `virtqueue_disable_cb`)
+    /// and runs again. Returns the chains reclaimed.
+    pub fn tx_poll(&mut self, mut res: Option<&mut Result_>, frame_len: usize) -> usize {
+        let mut n = 0;
+        loop {
+            self.tx_disable_cb();
+            n += self.reclaim(res.as_deref_mut(), frame_len);
+            if self.tx_room() {
+                self.tx.stopped = false;
+            }
+            let opaque = self.tx_enable_cb_prepare();
+            if !self.tx_poll_used(opaque) {
+                break;
+            }
+        }
+        self.tx.napi_scheduled = false;
+        n
+    }
+
+    /// Linux's `virtnet_poll_cleantx`, which RX NAPI's `virtnet_poll` runs
+    /// before it receives (TX NAPI on): reclaim TX, each time after
+    /// `virtqueue_disable_cb`, until `virtqueue_enable_cb_delayed` finds no
+    /// more than 3/4 of the outstanding used; wake the queue if it has room.
+    pub fn poll_cleantx(&mut self) -> usize {
+        let mut n = 0;
+        loop {
+            self.tx_disable_cb();
+            n += self.reclaim(None, HDR);
+            if self.tx_enable_cb_delayed() {
+                break;
+            }
+        }
+        if self.tx_room() {
+            self.tx.stopped = false;
+        }
+        n
+    }
+
+    /// `virtqueue_napi_schedule`: if the TX poll is not scheduled yet
+    /// (`napi_schedule_prep`), `virtqueue_disable_cb` and schedule it.
+    fn tx_napi_schedule(&mut self) {
+        if !self.tx.napi_scheduled {
+            self.tx.napi_scheduled = true;
+            self.tx_disable_cb();
+        }
+    }
+
+    /// `virtqueue_disable_cb` on the TX ring (split ring, EVENT_IDX,
+    /// `virtqueue_disable_cb_split`): the first call after callbacks were
+    /// enabled sets `VRING_AVAIL_F_NO_INTERRUPT` in the driver's shadow
+    /// and, unless an interrupt came since (`event_triggered`: the device
+    /// will not send another), writes 0 to `used_event` (the source calls
+    /// that value a hack: the device interrupts only when its used index
+    /// passes 0, once per 65536 entries). Later calls write nothing.
+    fn tx_disable_cb(&mut self) {
+        if self.tx.cb_disabled {
+            return;
+        }
+        self.tx.cb_disabled = true;
+        if !self.tx.event_triggered {
+            self.fe.vqs[1].ring.set_used_event(&self.fe.mem, 0);
+        }
+    }
+
+    /// `virtqueue_enable_cb_prepare` on the TX ring: clears
+    /// `event_triggered` and the shadow flag, writes `used_event` = the
+    /// driver's last used index; returns that index for
+    /// [`Guest::tx_poll_used`].
+    fn tx_enable_cb_prepare(&mut self) -> u16 {
+        self.tx.event_triggered = false;
+        self.tx.cb_disabled = false;
+        let vq = &self.fe.vqs[1];
+        let last = vq.ring.last_used();
+        vq.ring.set_used_event(&self.fe.mem, last);
+        last
+    }
+
+    /// `virtqueue_poll`: after a full barrier, whether the device's used
+    /// index moved past `opaque`.
+    fn tx_poll_used(&self, opaque: u16) -> bool {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        self.fe.vqs[1].ring.used_idx(&self.fe.mem) != opaque
+    }
+
+    /// Used TX entries the driver has not taken (`more_used_split`).
+    fn tx_more_used(&self) -> bool {
+        let vq = &self.fe.vqs[1];
+        vq.ring.used_idx(&self.fe.mem) != vq.ring.last_used()
+    }
+
+    /// Linux's `virtqueue_enable_cb_delayed` on the TX ring
+    /// (`virtqueue_enable_cb_delayed_split`): clears `event_triggered` and
+    /// the shadow flag, asks for an interrupt after 3/4 of the outstanding
+    /// buffers are used, and returns false if more than that are used
+    /// already (the caller polls).
+    fn tx_enable_cb_delayed(&mut self) -> bool {
+        self.tx.event_triggered = false;
+        self.tx.cb_disabled = false;
         let inflight = self.inflight();
         let vq = &self.fe.vqs[1];
-        let at = vq
-            .ring
-            .last_used()
-            .wrapping_add(u16::try_from(inflight * 3 / 4).expect("small"));
-        vq.ring.set_used_event(&self.fe.mem, at);
+        let bufs = u16::try_from(inflight * 3 / 4).expect("small");
+        let last = vq.ring.last_used();
+        vq.ring
+            .set_used_event(&self.fe.mem, last.wrapping_add(bufs));
+        std::sync::atomic::fence(Ordering::SeqCst);
+        vq.ring.used_idx(&self.fe.mem).wrapping_sub(last) <= bufs
     }
 
     /// RX: `virtqueue_enable_cb_prepare` (interrupt at the next used entry);

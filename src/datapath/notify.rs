@@ -828,4 +828,47 @@ mod tests {
             Verdict::Suppress
         );
     }
+
+    #[test]
+    fn a_held_tx_interrupt_goes_only_if_the_guest_still_asks_when_the_hold_ends() {
+        // Linux's TX with TX NAPI: after its poll the guest asks at the very
+        // next completion (virtqueue_enable_cb_prepare: used_event = its last
+        // used index, 100 here); its next start_xmit writes 0
+        // (virtqueue_disable_cb) and, at the burst's end, asks after 3/4 of
+        // what is outstanding (virtqueue_enable_cb_delayed). The hold ends
+        // on the guest's word at that time, read again.
+        for moved_on in [true, false] {
+            let (mut c, mut t, mut used) = warmed("adaptive", US);
+            assert_eq!(used, 40);
+            let event = std::cell::Cell::new(used + 60);
+            let wants = |old: u16, new: u16| need_event(event.get(), new, old);
+            // The guest's poll: it asks at the next completion.
+            stream(&mut c, &mut t, &mut used, US, 60, wants);
+            assert!(!c.deferred());
+            event.set(used);
+            t += US;
+            used += 4;
+            let Verdict::Defer(d) = c.after_batch(t, 4, used, 256, wants) else {
+                panic!("a dense stream's interrupt is held");
+            };
+            if moved_on {
+                // start_xmit: disabled, then 3/4 of 150 outstanding ahead.
+                event.set(0);
+                event.set(used - 4 + 112);
+            }
+            let v = c.on_timer(d, 256, wants);
+            if moved_on {
+                assert_eq!(v, Verdict::Suppress, "the guest no longer asks");
+                assert!(!c.deferred());
+                // Its new ask is honoured when the device gets there.
+                t = d;
+                // (used_event 212 is crossed by the 109th completion; more
+                // than half the ring is then unsignalled: no hold.)
+                let v = stream(&mut c, &mut t, &mut used, US, 109, wants);
+                assert_eq!(signalled_at(&v), vec![108], "{v:?}");
+            } else {
+                assert_eq!(v, Verdict::Signal, "the guest still asks");
+            }
+        }
+    }
 }
