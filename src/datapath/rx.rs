@@ -23,6 +23,9 @@
 //! With the pair's io_uring (`--tap-io uring|auto`), chains that each hold
 //! the largest frame the guest may receive are read a round at a time:
 //! [`step_batched`], up to [`URING_READS`] `readv`s per `io_uring_enter`.
+//! With `--tap-io posted`, chains that are one buffer each holding it are
+//! posted ahead instead, and the kernel reads frames into them as they
+//! arrive (`step_posted`).
 
 use std::fs::File;
 use std::io;

@@ -119,7 +119,7 @@ pub struct QueueStats {
     /// Tap reads (RX: tap empty) or writes (TX: tap full) that returned EAGAIN.
     pub tap_eagain: Counter,
     /// RX frames the kernel read into guest buffers posted ahead
-    /// (`--tap-io uring|auto` on Linux >= 6.7, one guest buffer per chain
+    /// (`--tap-io posted` on Linux >= 6.7, one guest buffer per chain
     /// that holds the largest frame): no syscall of the daemon's per frame.
     pub rx_posted_frames: Counter,
 }
