@@ -328,6 +328,8 @@ pub struct Run {
     /// Our daemon in the loop: share of its RX frames read through reads
     /// posted ahead (`rx_posted_frames_total` / `frames_total`).
     pub rx_posted: Option<f64>,
+    /// Our daemon (either build): TX kicks per frame, frames per batch.
+    pub notifications: Option<Notifications>,
 }
 
 impl Run {
@@ -541,6 +543,7 @@ pub fn run(dpdk: &Dpdk, ns: &Netns, backend: Backend, flow: Flow, len: usize, se
         (end_count - start_count, got)
     });
     let mut rx_posted = None;
+    let mut notifications = None;
     let (features, polling) = match &mut running {
         Running::Dpdk(p) => {
             let out = p.stop();
@@ -560,13 +563,18 @@ pub fn run(dpdk: &Dpdk, ns: &Netns, backend: Backend, flow: Flow, len: usize, se
                 .and_then(|l| l.split_whitespace().next())
                 .unwrap_or("")
                 .to_owned();
+            let s = d.stats();
+            #[allow(clippy::cast_precision_loss)]
+            let per = |a: u64, b: u64| a as f64 / b.max(1) as f64;
+            let (rx_frames, tx_frames) = (s.get("frames_total", 0), s.get("frames_total", 1));
+            notifications = Some(Notifications {
+                tx_kicks_per_frame: per(s.get("kicks_total", 1), tx_frames),
+                rx_frames_per_batch: per(rx_frames, s.get("batches_total", 0)),
+                tx_frames_per_batch: per(tx_frames, s.get("batches_total", 1)),
+            });
             // (A baseline build may predate the counter.)
             if flow == Flow::Loop && backend == Backend::Ours {
-                let s = d.stats();
-                #[allow(clippy::cast_precision_loss)]
-                let share = s.get("rx_posted_frames_total", 0) as f64
-                    / s.get("frames_total", 0).max(1) as f64;
-                rx_posted = Some(share);
+                rx_posted = Some(per(s.get("rx_posted_frames_total", 0), rx_frames));
             }
             (f, None)
         }
@@ -584,7 +592,16 @@ pub fn run(dpdk: &Dpdk, ns: &Netns, backend: Backend, flow: Flow, len: usize, se
         waited,
         backend_cpu_ns,
         rx_posted,
+        notifications,
     }
+}
+
+/// Our daemon's kicks and batches over its life (warm-up included).
+#[derive(Clone, Copy, Debug)]
+pub struct Notifications {
+    pub tx_kicks_per_frame: f64,
+    pub rx_frames_per_batch: f64,
+    pub tx_frames_per_batch: f64,
 }
 
 /// Nanoseconds the threads of process `pid` have spent on a CPU and
@@ -673,7 +690,13 @@ pub fn bench(dpdk: &Dpdk, runs: usize, secs: f64) -> String {
                         format!(", delivered/read {share:.3}")
                     }) + &r
                         .rx_posted
-                        .map_or(String::new(), |p| format!(", RX posted {:.0}%", p * 100.0));
+                        .map_or(String::new(), |p| format!(", RX posted {:.0}%", p * 100.0))
+                        + &r.notifications.map_or(String::new(), |n| {
+                            format!(
+                                ", TX kicks/frame {:.3}, frames/batch RX {:.1} TX {:.1}",
+                                n.tx_kicks_per_frame, n.rx_frames_per_batch, n.tx_frames_per_batch
+                            )
+                        });
                     eprintln!(
                         "peer {:<4} {len:>4} B run {} {:<18}: {:.3} Mpps ({} frames in {:.2} s{extra}; \
                          waited to run: backend {:.0}%, frontend {:.0}%; backend CPU {:.0} ns/frame)",
