@@ -353,13 +353,23 @@ impl QueuePair {
         self.stats.tap_io(2 * self.index + TX)
     }
 
-    /// Tells the counters whether the pair's queues use the ring.
+    /// Tells the counters how the pair's queues move frames: through the
+    /// ring or not, RX with posted reads or not.
     fn show_tap_io(&self) {
-        for ring in [RX, TX] {
-            self.stats.uring[2 * self.index + ring].store(
-                self.tx_uring.is_some(),
-                std::sync::atomic::Ordering::Relaxed,
-            );
+        use crate::stats::{TAP_IO_POSTED, TAP_IO_SYSCALL, TAP_IO_URING};
+        let uring = if self.tx_uring.is_some() {
+            TAP_IO_URING
+        } else {
+            TAP_IO_SYSCALL
+        };
+        let rx = if self.rx_uring.as_ref().is_some_and(rx::RxUring::posting) {
+            TAP_IO_POSTED
+        } else {
+            uring
+        };
+        for (ring, mode) in [(RX, rx), (TX, uring)] {
+            self.stats.tap_io_mode[2 * self.index + ring]
+                .store(mode, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
@@ -373,6 +383,7 @@ impl QueuePair {
         if let Some(st) = self.rx_uring.as_mut() {
             st.features_changed();
         }
+        self.show_tap_io();
     }
 
     /// Whether the driver acked `VIRTIO_F_IN_ORDER` (at SET_FEATURES).
@@ -638,6 +649,7 @@ impl QueuePair {
             self.watch_tap(ring, false);
             return;
         }
+        let posting = self.rx_uring.as_ref().is_some_and(rx::RxUring::posting);
         let queue_index = 2 * self.index + ring;
         let stats = &self.stats.queues[queue_index];
         let used_log = conn.rings[ring].used_log;
@@ -687,6 +699,10 @@ impl QueuePair {
             });
         let end = self.settle_batch(result, vring, &state, ring);
         drop(state);
+        if ring == RX && self.rx_uring.as_ref().is_some_and(rx::RxUring::posting) != posting {
+            // The guest's chains cannot be posted, or the reads' ring failed.
+            self.show_tap_io();
+        }
         let failed = self.tx_uring.as_ref().is_some_and(tx::TxUring::failed)
             || self.rx_uring.as_ref().is_some_and(rx::RxUring::failed);
         if failed {

@@ -530,6 +530,12 @@ impl RxUring {
         }
     }
 
+    /// Whether RX posts reads ahead (it has them, and neither the ring
+    /// failed nor the guest's chains turned out unpostable).
+    pub fn posting(&self) -> bool {
+        !self.unpostable && self.posted.as_ref().is_some_and(|p| !p.failed())
+    }
+
     /// The fd RX waits on while reads are posted (readable when some
     /// completed), instead of the tap's.
     pub fn posted_fd(&self) -> Option<std::os::fd::RawFd> {

@@ -32,7 +32,7 @@ impl Stats {
         let info = "vhost_user_net_tap_io_info";
         let _ = writeln!(
             out,
-            "# HELP {info} How the queue moves frames to or from the tap (--tap-io): uring or syscall (value 1)."
+            "# HELP {info} How the queue moves frames to or from the tap (--tap-io): posted (RX reads posted ahead), uring or syscall (value 1)."
         );
         let _ = writeln!(out, "# TYPE {info} gauge");
         for q in 0..self.queues.len() {

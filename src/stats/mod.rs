@@ -248,10 +248,17 @@ pub struct Stats {
     pub policies: [String; 2],
     /// The daemon's frontend connections.
     pub connections: connections::Connections,
-    /// Per queue: whether it moves frames through an io_uring (`--tap-io`)
-    /// rather than one syscall per frame.
-    pub uring: Vec<std::sync::atomic::AtomicBool>,
+    /// Per queue: how it moves frames to or from the tap (`--tap-io`), one
+    /// of [`TAP_IO_SYSCALL`], [`TAP_IO_URING`], [`TAP_IO_POSTED`].
+    pub tap_io_mode: Vec<std::sync::atomic::AtomicU8>,
 }
+
+/// One syscall per frame.
+pub const TAP_IO_SYSCALL: u8 = 0;
+/// Through the queue pair's io_uring.
+pub const TAP_IO_URING: u8 = 1;
+/// Through the io_uring, RX with reads posted ahead (`--tap-io posted`).
+pub const TAP_IO_POSTED: u8 = 2;
 
 /// The daemon-wide counters (no queue label): name, help, accessor.
 #[allow(clippy::type_complexity)]
@@ -272,16 +279,16 @@ pub const DEVICE_FIELDS: &[(&str, &str, fn(&Stats) -> &Counter)] = &[
 ];
 
 impl Stats {
-    /// How queue `q` moves frames to or from the tap: `uring` or `syscall`.
+    /// How queue `q` moves frames to or from the tap: `posted` (RX reads
+    /// posted ahead), `uring` or `syscall`.
     pub fn tap_io(&self, q: usize) -> &'static str {
-        let uring = self
-            .uring
-            .get(q)
-            .is_some_and(|u| u.load(std::sync::atomic::Ordering::Relaxed));
-        if uring {
-            "uring"
-        } else {
-            "syscall"
+        let mode = self.tap_io_mode.get(q).map_or(TAP_IO_SYSCALL, |m| {
+            m.load(std::sync::atomic::Ordering::Relaxed)
+        });
+        match mode {
+            TAP_IO_POSTED => "posted",
+            TAP_IO_URING => "uring",
+            _ => "syscall",
         }
     }
 }
@@ -301,8 +308,8 @@ impl Stats {
             queues: (0..num_queues).map(|_| QueueStats::default()).collect(),
             policies,
             connections: connections::Connections::default(),
-            uring: (0..num_queues)
-                .map(|_| std::sync::atomic::AtomicBool::new(false))
+            tap_io_mode: (0..num_queues)
+                .map(|_| std::sync::atomic::AtomicU8::new(TAP_IO_SYSCALL))
                 .collect(),
         }
     }

@@ -550,6 +550,11 @@ fn posted_world(n: usize) -> World {
         "RX waits on its posted reads"
     );
     assert_eq!(usize::from(next_avail(&w, 0)), n, "every chain posted");
+    let metrics = w.stats.prometheus();
+    for (q, dir, mode) in [(0, "rx", "posted"), (1, "tx", "uring")] {
+        let line = format!("tap_io_info{{queue=\"{q}\",dir=\"{dir}\",mode=\"{mode}\"}} 1");
+        assert!(metrics.contains(&line), "{metrics}");
+    }
     w
 }
 
@@ -646,6 +651,12 @@ fn chains_too_short_to_post_are_read_by_rounds_instead() {
     assert_eq!(w.stats.queues[0].rx_posted_frames.get(), 0);
     assert!(w.pair.rx_uring.as_ref().unwrap().posted_fd().is_none());
     assert_eq!(next_avail(&w, 0), 1, "the other chains wait in the ring");
+    assert!(
+        w.stats
+            .prometheus()
+            .contains("tap_io_info{queue=\"0\",dir=\"rx\",mode=\"uring\"} 1"),
+        "RX no longer says posted"
+    );
 }
 
 #[test]
