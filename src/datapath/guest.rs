@@ -979,6 +979,16 @@ impl PostedReads {
         left
     }
 
+    /// [`PostedReads::cancel`] dropping what was read: returns how many
+    /// chains the caller gives back to the ring (every chain posted: the
+    /// last popped) and how many of them held a frame (dropped).
+    pub fn take_back(&mut self) -> (usize, u64) {
+        let mut frames = 0u64;
+        let left = self.cancel(|r| frames += u64::from(matches!(r, Posted::Frame { .. })));
+        let read = usize::try_from(frames).expect("at most POSTED_READS");
+        (read + left.len(), frames)
+    }
+
     /// The ring failed: keep the snapshot, the ring and the chains posted
     /// for good (a live read may still write them); the caller goes back
     /// to plain reads.

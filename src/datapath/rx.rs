@@ -553,15 +553,11 @@ impl RxUring {
         let Some(p) = self.posted.as_mut() else {
             return (0, 0);
         };
-        let mut frames = 0u64;
-        let left = p.cancel(|r| frames += u64::from(matches!(r, Posted::Frame { .. })));
+        let taken = p.take_back();
         if p.failed() {
             self.posted = None;
         }
-        (
-            usize::try_from(frames).expect("at most POSTED_READS") + left.len(),
-            frames,
-        )
+        taken
     }
 
     /// Forgets what the last batch left (call before each batch).
@@ -633,7 +629,7 @@ pub fn step_batched(
     if st.small || st.failed || buffers.bounce.holds_frame() || !buffers.chains.is_empty() {
         return step(batch, buffers, tap, params);
     }
-    if !st.unpostable && st.posted.as_ref().is_some_and(|p| !p.failed()) {
+    if st.posting() {
         match step_posted(batch, st, mem, tap, params)? {
             Some(end) => return Ok(end),
             // The guest's chains cannot be posted: rounds from now on.
@@ -780,10 +776,9 @@ fn step_posted(
         // A new memory table, and this batch came before `update_memory`
         // (which takes them back too): the posted chains point into the
         // old one. Frames read there are dropped, the chains given back.
-        let mut frames = 0;
-        let left = posted.cancel(|r| frames += u64::from(matches!(r, Posted::Frame { .. })));
+        let (chains, frames) = posted.take_back();
         batch.stats().rx_dropped_frames.add(frames);
-        batch.give_back(usize::try_from(frames).expect("at most POSTED_READS") + left.len());
+        batch.give_back(chains);
     }
     if posted.posted() < usize::from(POSTED_READS) / 2 && !post(batch, posted, mem, params)? {
         return stop_posting(batch, posted, params);

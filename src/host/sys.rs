@@ -715,14 +715,21 @@ impl ReadRing {
         entry.set_len(len);
         entry.set_bid(id);
         self.tail = self.tail.wrapping_add(1);
-        // SAFETY: the tail field of the first entry of the mapping (its
-        // `resv`), written only by us; the release orders the entry before it.
+        self.publish_tail();
+        true
+    }
+
+    /// Stores our tail where the kernel reads it (the `resv` of the buffer
+    /// ring's first entry), after the entries below it.
+    fn publish_tail(&mut self) {
+        // SAFETY: the tail field of the first entry of the mapping `bufs`
+        // points at (mapped in `new` for as long as `self`), written only
+        // by us; the release orders the entries written before it.
         unsafe {
             let tail = io_uring::types::BufRingEntry::tail(self.bufs.cast_const());
             std::sync::atomic::AtomicU16::from_ptr(tail.cast_mut())
                 .store(self.tail, std::sync::atomic::Ordering::Release);
         }
-        true
     }
 
     /// Starts the multishot read of `fd` if it is not live: one
@@ -784,12 +791,7 @@ impl ReadRing {
         // No read is live: what the kernel did not use is ours, and the
         // ring starts empty again (the kernel reads the tail afresh).
         self.tail = self.head;
-        // SAFETY: as in `post`; no read is live to race with.
-        unsafe {
-            let tail = io_uring::types::BufRingEntry::tail(self.bufs.cast_const());
-            std::sync::atomic::AtomicU16::from_ptr(tail.cast_mut())
-                .store(self.tail, std::sync::atomic::Ordering::Release);
-        }
+        self.publish_tail();
         Ok(())
     }
 
