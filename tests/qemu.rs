@@ -435,6 +435,15 @@ fn check_counters_match(d: &Daemon, g: &mut Guest, pairs: usize) -> Stats {
 }
 
 /// Prints frames per interrupt and kicks per frame for each queue.
+/// Pings both ways and moves `TRANSFER_MIB` each way (guest to host
+/// first) through the guest.
+fn pings_and_transfers_both_ways(ns: &Netns, g: &mut Guest) {
+    ping_from_namespace(ns, 100);
+    ping_from_guest(g, 100);
+    transfer_guest_to_host(ns, g, TRANSFER_MIB, 1, 5001);
+    transfer_host_to_guest(ns, g, TRANSFER_MIB, 5002);
+}
+
 fn report(s: &Stats, pairs: usize) {
     for q in 0..2 * pairs {
         let frames = s.get("frames_total", q);
@@ -498,10 +507,7 @@ fn qemu10_guest_pings_and_transfers_both_ways_with_offloads_on_two_queue_pairs()
         "guest queues: {queues}"
     );
 
-    ping_from_namespace(&ns, 100);
-    ping_from_guest(&mut g, 100);
-    transfer_guest_to_host(&ns, &mut g, TRANSFER_MIB, 1, 5001);
-    transfer_host_to_guest(&ns, &mut g, TRANSFER_MIB, 5002);
+    pings_and_transfers_both_ways(&ns, &mut g);
     // A second TX flow from the other vCPU uses the other queue (XPS).
     transfer_guest_to_host(&ns, &mut g, 1, 2, 5003);
     // Flows from the namespace are spread over the tap queues by hash.
@@ -544,10 +550,7 @@ fn qemu10_guest_without_receive_offloads_pings_and_transfers_both_ways() {
         !features.contains("GUEST_TSO4") && !features.contains("MRG_RXBUF"),
         "{features}"
     );
-    ping_from_namespace(&ns, 100);
-    ping_from_guest(&mut g, 100);
-    transfer_guest_to_host(&ns, &mut g, TRANSFER_MIB, 1, 5001);
-    transfer_host_to_guest(&ns, &mut g, TRANSFER_MIB, 5002);
+    pings_and_transfers_both_ways(&ns, &mut g);
 
     let s = check_counters_match(&d, &mut g, 1);
     report(&s, 1);
@@ -574,9 +577,7 @@ fn qemu10_guest_with_mergeable_buffers_and_no_receive_offloads_gets_frames_throu
         !features.contains("GUEST_TSO4") && features.contains("MRG_RXBUF"),
         "{features}"
     );
-    ping_from_namespace(&ns, 100);
-    transfer_host_to_guest(&ns, &mut g, TRANSFER_MIB, 5002);
-    transfer_guest_to_host(&ns, &mut g, TRANSFER_MIB, 1, 5001);
+    pings_and_transfers_both_ways(&ns, &mut g);
 
     let s = check_counters_match(&d, &mut g, 1);
     report(&s, 1);
@@ -610,10 +611,7 @@ fn qemu72_with_vectors0_guest_pings_and_transfers_both_ways() {
         features.contains("GUEST_TSO4") && features.contains("RING_EVENT_IDX"),
         "{features}"
     );
-    ping_from_namespace(&ns, 100);
-    ping_from_guest(&mut g, 100);
-    transfer_guest_to_host(&ns, &mut g, TRANSFER_MIB, 1, 5001);
-    transfer_host_to_guest(&ns, &mut g, TRANSFER_MIB, 5002);
+    pings_and_transfers_both_ways(&ns, &mut g);
 
     let s = check_counters_match(&d, &mut g, 1);
     report(&s, 1);
