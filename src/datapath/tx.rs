@@ -291,6 +291,12 @@ fn settle<'q>(
                 result = -libc::ENOBUFS;
             }
         }
+        if result == -libc::EINPROGRESS {
+            // The ring failed after the kernel took this write and before
+            // it said how it went: it may be on the wire. Counted as lost
+            // rather than made again (which could send it twice).
+            log::warn!("TX io_uring failed with a write unreported: counted as a tap error");
+        }
         if result >= 0 {
             c.complete(head, 0)?;
             c.count_frame(bytes);

@@ -365,12 +365,16 @@ pub struct Uring {
     ring: io_uring::IoUring,
     /// Requests pushed and not yet reaped (submitted or not).
     in_flight: usize,
+    /// An `io_uring_enter` failed: the ring is not to be used again, and
+    /// what it took and did not report stays in `in_flight` for good.
+    failed: bool,
 }
 
 impl std::fmt::Debug for Uring {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Uring")
             .field("in_flight", &self.in_flight)
+            .field("failed", &self.failed)
             .finish_non_exhaustive()
     }
 }
@@ -404,7 +408,11 @@ impl Uring {
             io_uring::register::Restriction::sqe_flags_allowed(0),
         ])?;
         submitter.register_enable_rings()?;
-        Ok(Uring { ring, in_flight: 0 })
+        Ok(Uring {
+            ring,
+            in_flight: 0,
+            failed: false,
+        })
     }
 
     /// Room left in the submission queue.
@@ -416,6 +424,11 @@ impl Uring {
     /// Requests pushed and not reaped yet.
     pub fn in_flight(&self) -> usize {
         self.in_flight
+    }
+
+    /// Whether an `io_uring_enter` failed (see [`Uring::reap`]).
+    pub fn failed(&self) -> bool {
+        self.failed
     }
 
     /// Queues a non-blocking `writev` of `count` iovecs at `iov` to `fd`
@@ -516,36 +529,52 @@ impl Uring {
     ///
     /// On an error from the kernel (not EINTR/EAGAIN/EBUSY, which are
     /// retried) the ring cannot be trusted any more: the caller drops it.
-    /// Requests the kernel took before the error may still run; the guest
-    /// memory they point into must then outlive them
+    /// Completions the kernel posted before the error are still reported.
+    /// Requests the kernel took and did not report may still run; the
+    /// guest memory they point into must then outlive them
     /// ([`Uring::in_flight`] says whether any is left).
     pub fn reap(&mut self, mut each: impl FnMut(u64, i32)) -> io::Result<()> {
         while self.in_flight > 0 {
-            if let Err(e) = enter(&mut self.ring, self.in_flight) {
-                // What the kernel never took is gone with the ring.
-                let unsubmitted = self.ring.submission().len();
-                self.in_flight -= unsubmitted.min(self.in_flight);
-                return Err(e);
-            }
+            let entered = enter(&mut self.ring, self.in_flight);
+            // Read even after an error: the kernel may have made requests
+            // (a tap's writes complete inline) before it failed, and a
+            // caller that took them for unmade would make them twice.
             for cqe in self.ring.completion() {
                 self.in_flight = self.in_flight.saturating_sub(1);
                 each(cqe.user_data(), cqe.result());
+            }
+            if let Err(e) = entered {
+                // What the kernel never took is gone with the ring.
+                let unsubmitted = self.ring.submission().len();
+                self.in_flight -= unsubmitted.min(self.in_flight);
+                self.failed = true;
+                return Err(e);
             }
         }
         Ok(())
     }
 
-    /// [`Uring::reap`] for `count` requests whose `user_data` is their
-    /// index: `results[i]` is request `i`'s result, `-ECANCELED` for one
-    /// the ring did not report (it failed first).
+    /// [`Uring::reap`] for `count` requests pushed in the order of their
+    /// `user_data`, which is their index: `results[i]` is request `i`'s
+    /// result. When the ring fails first, a request it did not report gets
+    /// `-ECANCELED` if the kernel never took it (safe to make again) and
+    /// `-EINPROGRESS` if it did (it may have been made, or be running:
+    /// making it again could make it twice).
     pub fn reap_into(&mut self, results: &mut Vec<i32>, count: usize) -> io::Result<()> {
         results.clear();
-        results.resize(count, -libc::ECANCELED);
-        self.reap(|n, res| {
+        results.resize(count, -libc::EINPROGRESS);
+        let outcome = self.reap(|n, res| {
             if let Some(r) = usize::try_from(n).ok().and_then(|n| results.get_mut(n)) {
                 *r = res;
             }
-        })
+        });
+        // The kernel takes requests in the order they were pushed: the
+        // ones it never took are the last.
+        let unsubmitted = self.ring.submission().len().min(count);
+        for r in &mut results[count - unsubmitted..] {
+            *r = -libc::ECANCELED;
+        }
+        outcome
     }
 }
 
@@ -811,6 +840,11 @@ fn enter(ring: &mut io_uring::IoUring, want: usize) -> io::Result<()> {
         if let Some(errno) = refuse::take_enter() {
             return Err(io::Error::from_raw_os_error(errno));
         }
+        #[cfg(any(test, feature = "test-utils"))]
+        if let Some(errno) = refuse::take_enter_after_submit() {
+            ring.submit()?;
+            return Err(io::Error::from_raw_os_error(errno));
+        }
         match ring.submit_and_wait(want) {
             Ok(_) => return Ok(()),
             Err(e)
@@ -896,6 +930,19 @@ pub mod refuse {
 
     pub(super) fn take_enter() -> Option<i32> {
         ENTER_ERRNO.with(Cell::take)
+    }
+
+    thread_local!(static LATE_ENTER_ERRNO: Cell<Option<i32>> = const { Cell::new(None) });
+
+    /// This thread's next `Uring::reap` fails with `errno` after the
+    /// kernel took (and, for a tap, made) every request pushed, before it
+    /// reports any: the case where a retry would make a request twice.
+    pub fn fail_next_enter_after_submit(errno: i32) {
+        LATE_ENTER_ERRNO.with(|e| e.set(Some(errno)));
+    }
+
+    pub(super) fn take_enter_after_submit() -> Option<i32> {
+        LATE_ENTER_ERRNO.with(Cell::take)
     }
 }
 

@@ -533,6 +533,27 @@ fn a_ring_that_fails_in_an_rx_round_is_dropped_for_both_directions() {
     assert_eq!(w.stats.queues[1].frames.get(), 5);
 }
 
+#[test]
+fn frames_read_before_the_ring_failed_reach_the_guest() {
+    // The kernel made the round's reads (a tap's complete inline) and then
+    // `io_uring_enter` failed before reporting them: the frames are in
+    // the guest's buffers already and must be delivered, not lost.
+    let mut w = World::new(256, [Policy::Immediate; 2]);
+    assert_eq!(uring_by_rounds(&mut w), "uring");
+    w.post_rx(32);
+    w.inject(&rx_frame(60, 1));
+    w.inject(&rx_frame(60, 2));
+    crate::host::sys::refuse::fail_next_enter_after_submit(libc::EINVAL);
+    w.kick(0);
+    while w.frames(0) < 2 {
+        assert!(w.step(1000), "the worker stalled");
+    }
+
+    assert!(w.pair.rx_uring.is_none(), "the ring is dropped");
+    assert_eq!(w.stats.queues[0].tap_errors.get(), 0);
+    assert_eq!(w.stats.queues[0].rx_dropped_frames.get(), 0);
+}
+
 fn next_avail(w: &World, ring: usize) -> u16 {
     w.vrings[ring].get_ref().get_queue().next_avail()
 }

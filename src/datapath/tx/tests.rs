@@ -831,3 +831,57 @@ fn uring_an_overtaken_frame_refused_again_is_dropped_and_counted() {
     assert_eq!(s.stats.tap_errors.get(), 1, "the first, dropped");
     assert_eq!(s.stats.tap_eagain.get(), 3, "first, its retry, third");
 }
+
+#[test]
+fn uring_a_ring_that_fails_after_the_kernel_made_the_writes_sends_no_frame_twice() {
+    // The kernel took the batch's writes (a tap makes them inline) and
+    // then `io_uring_enter` failed before reporting them: the frames are on
+    // the wire already, so going back to writev must not make them again.
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 16, true);
+    let (tap, mut peer) = tap_pair();
+    for i in 0..4u8 {
+        add_tx_frame(&mem, &mut r, usize::from(i), &[i; 60]);
+    }
+    r.publish(&mem);
+    let stats = QueueStats::default();
+    let mut uring = TxUring::new(Uring::new().expect("io_uring on the test machine"));
+    let mut iov = IoVecBuf::with_capacity(crate::datapath::guest::IOV_MAX);
+    let mut batch = Batch::begin(&mut q, &mem, &stats, 1).unwrap();
+    crate::host::sys::refuse::fail_next_enter_after_submit(libc::EINVAL);
+
+    let end = drain(
+        &mut batch,
+        u64::MAX,
+        &mut iov,
+        Some(&mut uring),
+        Some(&tap),
+        12,
+    )
+    .unwrap();
+    batch
+        .finish(&mut Coalescer::new(Policy::Immediate))
+        .unwrap();
+
+    assert_eq!(end, End::RingEmpty);
+    assert!(uring.failed(), "the pair drops the ring");
+    assert_eq!(frames_at(&mut peer), [0, 1, 2, 3], "each frame once");
+    assert_eq!(r.used_idx(&mem), 4);
+    assert_eq!(stats.frames.get(), 4);
+    assert_eq!(stats.tap_errors.get(), 0);
+}
+
+#[test]
+fn uring_a_write_the_failed_ring_took_and_did_not_report_is_not_made_again() {
+    let (tap, mut peer) = tap_pair();
+
+    // As if the ring failed after the kernel took write 1 (here it made
+    // it) and before it reported it.
+    let s = settle_overtaken(&tap, |_| {}, -libc::EINPROGRESS);
+
+    assert_eq!(s.end, None);
+    assert_eq!(frames_at(&mut peer), [1, 2, 3], "the second only once");
+    assert_eq!(s.ring.used_idx(&s.mem), 3, "its chain goes back");
+    assert_eq!(s.stats.frames.get(), 2);
+    assert_eq!(s.stats.tap_errors.get(), 1, "counted as lost");
+}
