@@ -14,6 +14,7 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::os::fd::AsFd;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixDatagram;
 
@@ -116,7 +117,7 @@ fuzz_target!(|input: &[u8]| {
         let (tap, _peer) = tap_pair();
         let stats = QueueStats::default();
         let mut iov = IoVecBuf::with_capacity(1024);
-        let mut ring = uring.then(|| tx::TxUring::new(Uring::new().expect("io_uring")));
+        let mut ring = uring.then(|| tx::TxUring::new(Uring::new(tap.as_fd()).expect("io_uring")));
         let mut batch = Batch::begin(&mut q, &mem, &stats, 1).expect("ring in memory");
         let result = tx::drain(&mut batch, u64::MAX, &mut iov, ring.as_mut(), Some(&tap), 12);
         batch.finish(&mut Coalescer::new(Policy::Immediate)).expect("used ring in memory");
@@ -159,7 +160,7 @@ fuzz_target!(|input: &[u8]| {
         let params = RxParams { hdr_len: 12, mergeable, max_frame: 1800, max_plain_frame: 1800 };
         let posted = (mode == 2).then(|| PostedReads::new().expect("posted reads"));
         let mut ring =
-            (mode > 0).then(|| (rx::RxUring::new(posted), Uring::new().expect("io_uring")));
+            (mode > 0).then(|| (rx::RxUring::new(posted), Uring::new(tap.as_fd()).expect("io_uring")));
         let Ok(mut batch) = Batch::begin(&mut q, &mem, &stats, 0) else {
             return;
         };

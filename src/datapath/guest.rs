@@ -489,10 +489,9 @@ impl<'a, 'm> TapWriter<'a, 'm> {
         // SAFETY: the iovecs `start..start + count` live in storage that is
         // not moved or cleared until `flush` has reaped this request (see
         // the type's doc), and describe guest memory `'m` that this writer
-        // borrows for as long; `self.tap` is borrowed as long too.
+        // borrows for as long; the ring keeps its file (the tap) open.
         let pushed = unsafe {
             self.ring.push_writev(
-                self.tap.as_raw_fd(),
                 self.iovecs.buf.iovecs.as_ptr().add(start),
                 u32::try_from(count).expect("at most IOV_MAX iovecs"),
                 n as u64,
@@ -568,8 +567,9 @@ impl Drop for TapWriter<'_, '_> {
 /// Soundness: `submit` pushes the requests, and reaps every one of them
 /// before it returns: no request outlives the call, so none outlives the
 /// iovecs (not touched during the call), the guest memory `'m` they
-/// point into, the overflow bytes (borrowed mutably for `'a`; leaked if
-/// the ring fails with reads in flight), or the tap.
+/// point into, or the overflow bytes (borrowed mutably for `'a`; leaked if
+/// the ring fails with reads in flight). The ring reads the tap it was
+/// made for (its registered file, which it keeps open).
 pub struct TapReads<'a, 'm> {
     reads: Vec<GuestIoVecs<'a, 'm>>,
     /// A read into one guest buffer longer than this needs no overflow
@@ -577,7 +577,6 @@ pub struct TapReads<'a, 'm> {
     exact_above: usize,
     overflow: &'a mut Box<[u8]>,
     ring: &'a mut Uring,
-    tap: &'a File,
     results: &'a mut Vec<i32>,
 }
 
@@ -620,7 +619,6 @@ impl<'a, 'm> TapReads<'a, 'm> {
         exact_above: usize,
         mem: &'m GuestMem,
         ring: &'a mut Uring,
-        tap: &'a File,
     ) -> Self {
         bufs.results.clear();
         TapReads {
@@ -633,7 +631,6 @@ impl<'a, 'm> TapReads<'a, 'm> {
                 .collect(),
             overflow: &mut bufs.overflow,
             ring,
-            tap,
             results: &mut bufs.results,
         }
     }
@@ -672,7 +669,6 @@ impl<'a, 'm> TapReads<'a, 'm> {
     /// and waits for all; then [`TapReads::result`] has each one's result.
     /// An error means the ring failed: see [`Uring::reap`].
     pub fn submit(&mut self, count: usize) -> io::Result<()> {
-        let fd = self.tap.as_raw_fd();
         let mut pushed = 0;
         for (i, (read, byte)) in self
             .reads
@@ -697,7 +693,6 @@ impl<'a, 'm> TapReads<'a, 'm> {
             // design, as for `readv`).
             pushed += usize::from(unsafe {
                 self.ring.push_readv(
-                    fd,
                     iovecs.as_ptr(),
                     u32::try_from(iovecs.len()).expect("at most IOV_MAX iovecs"),
                     i as u64,

@@ -9,6 +9,7 @@
 //! owns those until it returns them), and into the used ring.
 
 use std::io::Write as _;
+use std::os::fd::AsFd;
 
 use proptest::prelude::*;
 use virtio_queue::Queue;
@@ -103,7 +104,9 @@ fn tx_completes_each_entry_once(
     let stats = QueueStats::default();
     let mut iov = IoVecBuf::with_capacity(crate::datapath::guest::IOV_MAX);
     let mut ring = uring.then(|| {
-        crate::datapath::tx::TxUring::new(crate::host::sys::Uring::new().expect("io_uring"))
+        crate::datapath::tx::TxUring::new(
+            crate::host::sys::Uring::new(tap.as_fd()).expect("io_uring"),
+        )
     });
     let mut batch = Batch::begin(&mut q, &mem, &stats, 1).unwrap();
     let result = crate::datapath::tx::drain(
@@ -180,7 +183,7 @@ proptest! {
         // Through an io_uring, chains that are one buffer holding a whole
         // frame are posted (`posted`), chains that hold one are read a
         // round at a time (rx::step_batched); the others frame by frame.
-        let mut ring = uring.then(|| crate::host::sys::Uring::new().expect("io_uring"));
+        let mut ring = uring.then(|| crate::host::sys::Uring::new(tap.as_fd()).expect("io_uring"));
         let mut st = rx::RxUring::new(
             posted.then(|| crate::datapath::guest::PostedReads::new().expect("posted reads")),
         );

@@ -332,7 +332,8 @@ impl QueuePair {
     /// io_uring. Returns the mode it runs in, which the counters show too
     /// (`tap_io_info`).
     pub fn set_tap_io(&mut self, mode: crate::host::tap::TapIo) -> &'static str {
-        self.tx_uring = crate::host::tap::open_uring(mode, self.index).map(tx::TxUring::new);
+        self.tx_uring =
+            crate::host::tap::open_uring(mode, &self.tap, self.index).map(tx::TxUring::new);
         let posting = mode == crate::host::tap::TapIo::Posted;
         self.rx_uring = self.tx_uring.as_ref().map(|_| {
             rx::RxUring::new(

@@ -642,7 +642,7 @@ pub fn step_batched(
     let want = st.round.min(left).clamp(1, URING_READS);
     // A frame longer than the guest may receive is dropped (`judge`):
     // one that fills a buffer longer than that needs no overflow byte.
-    let mut reads = TapReads::new(&mut st.bufs, want, params.max_frame, batch.mem(), ring, tap);
+    let mut reads = TapReads::new(&mut st.bufs, want, params.max_frame, batch.mem(), ring);
     let mut heads = [(0u16, 0usize); URING_READS];
     let mut count = 0;
     while count < want {

@@ -13,6 +13,7 @@
 
 use std::fs::File;
 use std::io;
+use std::os::fd::AsFd;
 use std::path::Path;
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -45,11 +46,11 @@ pub enum TapIo {
 /// Sets up an io_uring for a pair's tap writes if `mode` asks for one,
 /// saying why not when the kernel refuses it (ENOSYS: no io_uring; EPERM:
 /// `kernel.io_uring_disabled` or a container's seccomp profile).
-pub fn open_uring(mode: TapIo, pair: usize) -> Option<sys::Uring> {
+pub fn open_uring(mode: TapIo, tap: &File, pair: usize) -> Option<sys::Uring> {
     if mode == TapIo::Syscall {
         return None;
     }
-    match sys::Uring::new() {
+    match sys::Uring::new(tap.as_fd()) {
         Ok(ring) => Some(ring),
         Err(e) => {
             let level = if mode != TapIo::Auto {

@@ -1,4 +1,5 @@
 use std::io::{Read, Write};
+use std::os::fd::AsFd;
 
 use super::*;
 use crate::datapath::batch::{Batch, End};
@@ -530,7 +531,7 @@ fn run_uring_batch(
     budget: u64,
     in_order: bool,
 ) -> (End, Verdict) {
-    let mut uring = TxUring::new(Uring::new().expect("io_uring on the test machine"));
+    let mut uring = TxUring::new(Uring::new(tap.as_fd()).expect("io_uring on the test machine"));
     let mut iov = IoVecBuf::with_capacity(crate::datapath::guest::IOV_MAX);
     let mut batch = Batch::begin(queue, mem, stats, 1).unwrap();
     batch.in_order(in_order);
@@ -767,7 +768,7 @@ fn settle_overtaken(tap: &File, before_flush: impl FnOnce(&File), write_1: i32) 
     }
     ring.publish(&mem);
     let stats = QueueStats::default();
-    let mut uring = TxUring::new(Uring::new().expect("io_uring on the test machine"));
+    let mut uring = TxUring::new(Uring::new(tap.as_fd()).expect("io_uring on the test machine"));
     let mut iov = IoVecBuf::with_capacity(crate::datapath::guest::IOV_MAX);
     let mut batch = Batch::begin(&mut queue, &mem, &stats, 1).unwrap();
     let TxUring {
@@ -845,7 +846,7 @@ fn uring_a_ring_that_fails_after_the_kernel_made_the_writes_sends_no_frame_twice
     }
     r.publish(&mem);
     let stats = QueueStats::default();
-    let mut uring = TxUring::new(Uring::new().expect("io_uring on the test machine"));
+    let mut uring = TxUring::new(Uring::new(tap.as_fd()).expect("io_uring on the test machine"));
     let mut iov = IoVecBuf::with_capacity(crate::datapath::guest::IOV_MAX);
     let mut batch = Batch::begin(&mut q, &mem, &stats, 1).unwrap();
     crate::host::sys::refuse::fail_next_enter_after_submit(libc::EINVAL);

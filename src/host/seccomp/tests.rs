@@ -4,7 +4,7 @@
 use super::*;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 
 use crate::host::{sys, tap};
@@ -105,14 +105,14 @@ fn a_worker_cannot_open_files_sockets_or_ioctl_but_still_moves_data() {
 
 #[test]
 fn a_worker_writes_through_a_ring_made_before_its_filter_but_cannot_make_one() {
-    let ring = sys::Uring::new().expect("io_uring on the test machine");
     let (a, mut b) = UnixStream::pair().unwrap();
+    let ring = sys::Uring::new(a.as_fd()).expect("io_uring on the test machine");
     let got = under(Class::Worker, move || {
         let mut ring = ring;
-        let written = ring.write_and_wait(a.as_raw_fd(), &[7u8; 5]).unwrap();
+        let written = ring.write_and_wait(&[7u8; 5]).unwrap();
         // A new ring is refused, as in a container that forbids io_uring:
         // the daemon would fall back to writev.
-        (written, errno(sys::Uring::new()))
+        (written, errno(sys::Uring::new(a.as_fd())))
     });
     assert_eq!(got, (5, EPERM));
     let mut buf = [0u8; 8];
