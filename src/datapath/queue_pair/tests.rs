@@ -501,21 +501,31 @@ fn uring_rx_a_frame_longer_than_a_whole_buffer_is_dropped_not_delivered_cut() {
     assert_eq!(w.pair.rx_uring.as_ref().unwrap().rounds, 1);
 }
 
+/// A pair reading RX by io_uring rounds, `frames` frames in the tap, and
+/// `fail` set to make the round's `io_uring_enter` fail (EINVAL); returns
+/// once the guest got the frames.
+fn rx_round_that_fails(frames: u8, fail: fn(i32)) -> World {
+    let mut w = World::new(256, [Policy::Immediate; 2]);
+    assert_eq!(uring_by_rounds(&mut w), "uring");
+    w.post_rx(32);
+    for i in 1..=frames {
+        w.inject(&rx_frame(60, i));
+    }
+    fail(libc::EINVAL);
+    w.kick(0);
+    while w.frames(0) < u64::from(frames) {
+        assert!(w.step(1000), "the worker stalled");
+    }
+    w
+}
+
 #[test]
 fn a_ring_that_fails_in_an_rx_round_is_dropped_for_both_directions() {
     // The failed round's reads stay in the submission queue: TX must not
     // submit them with its next writes (they point into buffers the guest
     // may have remapped by then, and their completions would pass for
     // TX's).
-    let mut w = World::new(256, [Policy::Immediate; 2]);
-    assert_eq!(uring_by_rounds(&mut w), "uring");
-    w.post_rx(32);
-    w.inject(&rx_frame(60, 1));
-    crate::host::sys::refuse::fail_next_enter(libc::EINVAL);
-    w.kick(0);
-    while w.frames(0) < 1 {
-        assert!(w.step(1000), "the worker stalled");
-    }
+    let mut w = rx_round_that_fails(1, crate::host::sys::refuse::fail_next_enter);
 
     assert!(w.pair.tx_uring.is_none(), "TX kept the failed ring");
     assert!(w.pair.rx_uring.is_none());
@@ -538,16 +548,7 @@ fn frames_read_before_the_ring_failed_reach_the_guest() {
     // The kernel made the round's reads (a tap's complete inline) and then
     // `io_uring_enter` failed before reporting them: the frames are in
     // the guest's buffers already and must be delivered, not lost.
-    let mut w = World::new(256, [Policy::Immediate; 2]);
-    assert_eq!(uring_by_rounds(&mut w), "uring");
-    w.post_rx(32);
-    w.inject(&rx_frame(60, 1));
-    w.inject(&rx_frame(60, 2));
-    crate::host::sys::refuse::fail_next_enter_after_submit(libc::EINVAL);
-    w.kick(0);
-    while w.frames(0) < 2 {
-        assert!(w.step(1000), "the worker stalled");
-    }
+    let w = rx_round_that_fails(2, crate::host::sys::refuse::fail_next_enter_after_submit);
 
     assert!(w.pair.rx_uring.is_none(), "the ring is dropped");
     assert_eq!(w.stats.queues[0].tap_errors.get(), 0);

@@ -531,10 +531,30 @@ fn run_uring_batch(
     budget: u64,
     in_order: bool,
 ) -> (End, Verdict) {
+    let (end, verdict, failed) = uring_batch(mem, queue, stats, tap, budget, in_order, false);
+    assert!(!failed);
+    (end, verdict)
+}
+
+/// [`run_uring_batch`], with the ring's first `io_uring_enter` failing
+/// (EINVAL) after the kernel took the submission if `fail`; also returns
+/// whether the ring failed.
+fn uring_batch(
+    mem: &crate::datapath::guest::GuestMem,
+    queue: &mut virtio_queue::Queue,
+    stats: &QueueStats,
+    tap: &File,
+    budget: u64,
+    in_order: bool,
+    fail: bool,
+) -> (End, Verdict, bool) {
     let mut uring = TxUring::new(Uring::new(tap.as_fd()).expect("io_uring on the test machine"));
     let mut iov = IoVecBuf::with_capacity(crate::datapath::guest::IOV_MAX);
     let mut batch = Batch::begin(queue, mem, stats, 1).unwrap();
     batch.in_order(in_order);
+    if fail {
+        crate::host::sys::refuse::fail_next_enter_after_submit(libc::EINVAL);
+    }
     let end = drain(
         &mut batch,
         budget,
@@ -544,13 +564,10 @@ fn run_uring_batch(
         12,
     )
     .unwrap();
-    assert!(!uring.failed());
-    (
-        end,
-        batch
-            .finish(&mut Coalescer::new(Policy::Immediate))
-            .unwrap(),
-    )
+    let verdict = batch
+        .finish(&mut Coalescer::new(Policy::Immediate))
+        .unwrap();
+    (end, verdict, uring.failed())
 }
 
 /// Reads every frame the pair wrote to `peer`: their first payload bytes.
@@ -846,26 +863,11 @@ fn uring_a_ring_that_fails_after_the_kernel_made_the_writes_sends_no_frame_twice
     }
     r.publish(&mem);
     let stats = QueueStats::default();
-    let mut uring = TxUring::new(Uring::new(tap.as_fd()).expect("io_uring on the test machine"));
-    let mut iov = IoVecBuf::with_capacity(crate::datapath::guest::IOV_MAX);
-    let mut batch = Batch::begin(&mut q, &mem, &stats, 1).unwrap();
-    crate::host::sys::refuse::fail_next_enter_after_submit(libc::EINVAL);
 
-    let end = drain(
-        &mut batch,
-        u64::MAX,
-        &mut iov,
-        Some(&mut uring),
-        Some(&tap),
-        12,
-    )
-    .unwrap();
-    batch
-        .finish(&mut Coalescer::new(Policy::Immediate))
-        .unwrap();
+    let (end, _, failed) = uring_batch(&mem, &mut q, &stats, &tap, u64::MAX, false, true);
 
     assert_eq!(end, End::RingEmpty);
-    assert!(uring.failed(), "the pair drops the ring");
+    assert!(failed, "the pair drops the ring");
     assert_eq!(frames_at(&mut peer), [0, 1, 2, 3], "each frame once");
     assert_eq!(r.used_idx(&mem), 4);
     assert_eq!(stats.frames.get(), 4);
