@@ -173,8 +173,8 @@ fn sandboxing() -> Vec<Allow> {
 /// No ioctl, no socket, no open, and no `io_uring_setup` or
 /// `io_uring_register`: the main thread makes each pair's ring, restricted
 /// to `IORING_OP_WRITEV`, `IORING_OP_READV` and their one-buffer forms
-/// `IORING_OP_WRITE`, `IORING_OP_READ` (see `Uring::new` in
-/// `host/sys.rs`), before any
+/// `IORING_OP_WRITE`, `IORING_OP_READ` on the pair's tap alone (its
+/// registered file; see `Uring::new` in `host/sys.rs`), before any
 /// filter is installed. What a ring does for the worker are not syscalls
 /// and never pass a seccomp filter: the ring's restriction, not this list,
 /// is what limits them. io_uring's own worker threads (`iou-wrk-*`, made
