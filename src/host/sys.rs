@@ -458,23 +458,65 @@ impl Uring {
         count: u32,
         user_data: u64,
     ) -> bool {
-        let fd = THE_FILE;
-        let entry = match count {
-            1 => {
-                // SAFETY: the caller gives one valid iovec at `iov`.
-                let one = unsafe { *iov };
-                let len = u32::try_from(one.iov_len).unwrap_or(u32::MAX);
-                io_uring::opcode::Write::new(fd, one.iov_base.cast::<u8>().cast_const(), len)
-                    // -1: the file's position, as write(2) (a tap has none).
-                    .offset(u64::MAX)
-                    .rw_flags(libc::RWF_NOWAIT)
-                    .build()
+        // SAFETY: this fn's contract is `push_rw`'s.
+        unsafe { self.push_rw(true, iov, count, user_data) }
+    }
+
+    /// Queues a non-blocking `readv` of `count` iovecs at `iov` from the
+    /// ring's file (a `read` for one iovec).
+    /// `false`: the submission queue is full (nothing queued).
+    ///
+    /// # Safety
+    ///
+    /// As [`Uring::push_writev`]; the memory the iovecs describe is
+    /// written by the kernel until the request is reaped.
+    pub unsafe fn push_readv(
+        &mut self,
+        iov: *const libc::iovec,
+        count: u32,
+        user_data: u64,
+    ) -> bool {
+        // SAFETY: this fn's contract is `push_rw`'s.
+        unsafe { self.push_rw(false, iov, count, user_data) }
+    }
+
+    /// [`Uring::push_writev`] (`write`) or [`Uring::push_readv`]: a plain
+    /// `write`/`read` for one iovec (the kernel then copies no iovec array
+    /// in), at the file's position (-1, as `writev(2)`: a tap has none),
+    /// with `RWF_NOWAIT`.
+    ///
+    /// # Safety
+    ///
+    /// As [`Uring::push_readv`].
+    unsafe fn push_rw(
+        &mut self,
+        write: bool,
+        iov: *const libc::iovec,
+        count: u32,
+        user_data: u64,
+    ) -> bool {
+        macro_rules! nowait {
+            ($op:expr) => {
+                $op.offset(u64::MAX).rw_flags(libc::RWF_NOWAIT).build()
+            };
+        }
+        use io_uring::opcode::{Read, Readv, Write, Writev};
+        let entry = if count == 1 {
+            // SAFETY: the caller gives one valid iovec at `iov`.
+            let one = unsafe { *iov };
+            let (at, len) = (
+                one.iov_base.cast::<u8>(),
+                u32::try_from(one.iov_len).unwrap_or(u32::MAX),
+            );
+            if write {
+                nowait!(Write::new(THE_FILE, at.cast_const(), len))
+            } else {
+                nowait!(Read::new(THE_FILE, at, len))
             }
-            _ => io_uring::opcode::Writev::new(fd, iov, count)
-                // -1: the file's position, as writev(2) (a tap or socket has none).
-                .offset(u64::MAX)
-                .rw_flags(libc::RWF_NOWAIT)
-                .build(),
+        } else if write {
+            nowait!(Writev::new(THE_FILE, iov, count))
+        } else {
+            nowait!(Readv::new(THE_FILE, iov, count))
         };
         // SAFETY: the caller keeps the `count` iovecs and the memory they
         // describe valid until the request is reaped (this fn's contract).
@@ -495,42 +537,6 @@ impl Uring {
             self.in_flight += 1;
         }
         pushed
-    }
-
-    /// Queues a non-blocking `readv` of `count` iovecs at `iov` from the
-    /// ring's file (a `read` for one iovec).
-    /// `false`: the submission queue is full (nothing queued).
-    ///
-    /// # Safety
-    ///
-    /// As [`Uring::push_writev`]; the memory the iovecs describe is
-    /// written by the kernel until the request is reaped.
-    pub unsafe fn push_readv(
-        &mut self,
-        iov: *const libc::iovec,
-        count: u32,
-        user_data: u64,
-    ) -> bool {
-        let fd = THE_FILE;
-        let entry = match count {
-            1 => {
-                // SAFETY: the caller gives one valid iovec at `iov`.
-                let one = unsafe { *iov };
-                let len = u32::try_from(one.iov_len).unwrap_or(u32::MAX);
-                io_uring::opcode::Read::new(fd, one.iov_base.cast::<u8>(), len)
-                    .offset(u64::MAX)
-                    .rw_flags(libc::RWF_NOWAIT)
-                    .build()
-            }
-            _ => io_uring::opcode::Readv::new(fd, iov, count)
-                .offset(u64::MAX)
-                .rw_flags(libc::RWF_NOWAIT)
-                .build(),
-        };
-        // SAFETY: the caller keeps the `count` iovecs and the memory they
-        // describe (which nothing else uses meanwhile) valid until the
-        // request is reaped (this fn's contract).
-        unsafe { self.push(entry, user_data) }
     }
 
     /// Submits what was pushed with one `io_uring_enter` and waits until
