@@ -392,12 +392,18 @@ impl GuestIoVecs<'_, '_> {
 /// moved: the storage has room for [`IOV_MAX`] and no more are pushed)
 /// while requests are in flight, and are cleared only after
 /// [`TapWriter::flush`] has reaped every request; dropping the writer
-/// flushes first. So no request outlives the iovecs, the borrow of the
-/// guest memory, or the tap fd. The guest memory a worker borrows is a
-/// snapshot (`GuestMemoryAtomic::memory`) that stays mapped while the
-/// batch holds it, even if the frontend sends a new memory table
-/// meanwhile; a batch waits for all its requests before it ends, so
-/// nothing is in flight across events, ring stops, resets or disconnects.
+/// flushes first. So no request outlives the iovecs or the borrow of the
+/// guest memory (the ring keeps its file, the tap, open itself). The guest
+/// memory a worker borrows is a snapshot (`GuestMemoryAtomic::memory`) that
+/// stays mapped while the batch holds it, even if the frontend sends a new
+/// memory table meanwhile; a batch waits for all its requests before it
+/// ends, so nothing is in flight across events, ring stops, resets or
+/// disconnects. The exception is a ring whose `io_uring_enter` failed:
+/// what the kernel took and did not report may still run, so the flush
+/// keeps the memory mapped for good; what it never took stays in the
+/// submission queue, pointing at iovecs that are then reused, so the ring
+/// is never entered again ([`Uring::failed`]): the writer makes the rest
+/// of the batch's writes itself, one `writev` each, as they are queued.
 pub struct TapWriter<'a, 'm> {
     iovecs: GuestIoVecs<'a, 'm>,
     ring: &'a mut Uring,
@@ -455,7 +461,7 @@ impl<'a, 'm> TapWriter<'a, 'm> {
 
     /// Whether the ring takes one more write without a flush first.
     pub fn has_room(&mut self) -> bool {
-        self.ring.room() > 0
+        self.ring.failed() || self.ring.room() > 0
     }
 
     /// Appends the buffers of TX `chain` (see [`GuestIoVecs::push_chain`])
@@ -486,6 +492,18 @@ impl<'a, 'm> TapWriter<'a, 'm> {
         let start = self.queued;
         let count = self.iovecs.segments() - start;
         let n = self.writes.len();
+        if self.ring.failed() {
+            // Not to be entered again (see the type's doc): the write is
+            // made now, its result kept for the flush.
+            self.writes.push((start, count));
+            self.queued = self.iovecs.segments();
+            let result = match self.write_now(n) {
+                Ok(k) => i32::try_from(k).unwrap_or(i32::MAX),
+                Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
+            };
+            self.results.push(result);
+            return n;
+        }
         // SAFETY: the iovecs `start..start + count` live in storage that is
         // not moved or cleared until `flush` has reaped this request (see
         // the type's doc), and describe guest memory `'m` that this writer
@@ -507,12 +525,19 @@ impl<'a, 'm> TapWriter<'a, 'm> {
     /// then [`TapWriter::results`] has one result per write, in order.
     /// An error means the ring failed: see [`Uring::reap`].
     pub fn flush(&mut self) -> io::Result<()> {
-        let outcome = self.ring.reap_into(self.results, self.writes.len());
-        if outcome.is_err() && self.ring.in_flight() > 0 {
-            // Requests the kernel took may still read guest memory: keep
-            // the mapping forever rather than let one read freed memory.
-            std::mem::forget(self.iovecs.mem.clone());
-        }
+        let outcome = if self.ring.failed() {
+            // Made as they were queued: the results are in.
+            Ok(())
+        } else {
+            let outcome = self.ring.reap_into(self.results, self.writes.len());
+            if outcome.is_err() && self.ring.in_flight() > 0 {
+                // Requests the kernel took may still read guest memory:
+                // keep the mapping forever rather than let one read freed
+                // memory.
+                std::mem::forget(self.iovecs.mem.clone());
+            }
+            outcome
+        };
         #[cfg(test)]
         if let Some((n, result)) = self.fake_result.take() {
             self.results[n] = result;

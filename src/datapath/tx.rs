@@ -249,7 +249,8 @@ fn settle<'q>(
         Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
     };
     let entries = &queued.entries;
-    let sent = |e: &Entry| matches!(*e, Entry::Write { n, .. } if w.results()[n] >= 0);
+    // A write the failed ring took and did not report may be on the wire.
+    let sent = |e: &Entry| matches!(*e, Entry::Write { n, .. } if w.results()[n] >= 0 || w.results()[n] == -libc::EINPROGRESS);
     let mut end = None;
     let mut settled = 0;
     for (i, entry) in entries.iter().enumerate() {

@@ -438,7 +438,9 @@ impl Uring {
         self.in_flight
     }
 
-    /// Whether an `io_uring_enter` failed (see [`Uring::reap`]).
+    /// Whether an `io_uring_enter` failed (see [`Uring::reap`]); then the
+    /// ring is never entered again: [`Uring::push_writev`] and
+    /// [`Uring::push_readv`] queue nothing and `reap` fails at once.
     pub fn failed(&self) -> bool {
         self.failed
     }
@@ -530,6 +532,10 @@ impl Uring {
     ///
     /// Whatever `entry` points at stays valid until the request is reaped.
     unsafe fn push(&mut self, entry: io_uring::squeue::Entry, user_data: u64) -> bool {
+        if self.failed {
+            // Never entered again: nothing pushed now would be made.
+            return false;
+        }
         // SAFETY: the caller's contract: the buffers the entry points at
         // outlive the request.
         let pushed = unsafe { self.ring.submission().push(&entry.user_data(user_data)) }.is_ok();
@@ -550,6 +556,12 @@ impl Uring {
     /// guest memory they point into must then outlive them
     /// ([`Uring::in_flight`] says whether any is left).
     pub fn reap(&mut self, mut each: impl FnMut(u64, i32)) -> io::Result<()> {
+        if self.failed && self.in_flight > 0 {
+            // What it took and did not report will not be reported, and
+            // what it never took must not go out now (its buffers may be
+            // reused): a failed ring is not entered again.
+            return Err(io::Error::other("the io_uring failed earlier"));
+        }
         while self.in_flight > 0 {
             let entered = enter(&mut self.ring, self.in_flight);
             // Read even after an error: the kernel may have made requests

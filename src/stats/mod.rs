@@ -114,7 +114,8 @@ pub struct QueueStats {
     /// Times the guest published an impossible avail index; the queue stops.
     pub bad_avail_index: Counter,
     /// Tap reads or writes that failed with an error other than EAGAIN
-    /// (TX: the frame is dropped).
+    /// (TX: the frame is dropped), or that a failed io_uring took and
+    /// never reported (counted as lost, never made again).
     pub tap_errors: Counter,
     /// Tap reads (RX: tap empty) or writes (TX: tap full) that returned EAGAIN.
     pub tap_eagain: Counter,

@@ -531,14 +531,14 @@ fn run_uring_batch(
     budget: u64,
     in_order: bool,
 ) -> (End, Verdict) {
-    let (end, verdict, failed) = uring_batch(mem, queue, stats, tap, budget, in_order, false);
+    let (end, verdict, failed) = uring_batch(mem, queue, stats, tap, budget, in_order, None);
     assert!(!failed);
     (end, verdict)
 }
 
-/// [`run_uring_batch`], with the ring's first `io_uring_enter` failing
-/// (EINVAL) after the kernel took the submission if `fail`; also returns
-/// whether the ring failed.
+/// [`run_uring_batch`], with `fail` (one of [`crate::host::sys::refuse`]'s
+/// hooks) called with EINVAL first, to make the ring's next
+/// `io_uring_enter` fail; also returns whether the ring failed.
 fn uring_batch(
     mem: &crate::datapath::guest::GuestMem,
     queue: &mut virtio_queue::Queue,
@@ -546,14 +546,14 @@ fn uring_batch(
     tap: &File,
     budget: u64,
     in_order: bool,
-    fail: bool,
+    fail: Option<fn(i32)>,
 ) -> (End, Verdict, bool) {
     let mut uring = TxUring::new(Uring::new(tap.as_fd()).expect("io_uring on the test machine"));
     let mut iov = IoVecBuf::with_capacity(crate::datapath::guest::IOV_MAX);
     let mut batch = Batch::begin(queue, mem, stats, 1).unwrap();
     batch.in_order(in_order);
-    if fail {
-        crate::host::sys::refuse::fail_next_enter_after_submit(libc::EINVAL);
+    if let Some(fail) = fail {
+        fail(libc::EINVAL);
     }
     let end = drain(
         &mut batch,
@@ -730,13 +730,12 @@ fn uring_budget_ends_the_batch_with_work_left() {
     assert_eq!(q.next_avail(), 3);
 }
 
-#[test]
-fn uring_chains_that_fill_the_iovecs_flush_what_is_queued_first() {
-    let mem = memory();
-    let (mut r, mut q) = ring(&mem, 2048, true);
-    let (tap, mut peer) = tap_pair();
-    // Three chains of 400 descriptors each: two fill 800 of the 1024
-    // iovecs, the third is written after them.
+/// Three TX chains of 400 descriptors each (payloads 1, 2, 3): two fill
+/// 800 of a writer's 1024 iovecs, so the third needs a flush first.
+fn three_chains_that_fill_the_iovecs(
+    mem: &crate::datapath::guest::GuestMem,
+    r: &mut crate::testing::driver::SplitRing,
+) {
     for c in 0..3u8 {
         let bufs: Vec<Buf> = (0..400)
             .map(|i| Buf {
@@ -749,10 +748,18 @@ fn uring_chains_that_fill_the_iovecs_flush_what_is_queued_first() {
         bytes[12] = c + 1;
         mem.write_slice(&bytes, buf_addr(usize::from(c), 2048))
             .unwrap();
-        let head = r.add_chain(&mem, &bufs).unwrap();
-        r.push_avail(&mem, head);
+        let head = r.add_chain(mem, &bufs).unwrap();
+        r.push_avail(mem, head);
     }
-    r.publish(&mem);
+    r.publish(mem);
+}
+
+#[test]
+fn uring_chains_that_fill_the_iovecs_flush_what_is_queued_first() {
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 2048, true);
+    let (tap, mut peer) = tap_pair();
+    three_chains_that_fill_the_iovecs(&mem, &mut r);
     let stats = QueueStats::default();
 
     let (end, _) = run_uring_batch(&mem, &mut q, &stats, &tap, u64::MAX, false);
@@ -762,6 +769,35 @@ fn uring_chains_that_fill_the_iovecs_flush_what_is_queued_first() {
     assert_eq!(stats.frames.get(), 3);
     assert_eq!(stats.bad_chains.get(), 0);
     assert_eq!(stats.batches.get(), 1);
+}
+
+#[test]
+fn uring_a_ring_that_fails_in_the_middle_of_a_batch_is_not_used_again_in_it() {
+    // The flush before the third chain fails before the kernel takes
+    // anything: its two writes are made with writev. The third must not go
+    // through the failed ring, whose next enter would submit the first
+    // two's requests again (their iovec storage by then reused).
+    let mem = memory();
+    let (mut r, mut q) = ring(&mem, 2048, true);
+    let (tap, mut peer) = tap_pair();
+    three_chains_that_fill_the_iovecs(&mem, &mut r);
+    let stats = QueueStats::default();
+
+    let (end, _, failed) = uring_batch(
+        &mem,
+        &mut q,
+        &stats,
+        &tap,
+        u64::MAX,
+        false,
+        Some(crate::host::sys::refuse::fail_next_enter),
+    );
+
+    assert!(failed, "the pair drops the ring");
+    assert_eq!(end, End::RingEmpty);
+    assert_eq!(frames_at(&mut peer), [1, 2, 3], "each frame once");
+    assert_eq!(r.used_idx(&mem), 3);
+    assert_eq!(stats.frames.get(), 3);
 }
 
 /// What [`settle_overtaken`] leaves for the test to check.
@@ -864,7 +900,15 @@ fn uring_a_ring_that_fails_after_the_kernel_made_the_writes_sends_no_frame_twice
     r.publish(&mem);
     let stats = QueueStats::default();
 
-    let (end, _, failed) = uring_batch(&mem, &mut q, &stats, &tap, u64::MAX, false, true);
+    let (end, _, failed) = uring_batch(
+        &mem,
+        &mut q,
+        &stats,
+        &tap,
+        u64::MAX,
+        false,
+        Some(crate::host::sys::refuse::fail_next_enter_after_submit),
+    );
 
     assert_eq!(end, End::RingEmpty);
     assert!(failed, "the pair drops the ring");
@@ -872,6 +916,28 @@ fn uring_a_ring_that_fails_after_the_kernel_made_the_writes_sends_no_frame_twice
     assert_eq!(r.used_idx(&mem), 4);
     assert_eq!(stats.frames.get(), 4);
     assert_eq!(stats.tap_errors.get(), 0);
+}
+
+#[test]
+fn uring_a_write_the_failed_ring_took_and_did_not_report_is_not_given_back_behind_a_refused_one() {
+    // The tap refused write 0 and the failed ring did not report write 1,
+    // which it may have made: write 1 counts as sent, so its chain is not
+    // given back to be written again with write 0's; write 0 is retried
+    // at once (refused again: dropped) and write 2 waits for room.
+    let (tap, _peer) = tap_pair();
+    let fill = |mut tap: &File| while tap.write(&[0u8; 100]).is_ok() {};
+
+    let s = settle_overtaken(&tap, fill, -libc::EINPROGRESS);
+
+    assert_eq!(s.end, Some(Step::TapBlocked));
+    assert_eq!(s.queue.next_avail(), 2, "only the third was given back");
+    assert_eq!(s.ring.used_idx(&s.mem), 2);
+    assert_eq!(s.stats.frames.get(), 0);
+    assert_eq!(
+        s.stats.tap_errors.get(),
+        2,
+        "the first dropped, the second lost"
+    );
 }
 
 #[test]
