@@ -19,14 +19,14 @@ use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixDatagram;
 
 use libfuzzer_sys::fuzz_target;
-use vhost_user_net::testing::driver::{Desc, SplitRing};
+use vhost_user_net::datapath::batch::{Batch, End, RingError};
 use vhost_user_net::datapath::guest::{GuestMem, IoVecBuf, PostedReads};
 use vhost_user_net::datapath::notify::{Coalescer, Policy};
-use vhost_user_net::datapath::batch::{Batch, End, RingError};
-use vhost_user_net::datapath::rx::{self, Bounce, RxChain, RxParams, RxBuffers};
-use vhost_user_net::stats::QueueStats;
+use vhost_user_net::datapath::rx::{self, Bounce, RxBuffers, RxChain, RxParams};
 use vhost_user_net::datapath::tx;
 use vhost_user_net::host::sys::Uring;
+use vhost_user_net::stats::QueueStats;
+use vhost_user_net::testing::driver::{Desc, SplitRing};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -78,16 +78,34 @@ fn build(mem: &GuestMem, data: &mut &[u8]) -> (SplitRing, Queue, Vec<u16>, bool)
         let o = 16 * usize::from(i);
         let raw = u64_at(table, o);
         // Mostly plausible addresses (in or near guest memory), some wild.
-        let addr = if raw >> 63 == 0 { R1.0 + raw % SPAN } else { raw };
+        let addr = if raw >> 63 == 0 {
+            R1.0 + raw % SPAN
+        } else {
+            raw
+        };
         let len = u32::try_from(u64_at(table, o + 8) & 0xffff_ffff).unwrap_or(0) % 70_000;
         let flags = u16::try_from(u64_at(table, o + 12) & 0x7).unwrap_or(0);
         let next = u16::try_from(u64_at(table, o + 14) & 0x1f).unwrap_or(0);
-        r.write_desc(mem, i, Desc { addr, len, flags, next });
+        r.write_desc(
+            mem,
+            i,
+            Desc {
+                addr,
+                len,
+                flags,
+                next,
+            },
+        );
     }
     let hdr = take(data, 1 + usize::from(SIZE));
     let count = usize::from(hdr.first().copied().unwrap_or(0) % (SIZE as u8 + 1));
     let bogus = hdr.first().copied().unwrap_or(0) >= 0xf8;
-    let heads: Vec<u16> = hdr.iter().skip(1).take(count).map(|h| u16::from(*h % 20)).collect();
+    let heads: Vec<u16> = hdr
+        .iter()
+        .skip(1)
+        .take(count)
+        .map(|h| u16::from(*h % 20))
+        .collect();
     for &h in &heads {
         r.push_avail(mem, h);
     }
@@ -98,7 +116,8 @@ fn build(mem: &GuestMem, data: &mut &[u8]) -> (SplitRing, Queue, Vec<u16>, bool)
     }
     // The rest fills the second region: headers and frames the guest wrote.
     let rest = take(data, R2.1);
-    mem.write_slice(rest, GuestAddress(R2.0)).expect("in memory");
+    mem.write_slice(rest, GuestAddress(R2.0))
+        .expect("in memory");
     let q = queue(&r);
     (r, q, heads, bogus)
 }
@@ -119,15 +138,25 @@ fuzz_target!(|input: &[u8]| {
         let mut iov = IoVecBuf::with_capacity(1024);
         let mut ring = uring.then(|| tx::TxUring::new(Uring::new(tap.as_fd()).expect("io_uring")));
         let mut batch = Batch::begin(&mut q, &mem, &stats, 1).expect("ring in memory");
-        let result = tx::drain(&mut batch, u64::MAX, &mut iov, ring.as_mut(), Some(&tap), 12);
-        batch.finish(&mut Coalescer::new(Policy::Immediate)).expect("used ring in memory");
+        let result = tx::drain(
+            &mut batch,
+            u64::MAX,
+            &mut iov,
+            ring.as_mut(),
+            Some(&tap),
+            12,
+        );
+        batch
+            .finish(&mut Coalescer::new(Policy::Immediate))
+            .expect("used ring in memory");
         match result {
             Err(RingError::BadAvailIndex(_)) => assert!(bogus),
             Err(e) => panic!("unexpected TX error {e}"),
             Ok(end) => {
                 assert!(!bogus);
-                let used: Vec<u16> =
-                    std::iter::from_fn(|| r.pop_used(&mem)).map(|u| u.head).collect();
+                let used: Vec<u16> = std::iter::from_fn(|| r.pop_used(&mem))
+                    .map(|u| u.head)
+                    .collect();
                 if end == End::TapBlocked {
                     // The tap (here a socket nobody reads) is full: the rest
                     // waits in the ring for "tap writable", none is lost.
@@ -155,12 +184,24 @@ fuzz_target!(|input: &[u8]| {
         let mut iovecs = buf.bind(&mem);
         let mut chains: Vec<RxChain> = Vec::new();
         let mut bounce = Bounce::default();
-        let mut buffers =
-            RxBuffers { chains: &mut chains, iovecs: &mut iovecs, bounce: &mut bounce };
-        let params = RxParams { hdr_len: 12, mergeable, max_frame: 1800, max_plain_frame: 1800 };
-        let posted = (mode == 2).then(|| PostedReads::new().expect("posted reads"));
-        let mut ring =
-            (mode > 0).then(|| (rx::RxUring::new(posted), Uring::new(tap.as_fd()).expect("io_uring")));
+        let mut buffers = RxBuffers {
+            chains: &mut chains,
+            iovecs: &mut iovecs,
+            bounce: &mut bounce,
+        };
+        let params = RxParams {
+            hdr_len: 12,
+            mergeable,
+            max_frame: 1800,
+            max_plain_frame: 1800,
+        };
+        let posted = (mode == 2).then(|| PostedReads::new(&tap).expect("posted reads"));
+        let mut ring = (mode > 0).then(|| {
+            (
+                rx::RxUring::new(posted),
+                Uring::new(tap.as_fd()).expect("io_uring"),
+            )
+        });
         let Ok(mut batch) = Batch::begin(&mut q, &mem, &stats, 0) else {
             return;
         };
@@ -169,7 +210,10 @@ fuzz_target!(|input: &[u8]| {
             None => rx::step(b, &mut buffers, &tap, params),
         });
         if let Err(e) = result {
-            assert!(matches!(e, RingError::BadAvailIndex(_)), "unexpected RX error {e}");
+            assert!(
+                matches!(e, RingError::BadAvailIndex(_)),
+                "unexpected RX error {e}"
+            );
         }
         buffers.give_back(&mut batch);
         if let Some((st, _)) = ring.as_mut() {

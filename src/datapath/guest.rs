@@ -13,7 +13,7 @@
 use std::fs::File;
 use std::io;
 use std::marker::PhantomData;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 
 use virtio_queue::DescriptorChain;
 use vm_memory::bitmap::{Bitmap, BitmapSlice};
@@ -823,11 +823,11 @@ impl std::fmt::Debug for PostedReads {
 }
 
 impl PostedReads {
-    /// Sets the ring up; fails where the kernel has no multishot read or
-    /// refuses io_uring ([`ReadRing::new`]).
-    pub fn new() -> io::Result<Self> {
+    /// Sets the ring up to read `tap`; fails where the kernel has no
+    /// multishot read or refuses io_uring ([`ReadRing::new`]).
+    pub fn new(tap: &File) -> io::Result<Self> {
         Ok(PostedReads {
-            ring: Some(ReadRing::new()?),
+            ring: Some(ReadRing::new(tap.as_fd())?),
             mem: None,
             chains: std::collections::VecDeque::with_capacity(usize::from(POSTED_READS)),
             next_id: 0,
@@ -928,16 +928,16 @@ impl PostedReads {
         Ok(Some(len))
     }
 
-    /// Makes sure the read of `tap` is live (one non-waiting
+    /// Makes sure the read of the tap is live (one non-waiting
     /// `io_uring_enter` if it is not). An error: the ring failed.
-    pub fn arm(&mut self, tap: &File) -> io::Result<()> {
+    pub fn arm(&mut self) -> io::Result<()> {
         let Some(ring) = self.ring.as_mut() else {
             return Err(io::Error::other("the posted reads' ring failed"));
         };
         if self.chains.is_empty() || ring.armed() {
             return Ok(());
         }
-        ring.arm(tap.as_raw_fd()).inspect_err(|_| self.fail())
+        ring.arm().inspect_err(|_| self.fail())
     }
 
     /// The next report, in post order, or `None` if none is waiting. An

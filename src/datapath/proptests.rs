@@ -185,7 +185,7 @@ proptest! {
         // round at a time (rx::step_batched); the others frame by frame.
         let mut ring = uring.then(|| crate::host::sys::Uring::new(tap.as_fd()).expect("io_uring"));
         let mut st = rx::RxUring::new(
-            posted.then(|| crate::datapath::guest::PostedReads::new().expect("posted reads")),
+            posted.then(|| crate::datapath::guest::PostedReads::new(&tap).expect("posted reads")),
         );
         let result = match ring.as_mut() {
             Some(ring) => batch.drain(u64::MAX, |b| {

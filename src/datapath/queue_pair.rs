@@ -338,7 +338,7 @@ impl QueuePair {
         self.rx_uring = self.tx_uring.as_ref().map(|_| {
             rx::RxUring::new(
                 posting
-                    .then(crate::datapath::guest::PostedReads::new)
+                    .then(|| crate::datapath::guest::PostedReads::new(&self.tap))
                     .transpose()
                     .inspect_err(|e| {
                         log::info!(

@@ -630,7 +630,7 @@ pub fn step_batched(
         return step(batch, buffers, tap, params);
     }
     if st.posting() {
-        match step_posted(batch, st, mem, tap, params)? {
+        match step_posted(batch, st, mem, params)? {
             Some(end) => return Ok(end),
             // The guest's chains cannot be posted: rounds from now on.
             None => st.unpostable = true,
@@ -768,7 +768,6 @@ fn step_posted(
     batch: &mut Ring<'_, '_>,
     st: &mut RxUring,
     mem: &Arc<GuestMem>,
-    tap: &File,
     params: RxParams,
 ) -> Result<Option<Step>, RingError> {
     let posted = st.posted.as_mut().expect("checked by the caller");
@@ -823,7 +822,7 @@ fn step_posted(
                 if !post(batch, posted, mem, params)? {
                     return stop_posting(batch, posted, params);
                 }
-                if let Err(e) = posted.arm(tap) {
+                if let Err(e) = posted.arm() {
                     log::error!("posted RX reads failed, reading by rounds: {e}");
                     return Ok(Some(Step::Progress));
                 }

@@ -626,9 +626,10 @@ const CANCEL_READ: u64 = 2;
 /// readable while completions wait ([`ReadRing::fd`], for epoll).
 ///
 /// Restricted as [`Uring`] is (`IORING_REGISTER_RESTRICTIONS`): the
-/// multishot read and its cancellation (`IORING_OP_ASYNC_CANCEL`) only,
-/// the buffer-select flag only, no register operation once enabled. Made
-/// before the seccomp filters. The kernel runs the read as task work of
+/// multishot read and its cancellation (`IORING_OP_ASYNC_CANCEL`) only, of
+/// the one file it was made for (its fixed file 0: `IOSQE_FIXED_FILE`
+/// required), the buffer-select flag the only other, no register operation
+/// once enabled. Made before the seccomp filters. The kernel runs the read as task work of
 /// the thread that armed it (the worker): with `IORING_SETUP_COOP_TASKRUN`
 /// at that thread's next syscall, or, if it sleeps interruptibly (in
 /// `epoll_wait`, or on a futex: the pair's lock, held by a thread that
@@ -672,11 +673,12 @@ pub struct ReadDone {
 }
 
 impl ReadRing {
-    /// Sets a ring up: created disabled, its buffer ring registered,
-    /// restricted, then enabled. Fails as the kernel refuses: no io_uring
-    /// (ENOSYS, EPERM) or no multishot read (EINVAL: Linux < 6.7 knows no
-    /// such opcode to allow).
-    pub fn new() -> io::Result<ReadRing> {
+    /// Sets a ring up to read `file` (the kernel keeps a reference to it
+    /// as long as the ring lives): created disabled, `file` and its buffer
+    /// ring registered, restricted, then enabled. Fails as the kernel
+    /// refuses: no io_uring (ENOSYS, EPERM) or no multishot read (EINVAL:
+    /// Linux < 6.7 knows no such opcode to allow).
+    pub fn new(file: BorrowedFd<'_>) -> io::Result<ReadRing> {
         #[cfg(any(test, feature = "test-utils"))]
         if let Some(errno) = refuse::get().or_else(refuse::get_posted) {
             return Err(io::Error::from_raw_os_error(errno));
@@ -724,12 +726,15 @@ impl ReadRing {
         // no read is live (none then selects a buffer from it), and keeps
         // it while one may be.
         unsafe { submitter.register_buf_ring_with_flags(at as u64, POSTED_READS, READ_GROUP, 0)? };
+        submitter.register_files(&[file.as_raw_fd()])?;
+        let fixed = io_uring::squeue::Flags::FIXED_FILE.bits();
         submitter.register_restrictions(&mut [
             io_uring::register::Restriction::sqe_op(io_uring::opcode::ReadMulti::CODE),
             io_uring::register::Restriction::sqe_op(io_uring::opcode::AsyncCancel::CODE),
             io_uring::register::Restriction::sqe_flags_allowed(
-                io_uring::squeue::Flags::BUFFER_SELECT.bits(),
+                io_uring::squeue::Flags::BUFFER_SELECT.bits() | fixed,
             ),
+            io_uring::register::Restriction::sqe_flags_required(fixed),
         ])?;
         submitter.register_enable_rings()?;
         Ok(this)
@@ -789,13 +794,13 @@ impl ReadRing {
         }
     }
 
-    /// Starts the multishot read of `fd` if it is not live: one
+    /// Starts the multishot read of the ring's file if it is not live: one
     /// `io_uring_enter`, which does not wait.
-    pub fn arm(&mut self, fd: RawFd) -> io::Result<()> {
+    pub fn arm(&mut self) -> io::Result<()> {
         if self.armed {
             return Ok(());
         }
-        let entry = io_uring::opcode::ReadMulti::new(io_uring::types::Fd(fd), 0, READ_GROUP)
+        let entry = io_uring::opcode::ReadMulti::new(THE_FILE, 0, READ_GROUP)
             .build()
             .user_data(POSTED_READ);
         // SAFETY: the read writes only into posted buffers (the caller's
@@ -836,6 +841,9 @@ impl ReadRing {
         if self.armed {
             let entry = io_uring::opcode::AsyncCancel::new(POSTED_READ)
                 .build()
+                // The restrictions require the flag on every request (a
+                // cancellation by user data names no file).
+                .flags(io_uring::squeue::Flags::FIXED_FILE)
                 .user_data(CANCEL_READ);
             // SAFETY: a cancellation points at no memory.
             unsafe { self.ring.submission().push(&entry) }
@@ -1028,6 +1036,28 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_posted_read_ring_reads_its_own_file_and_no_other() {
+        let (_peer, tap) = datagram_pair();
+        let (_other_peer, other) = datagram_pair();
+        let mut ring = ReadRing::new(tap.as_fd()).unwrap();
+
+        // A multishot read naming another file by its descriptor: refused.
+        let entry = io_uring::opcode::ReadMulti::new(
+            io_uring::types::Fd(other.as_raw_fd()),
+            0,
+            READ_GROUP,
+        )
+        .build()
+        .user_data(POSTED_READ);
+        // SAFETY: no buffer is posted: the read could write nowhere.
+        unsafe { ring.ring.submission().push(&entry) }.unwrap();
+        enter(&mut ring.ring, 1).unwrap();
+        let results: Vec<i32> = ring.ring.completion().map(|c| c.result()).collect();
+
+        assert_eq!(results, [-libc::EACCES]);
+    }
+
     /// A SOCK_SEQPACKET pair: datagrams, as a tap's frames.
     fn datagram_pair() -> (UnixStream, File) {
         let (a, b) = nix::sys::socket::socketpair(
@@ -1043,14 +1073,14 @@ mod tests {
     #[test]
     fn posted_reads_fill_buffers_in_order_until_cancelled() {
         use std::io::Write;
-        let mut ring = ReadRing::new().unwrap();
         let (mut peer, tap) = datagram_pair();
+        let mut ring = ReadRing::new(tap.as_fd()).unwrap();
         let mut bufs = vec![[0u8; 64]; 4];
         for (id, b) in bufs.iter_mut().enumerate() {
             // SAFETY: `bufs` outlives the ring's use of it: cancelled below.
             assert!(unsafe { ring.post(b.as_mut_ptr(), 64, u16::try_from(id).unwrap()) });
         }
-        ring.arm(tap.as_raw_fd()).unwrap();
+        ring.arm().unwrap();
         // Frames arriving after the read was posted land without a call.
         for n in 1..=3u8 {
             peer.write_all(&[n; 10]).unwrap();
@@ -1084,12 +1114,12 @@ mod tests {
     #[test]
     fn a_frame_arriving_while_the_arming_thread_sleeps_wakes_it() {
         use std::io::Write;
-        let mut ring = ReadRing::new().unwrap();
         let (mut peer, tap) = datagram_pair();
+        let mut ring = ReadRing::new(tap.as_fd()).unwrap();
         let mut buf = [0u8; 64];
         // SAFETY: `buf` outlives the ring's use of it: cancelled below.
         assert!(unsafe { ring.post(buf.as_mut_ptr(), 64, 0) });
-        ring.arm(tap.as_raw_fd()).unwrap();
+        ring.arm().unwrap();
         let sender = std::thread::spawn(move || {
             std::thread::sleep(std::time::Duration::from_millis(50));
             peer.write_all(&[4; 6]).unwrap();
@@ -1122,14 +1152,14 @@ mod tests {
         let ring = Arc::new(Mutex::new(None::<ReadRing>));
         let (armed_tx, armed_rx) = mpsc::channel();
         let (go_tx, go_rx) = mpsc::channel::<()>();
-        let fd = tap.as_raw_fd();
         let worker = {
             let ring = ring.clone();
+            let tap = tap.try_clone().unwrap();
             std::thread::spawn(move || {
-                let mut r = ReadRing::new().unwrap();
+                let mut r = ReadRing::new(tap.as_fd()).unwrap();
                 // SAFETY: the buffer is leaked: it outlives any read.
                 assert!(unsafe { r.post(buf as *mut u8, 64, 0) });
-                r.arm(fd).unwrap();
+                r.arm().unwrap();
                 *ring.lock().unwrap() = Some(r);
                 armed_tx.send(()).unwrap();
                 go_rx.recv().unwrap();
@@ -1162,12 +1192,12 @@ mod tests {
     #[test]
     fn a_posted_read_without_buffers_ends_and_can_be_armed_again() {
         use std::io::Write;
-        let mut ring = ReadRing::new().unwrap();
         let (mut peer, tap) = datagram_pair();
+        let mut ring = ReadRing::new(tap.as_fd()).unwrap();
         let mut buf = [0u8; 64];
         // SAFETY: `buf` outlives the ring's use of it: cancelled below.
         assert!(unsafe { ring.post(buf.as_mut_ptr(), 64, 7) });
-        ring.arm(tap.as_raw_fd()).unwrap();
+        ring.arm().unwrap();
         peer.write_all(&[1; 5]).unwrap();
         peer.write_all(&[2; 5]).unwrap();
         let mut done = std::collections::VecDeque::new();
@@ -1185,7 +1215,7 @@ mod tests {
         assert_eq!(done.back().unwrap().result, -libc::ENOBUFS);
         // SAFETY: as above.
         assert!(unsafe { ring.post(buf.as_mut_ptr(), 64, 8) });
-        ring.arm(tap.as_raw_fd()).unwrap();
+        ring.arm().unwrap();
         done.clear();
         while done.is_empty() {
             assert_eq!(wait_readable(&[ring.fd()], 2000).unwrap(), 1);
