@@ -428,9 +428,10 @@ pub struct WriterBufs {
 }
 
 impl<'a, 'm> TapWriter<'a, 'm> {
-    /// A writer of frames from `mem` to `tap` through `ring`, with iovec
-    /// storage `iov` (at least [`IOV_MAX`] iovecs of capacity: see
-    /// [`IoVecBuf::with_capacity`]).
+    /// A writer of frames from `mem` to `tap` through `ring` (made for
+    /// `tap`: [`Uring::new`]; writes the ring cannot make go to `tap` with
+    /// `writev`), with iovec storage `iov` (at least [`IOV_MAX`] iovecs of
+    /// capacity: see [`IoVecBuf::with_capacity`]).
     pub fn new(
         iov: &'a mut IoVecBuf,
         bufs: &'a mut WriterBufs,
@@ -725,7 +726,9 @@ impl<'a, 'm> TapReads<'a, 'm> {
             });
         }
         debug_assert_eq!(pushed, count, "more reads than the ring holds");
-        let outcome = self.ring.reap_into(self.results, count);
+        // A read not pushed (the queue full, or the ring failed) was not
+        // made: `result` says ECANCELED for it.
+        let outcome = self.ring.reap_into(self.results, pushed);
         if outcome.is_err() && self.ring.in_flight() > 0 {
             // Requests the kernel took may still write guest memory and
             // the overflow bytes: keep both for good.
