@@ -1043,13 +1043,10 @@ mod tests {
         let mut ring = ReadRing::new(tap.as_fd()).unwrap();
 
         // A multishot read naming another file by its descriptor: refused.
-        let entry = io_uring::opcode::ReadMulti::new(
-            io_uring::types::Fd(other.as_raw_fd()),
-            0,
-            READ_GROUP,
-        )
-        .build()
-        .user_data(POSTED_READ);
+        let entry =
+            io_uring::opcode::ReadMulti::new(io_uring::types::Fd(other.as_raw_fd()), 0, READ_GROUP)
+                .build()
+                .user_data(POSTED_READ);
         // SAFETY: no buffer is posted: the read could write nowhere.
         unsafe { ring.ring.submission().push(&entry) }.unwrap();
         enter(&mut ring.ring, 1).unwrap();
