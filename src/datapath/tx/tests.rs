@@ -754,19 +754,31 @@ fn three_chains_that_fill_the_iovecs(
     r.publish(mem);
 }
 
-#[test]
-fn uring_chains_that_fill_the_iovecs_flush_what_is_queued_first() {
+/// Runs one batch of [`three_chains_that_fill_the_iovecs`] through a ring
+/// (`fail` as for [`uring_batch`]), checks that each frame reached the tap
+/// once, in order, and every chain was completed; returns whether the ring
+/// failed, and the queue's counters.
+fn write_three_chains_that_fill_the_iovecs(fail: Option<fn(i32)>) -> (bool, QueueStats) {
     let mem = memory();
     let (mut r, mut q) = ring(&mem, 2048, true);
     let (tap, mut peer) = tap_pair();
     three_chains_that_fill_the_iovecs(&mem, &mut r);
     let stats = QueueStats::default();
 
-    let (end, _) = run_uring_batch(&mem, &mut q, &stats, &tap, u64::MAX, false);
+    let (end, _, failed) = uring_batch(&mem, &mut q, &stats, &tap, u64::MAX, false, fail);
 
     assert_eq!(end, End::RingEmpty);
-    assert_eq!(frames_at(&mut peer), [1, 2, 3]);
+    assert_eq!(frames_at(&mut peer), [1, 2, 3], "each frame once, in order");
+    assert_eq!(r.used_idx(&mem), 3);
     assert_eq!(stats.frames.get(), 3);
+    (failed, stats)
+}
+
+#[test]
+fn uring_chains_that_fill_the_iovecs_flush_what_is_queued_first() {
+    let (failed, stats) = write_three_chains_that_fill_the_iovecs(None);
+
+    assert!(!failed);
     assert_eq!(stats.bad_chains.get(), 0);
     assert_eq!(stats.batches.get(), 1);
 }
@@ -777,27 +789,10 @@ fn uring_a_ring_that_fails_in_the_middle_of_a_batch_is_not_used_again_in_it() {
     // anything: its two writes are made with writev. The third must not go
     // through the failed ring, whose next enter would submit the first
     // two's requests again (their iovec storage by then reused).
-    let mem = memory();
-    let (mut r, mut q) = ring(&mem, 2048, true);
-    let (tap, mut peer) = tap_pair();
-    three_chains_that_fill_the_iovecs(&mem, &mut r);
-    let stats = QueueStats::default();
-
-    let (end, _, failed) = uring_batch(
-        &mem,
-        &mut q,
-        &stats,
-        &tap,
-        u64::MAX,
-        false,
-        Some(crate::host::sys::refuse::fail_next_enter),
-    );
+    let (failed, _) =
+        write_three_chains_that_fill_the_iovecs(Some(crate::host::sys::refuse::fail_next_enter));
 
     assert!(failed, "the pair drops the ring");
-    assert_eq!(end, End::RingEmpty);
-    assert_eq!(frames_at(&mut peer), [1, 2, 3], "each frame once");
-    assert_eq!(r.used_idx(&mem), 3);
-    assert_eq!(stats.frames.get(), 3);
 }
 
 /// What [`settle_overtaken`] leaves for the test to check.
