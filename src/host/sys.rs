@@ -629,11 +629,11 @@ const CANCEL_READ: u64 = 2;
 /// multishot read and its cancellation (`IORING_OP_ASYNC_CANCEL`) only, of
 /// the one file it was made for (its fixed file 0: `IOSQE_FIXED_FILE`
 /// required), the buffer-select flag the only other, no register operation
-/// once enabled. Made before the seccomp filters. The kernel runs the read as task work of
-/// the thread that armed it (the worker): with `IORING_SETUP_COOP_TASKRUN`
-/// at that thread's next syscall, or, if it sleeps interruptibly (in
-/// `epoll_wait`, or on a futex: the pair's lock, held by a thread that
-/// cancels the read), by waking it. `IORING_SETUP_DEFER_TASKRUN` would
+/// once enabled. Made before the seccomp filters. The kernel runs the read
+/// as task work of the thread that armed it (the worker): with
+/// `IORING_SETUP_COOP_TASKRUN` at that thread's next syscall, or, if it
+/// sleeps interruptibly (in `epoll_wait`, or on a futex: the pair's lock,
+/// held by a thread that cancels the read), by waking it. `IORING_SETUP_DEFER_TASKRUN` would
 /// leave a cancel from another thread waiting for the worker's next
 /// `io_uring_enter`: never set it.
 pub struct ReadRing {
