@@ -408,18 +408,13 @@ impl Uring {
             .setup_coop_taskrun()
             .setup_cqsize(2 * URING_ENTRIES)
             .build(URING_ENTRIES)?;
-        let submitter = ring.submitter();
-        submitter.register_files(&[file.as_raw_fd()])?;
-        let fixed = io_uring::squeue::Flags::FIXED_FILE.bits();
-        submitter.register_restrictions(&mut [
-            io_uring::register::Restriction::sqe_op(io_uring::opcode::Writev::CODE),
-            io_uring::register::Restriction::sqe_op(io_uring::opcode::Readv::CODE),
-            io_uring::register::Restriction::sqe_op(io_uring::opcode::Write::CODE),
-            io_uring::register::Restriction::sqe_op(io_uring::opcode::Read::CODE),
-            io_uring::register::Restriction::sqe_flags_allowed(fixed),
-            io_uring::register::Restriction::sqe_flags_required(fixed),
-        ])?;
-        submitter.register_enable_rings()?;
+        use io_uring::opcode::{Read, Readv, Write, Writev};
+        restrict_to_file(
+            &ring,
+            file,
+            &[Writev::CODE, Readv::CODE, Write::CODE, Read::CODE],
+            0,
+        )?;
         Ok(Uring {
             ring,
             in_flight: 0,
@@ -726,17 +721,13 @@ impl ReadRing {
         // no read is live (none then selects a buffer from it), and keeps
         // it while one may be.
         unsafe { submitter.register_buf_ring_with_flags(at as u64, POSTED_READS, READ_GROUP, 0)? };
-        submitter.register_files(&[file.as_raw_fd()])?;
-        let fixed = io_uring::squeue::Flags::FIXED_FILE.bits();
-        submitter.register_restrictions(&mut [
-            io_uring::register::Restriction::sqe_op(io_uring::opcode::ReadMulti::CODE),
-            io_uring::register::Restriction::sqe_op(io_uring::opcode::AsyncCancel::CODE),
-            io_uring::register::Restriction::sqe_flags_allowed(
-                io_uring::squeue::Flags::BUFFER_SELECT.bits() | fixed,
-            ),
-            io_uring::register::Restriction::sqe_flags_required(fixed),
-        ])?;
-        submitter.register_enable_rings()?;
+        use io_uring::opcode::{AsyncCancel, ReadMulti};
+        restrict_to_file(
+            &this.ring,
+            file,
+            &[ReadMulti::CODE, AsyncCancel::CODE],
+            io_uring::squeue::Flags::BUFFER_SELECT.bits(),
+        )?;
         Ok(this)
     }
 
@@ -868,6 +859,27 @@ impl ReadRing {
     }
 }
 
+/// Registers `file` as the disabled `ring`'s fixed file 0, restricts the
+/// ring to the opcodes `ops` on that file alone (`IOSQE_FIXED_FILE`
+/// required on every request, `flags` the only other SQE flags allowed, no
+/// register operation), then enables it.
+fn restrict_to_file(
+    ring: &io_uring::IoUring,
+    file: BorrowedFd<'_>,
+    ops: &[u8],
+    flags: u8,
+) -> io::Result<()> {
+    use io_uring::register::Restriction;
+    let submitter = ring.submitter();
+    submitter.register_files(&[file.as_raw_fd()])?;
+    let fixed = io_uring::squeue::Flags::FIXED_FILE.bits();
+    let mut rules: Vec<Restriction> = ops.iter().map(|&op| Restriction::sqe_op(op)).collect();
+    rules.push(Restriction::sqe_flags_allowed(flags | fixed));
+    rules.push(Restriction::sqe_flags_required(fixed));
+    submitter.register_restrictions(&mut rules)?;
+    submitter.register_enable_rings()
+}
+
 /// One `io_uring_enter` submitting what was pushed and waiting for
 /// `want` completions, retried on EINTR, EAGAIN and EBUSY.
 fn enter(ring: &mut io_uring::IoUring, want: usize) -> io::Result<()> {
@@ -985,6 +997,7 @@ pub mod refuse {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::unit::tap_pair;
     use std::io::Read;
     use std::os::fd::AsFd;
 
@@ -1010,8 +1023,8 @@ mod tests {
 
     #[test]
     fn a_ring_writes_its_own_file_and_no_other() {
-        let (tap, mut peer) = datagram_pair();
-        let (other, mut other_peer) = datagram_pair();
+        let (tap, mut peer) = tap_pair();
+        let (other, mut other_peer) = tap_pair();
         let mut ring = Uring::new(tap.as_fd()).unwrap();
         assert_eq!(ring.write_and_wait(&[1u8; 60]).unwrap(), 60);
 
@@ -1038,8 +1051,8 @@ mod tests {
 
     #[test]
     fn a_posted_read_ring_reads_its_own_file_and_no_other() {
-        let (_peer, tap) = datagram_pair();
-        let (_other_peer, other) = datagram_pair();
+        let (tap, _peer) = tap_pair();
+        let (other, _other_peer) = tap_pair();
         let mut ring = ReadRing::new(tap.as_fd()).unwrap();
 
         // A multishot read naming another file by its descriptor: refused.
@@ -1055,22 +1068,10 @@ mod tests {
         assert_eq!(results, [-libc::EACCES]);
     }
 
-    /// A SOCK_SEQPACKET pair: datagrams, as a tap's frames.
-    fn datagram_pair() -> (UnixStream, File) {
-        let (a, b) = nix::sys::socket::socketpair(
-            nix::sys::socket::AddressFamily::Unix,
-            nix::sys::socket::SockType::SeqPacket,
-            None,
-            nix::sys::socket::SockFlag::SOCK_NONBLOCK,
-        )
-        .unwrap();
-        (UnixStream::from(a), File::from(b))
-    }
-
     #[test]
     fn posted_reads_fill_buffers_in_order_until_cancelled() {
         use std::io::Write;
-        let (mut peer, tap) = datagram_pair();
+        let (tap, mut peer) = tap_pair();
         let mut ring = ReadRing::new(tap.as_fd()).unwrap();
         let mut bufs = vec![[0u8; 64]; 4];
         for (id, b) in bufs.iter_mut().enumerate() {
@@ -1111,7 +1112,7 @@ mod tests {
     #[test]
     fn a_frame_arriving_while_the_arming_thread_sleeps_wakes_it() {
         use std::io::Write;
-        let (mut peer, tap) = datagram_pair();
+        let (tap, mut peer) = tap_pair();
         let mut ring = ReadRing::new(tap.as_fd()).unwrap();
         let mut buf = [0u8; 64];
         // SAFETY: `buf` outlives the ring's use of it: cancelled below.
@@ -1144,7 +1145,7 @@ mod tests {
         // the worker sleeps on the pair's lock: the cancellation runs as
         // the worker's task work, so the kernel must wake it for that.
         use std::sync::{mpsc, Arc, Mutex};
-        let (_peer, tap) = datagram_pair();
+        let (tap, _peer) = tap_pair();
         let buf = Box::leak(Box::new([0u8; 64])).as_mut_ptr() as usize;
         let ring = Arc::new(Mutex::new(None::<ReadRing>));
         let (armed_tx, armed_rx) = mpsc::channel();
@@ -1189,7 +1190,7 @@ mod tests {
     #[test]
     fn a_posted_read_without_buffers_ends_and_can_be_armed_again() {
         use std::io::Write;
-        let (mut peer, tap) = datagram_pair();
+        let (tap, mut peer) = tap_pair();
         let mut ring = ReadRing::new(tap.as_fd()).unwrap();
         let mut buf = [0u8; 64];
         // SAFETY: `buf` outlives the ring's use of it: cancelled below.
