@@ -888,12 +888,7 @@ impl PostedReads {
         M: std::ops::Deref,
         M::Target: vm_memory::GuestMemory,
     {
-        if !self.has_room()
-            || self
-                .mem
-                .as_ref()
-                .is_some_and(|m| !std::sync::Arc::ptr_eq(m, mem))
-        {
+        if !self.has_room() || !self.maps(mem) {
             return Ok(None);
         }
         let Some(ring) = self.ring.as_mut() else {

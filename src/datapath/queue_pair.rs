@@ -336,10 +336,8 @@ impl QueuePair {
             crate::host::tap::open_uring(mode, &self.tap, self.index).map(tx::TxUring::new);
         let posting = mode == crate::host::tap::TapIo::Posted;
         self.rx_uring = self.tx_uring.as_ref().map(|_| {
-            rx::RxUring::new(
-                posting
-                    .then(|| crate::datapath::guest::PostedReads::new(&self.tap))
-                    .transpose()
+            let posted = posting.then(|| {
+                crate::datapath::guest::PostedReads::new(&self.tap)
                     .inspect_err(|e| {
                         log::info!(
                             "pair {}: no posted reads ({e}): RX reads by rounds",
@@ -347,8 +345,8 @@ impl QueuePair {
                         );
                     })
                     .ok()
-                    .flatten(),
-            )
+            });
+            rx::RxUring::new(posted.flatten())
         });
         self.show_tap_io();
         self.stats.tap_io(2 * self.index + TX)
